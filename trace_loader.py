@@ -543,7 +543,7 @@ def _read_config_file(path: str) -> str:
 
 
 def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
                        (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device")):
         if test(mode):
@@ -1124,6 +1124,8 @@ def wait_for_traffic(listeners: list[Listener], *, grace_ms: int, log: _Log, age
     def wake(reason: str) -> Wake:
         return Wake(reason, held, probes)
 
+    log.info("Polling... (fds %s%s)" % (", ".join(str(fd) for fd in by_fd),
+                                        "; probe check on fd %d" % probe_sock.fileno() if probe_sock else ""))
     while True:
         log.debug("Polling... (state %s)" % state)
         try:

@@ -1,0 +1,978 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Tests for trace_loader.py: real sockets, real subprocesses, a real execve.
+
+The loader runs as `[sys.executable, trace_loader.py, ...]` and execs the
+stand-in agent `examples/demo_agent.py`, which adopts the inherited fds,
+writes a JSON report of what it inherited, and answers HTTP requests. Tests
+synchronise on the loader's log lines and on observable state (files, the
+process's cmdline, /proc), never on bare sleeps.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import trace_loader as tl  # the one import: the suite runs against a renamed copy too
+
+LOADER = os.path.abspath(tl.__file__)
+HERE = os.path.dirname(os.path.abspath(__file__))
+AGENT = os.path.join(HERE, "examples", "demo_agent.py")
+FIXTURE = os.path.join(HERE, "examples", "datadog.yaml")
+LINUX = sys.platform.startswith("linux")
+TIMEOUT = 20.0
+LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \| TRACE-LOADER \| (TRACE|DEBUG|INFO|WARN|ERROR|CRITICAL) \| "
+    r"\([\w.]+:\d+ in \w+\) \| .+$"
+)
+
+
+# ---------------------------------------------------------------------------
+# Harness
+# ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8"}
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """A running loader (later the agent, same pid), its stderr collected line by line."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], **popen: object) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, **popen)  # type: ignore[call-overload]
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            with self.cond:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self.cond.notify_all()
+        with self.cond:
+            self.lines.append("<EOF>")
+            self.cond.notify_all()
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = TIMEOUT) -> list[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = [line for line in self.lines if regex.search(line)]
+                if len(found) >= count:
+                    return found
+                if "<EOF>" in self.lines:
+                    raise AssertionError("process ended before %r x%d; output:\n%s" % (pattern, count, self.text()))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError("timed out waiting for %r x%d; output:\n%s" % (pattern, count, self.text()))
+                self.cond.wait(left)
+
+    def count(self, pattern: str) -> int:
+        regex = re.compile(pattern)
+        with self.cond:
+            return sum(1 for line in self.lines if regex.search(line))
+
+    def text(self) -> str:
+        with self.cond:
+            return "\n".join(self.lines)
+
+    def wait_exit(self, timeout: float = TIMEOUT) -> int:
+        code = self.proc.wait(timeout)
+        self.reader.join(timeout)
+        return code
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(TIMEOUT)
+        self.reader.join(TIMEOUT)
+
+    def cmdline(self) -> str:
+        if LINUX:
+            with open("/proc/%d/cmdline" % self.pid, "rb") as f:
+                return f.read().replace(b"\0", b" ").decode()
+        return subprocess.run(["ps", "-o", "args=", "-p", str(self.pid)], capture_output=True,
+                              text=True, check=False).stdout
+
+    def is_loader(self) -> bool:
+        return os.path.basename(LOADER) in self.cmdline()
+
+
+@pytest.fixture
+def procs():
+    started: list[Proc] = []
+
+    def start(argv: list[str], env: dict[str, str], **popen: object) -> Proc:
+        proc = Proc(argv, env, **popen)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def write_config(tmp_path, text: str = "", *, port: int | None = None, socket_path: str = "",
+                 probe: bool = True, activation: bool = True, level: str = "debug", grace: int | None = None) -> str:
+    lines = [
+        "apm_config:",
+        "  receiver_port: %d" % (port if port is not None else 0),
+        "  receiver_socket: '%s'" % socket_path,
+        "  socket_activation:",
+        "    enabled: %s" % ("true" if activation else "false"),
+        "    handle_tcp_probe: %s" % ("true" if probe else "false"),
+    ]
+    if grace is not None:
+        lines.append("    probe_grace_period: %d" % grace)
+    lines += ["log_level: %s" % level, "disable_file_logging: true", text]
+    path = tmp_path / "datadog.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def agent_argv(report) -> list[str]:
+    return [sys.executable, AGENT, "--report", str(report)]
+
+
+def start_drop_in(procs, config: str, report, env: dict[str, str] | None = None, agent: list[str] | None = None,
+                  **popen: object) -> Proc:
+    argv = [sys.executable, LOADER, config] + (agent or agent_argv(report))
+    return procs(argv, env or base_env(), **popen)
+
+
+def read_report(report, timeout: float = TIMEOUT) -> dict:
+    """The agent writes its report atomically; poll the file system for it."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(str(report)):
+        if time.monotonic() > deadline:
+            raise AssertionError("no agent report at %s" % report)
+        time.sleep(0.01)
+    with open(str(report)) as f:
+        return json.load(f)
+
+
+def http_request(sock: socket.socket, path: str = "/v0.4/traces", body: bytes = b"") -> bytes:
+    sock.sendall(b"POST %s HTTP/1.0\r\nHost: agent\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(body), body))
+    return read_answer(sock)
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    sock.settimeout(TIMEOUT)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def answer_json(raw: bytes) -> dict:
+    assert raw.startswith(b"HTTP/1.0 200 OK"), raw
+    return json.loads(raw.partition(b"\r\n\r\n")[2])
+
+
+def connect(port: int, host: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection((host, port), timeout=TIMEOUT)
+
+
+def kubelet_probe(port: int) -> None:
+    """What kubelet's tcpSocket probe does: connect, SO_LINGER 1 s, close (a FIN)."""
+    s = connect(port)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 1))
+    s.close()
+
+
+def rst_probe(port: int) -> None:
+    """A load balancer's check: connect, SO_LINGER 0 s, close (an RST)."""
+    s = connect(port)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def open_fds_of(pid: int) -> list[int]:
+    return sorted(int(n) for n in os.listdir("/proc/%d/fd" % pid))
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+
+
+# ---------------------------------------------------------------------------
+# 1. Command line
+# ---------------------------------------------------------------------------
+
+
+def run_loader(args: list[str], env: dict[str, str] | None = None, timeout: float = TIMEOUT,
+               **kw: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, LOADER] + args, env=env or base_env(), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
+
+
+def test_version_flag_prints_the_module_version():
+    result = run_loader(["--version"])
+    assert result.returncode == 0
+    assert result.stdout.strip() == "trace-loader %s" % tl.__version__
+
+
+def test_help_shows_both_command_lines_and_exits_zero():
+    result = run_loader(["--help"])
+    assert result.returncode == 0
+    assert "CONFIG_FILE AGENT [AGENT_ARGS...]" in result.stdout
+    assert "--listen" in result.stdout
+
+
+@pytest.mark.parametrize("args", [[], ["only-a-config.yaml"]])
+def test_too_few_arguments_is_a_usage_error(args):
+    result = run_loader(args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage:")
+
+
+def test_main_is_callable_with_an_argv_list(capsys):
+    assert tl.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == "trace-loader %s" % tl.__version__
+
+
+def test_agent_found_in_path_keeps_argv0_and_the_loaders_pid(procs, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    # The agent is /bin/sh under another name, so the kernel keeps argv as
+    # given (a '#!' script would get its interpreter's argv instead).
+    (bindir / "trace-agent").symlink_to("/bin/sh")
+    pid_file = tmp_path / "pid"
+    config = write_config(tmp_path, activation=False)
+    env = base_env(PATH="%s:%s" % (bindir, os.environ.get("PATH", "")))
+    script = "echo $$ > %s.tmp && mv %s.tmp %s; sleep 60" % (pid_file, pid_file, pid_file)
+    proc = procs([sys.executable, LOADER, config, "trace-agent", "-c", script], env)
+    proc.wait_for("running the trace-agent directly")
+    deadline = time.monotonic() + TIMEOUT
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert int(pid_file.read_text()) == proc.pid  # execve: the same process
+    assert proc.cmdline().split()[:2] == ["trace-agent", "-c"]  # argv[0] exactly as given
+
+
+def test_missing_agent_is_critical_and_exits_1_before_binding(tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, port=port)
+    result = run_loader([config, "no-such-trace-agent-binary"])
+    assert result.returncode == 1
+    assert "| CRITICAL |" in result.stderr
+    assert "'no-such-trace-agent-binary' was not found in PATH" in result.stderr
+    assert "Listening" not in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# 2. Configuration
+# ---------------------------------------------------------------------------
+
+
+def settings_of(tmp_path, text: str, env: dict[str, str] | None = None, *, raw: bool = False) -> tl.DropInSettings:
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(text.encode("utf-8") if not raw else text.encode("latin-1"))
+    return tl.load_drop_in_settings(str(path), env or {}, tl._Log())
+
+
+def fixture_variants():
+    with open(FIXTURE, "rb") as f:
+        data = f.read()
+    return {
+        "lf": data,
+        "crlf": data.replace(b"\n", b"\r\n"),
+        "bom-crlf": b"\xef\xbb\xbf" + data.replace(b"\n", b"\r\n"),
+        "cr": data.replace(b"\n", b"\r"),
+    }
+
+
+@pytest.mark.parametrize("variant", ["lf", "crlf", "bom-crlf", "cr"])
+def test_realistic_datadog_yaml_yields_the_right_values(tmp_path, capfd, variant):
+    path = tmp_path / "datadog.yaml"
+    path.write_bytes(fixture_variants()[variant])
+    s = tl.load_drop_in_settings(str(path), {}, tl._Log())
+    assert (s.apm_enabled, s.error_tracking, s.socket_activation, s.handle_tcp_probe) == (True, False, True, True)
+    assert s.probe_grace_ms == 100  # 0x64
+    assert s.receiver_port == 8127  # through an alias
+    assert s.receiver_socket == "/var/run/datadog/apm.socket"
+    assert (s.bind_host, s.bind_host_reason) == ("127.0.0.1", "bind_host")  # alias to a top-level anchor
+    assert (s.otlp_enabled, s.otlp_port) == (True, 5004)
+    assert (s.log_level, s.log_to_console, s.log_file) == ("debug", True, None)
+    # `disable_file_logging: yes` is YAML 1.1: accepted, with a warning naming line and key.
+    assert "datadog.yaml:126: disable_file_logging: 'yes' is read as a boolean (YAML 1.1)" in capfd.readouterr().err
+
+
+def test_environment_overrides_the_file(tmp_path):
+    path = tmp_path / "datadog.yaml"
+    path.write_bytes(fixture_variants()["lf"])
+    env = {
+        "DD_APM_RECEIVER_PORT": "9126", "DD_RECEIVER_PORT": "7126",  # the first name wins
+        "DD_APM_RECEIVER_SOCKET": "/tmp/x.sock",
+        "DD_APM_SOCKET_ACTIVATION_HANDLE_TCP_PROBE": "F",
+        "DD_APM_SOCKET_ACTIVATION_PROBE_GRACE_PERIOD": "0",
+        "DD_BIND_HOST": "",  # empty counts as unset: the file's value stays
+        "DD_APM_NON_LOCAL_TRAFFIC": "1",
+        "DD_OTLP_CONFIG_TRACES_INTERNAL_PORT": " 0x1fbe ",
+        "DD_LOG_LEVEL": "warn",
+        "DD_LOG_TO_CONSOLE": "FALSE",
+        "DD_DISABLE_FILE_LOGGING": "false",
+        "DD_APM_LOG_FILE": "/tmp/tl.log",
+    }
+    s = tl.load_drop_in_settings(str(path), env, tl._Log())
+    assert s.receiver_port == 9126
+    assert s.receiver_socket == "/tmp/x.sock"
+    assert s.handle_tcp_probe is False
+    assert s.probe_grace_ms == 0
+    assert s.bind_host == "0.0.0.0"  # apm_non_local_traffic wins over bind_host
+    assert s.otlp_port == 8126
+    assert (s.log_level, s.log_to_console, s.log_file) == ("warn", False, "/tmp/tl.log")
+
+
+def test_defaults_when_the_file_is_empty(tmp_path):
+    s = settings_of(tmp_path, "")
+    assert (s.apm_enabled, s.socket_activation, s.handle_tcp_probe) == (True, False, False)
+    assert (s.receiver_port, s.bind_host, s.otlp_enabled, s.otlp_port) == (8126, "localhost", False, 5003)
+    assert s.probe_grace_ms == 250
+    assert s.receiver_socket == ("/var/run/datadog/apm.socket" if LINUX else "")
+    assert s.log_file == ("/var/log/datadog/trace-agent.log" if sys.platform != "darwin"
+                          else "/opt/datadog-agent/logs/trace-agent.log")
+
+
+def test_docker_dd_agent_listens_on_all_interfaces_unless_bind_host_is_set(tmp_path):
+    assert settings_of(tmp_path, "", {"DOCKER_DD_AGENT": "true"}).bind_host == "0.0.0.0"
+    assert settings_of(tmp_path, "bind_host: 10.1.2.3\n", {"DOCKER_DD_AGENT": "true"}).bind_host == "10.1.2.3"
+    assert settings_of(tmp_path, "apm_config:\n  apm_non_local_traffic: false\n",
+                       {"DOCKER_DD_AGENT": "yes"}).bind_host == "localhost"
+
+
+def test_otlp_is_on_with_an_empty_receiver_key_or_any_receiver_variable(tmp_path):
+    assert settings_of(tmp_path, "otlp_config:\n  receiver:\n").otlp_enabled is True
+    assert settings_of(tmp_path, "otlp_config:\n  traces:\n    internal_port: 1\n").otlp_enabled is False
+    env = {"DD_OTLP_CONFIG_RECEIVER_PROTOCOLS_GRPC_ENDPOINT": "0.0.0.0:4317"}
+    assert settings_of(tmp_path, "", env).otlp_enabled is True
+    assert settings_of(tmp_path, "", {"DD_OTLP_CONFIG_RECEIVER_PROTOCOLS_GRPC_ENDPOINT": ""}).otlp_enabled is False
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("8126", 8126), (" 8126 ", 8126), ("0x1fbe", 8126), ("0X1FBE", 8126), ("017676", 8126),
+    ("0o17676", 8126), ("0b1111110111110", 8126), ("8_126", 8126), ("+8126", 8126), ("-1", -1),
+])
+def test_integers_read_like_go_parseint(text, expected):
+    assert tl._go_int(text, "X") == expected
+
+
+@pytest.mark.parametrize("text", ["", " ", "8126.0", "1e3", "0x", "eighty", "8126a", "\u0668\u0661", "_1",
+                                  "99999999999999999999", "0x" + "f" * 100])
+def test_bad_integers_are_errors_naming_the_value(text):
+    with pytest.raises(tl.ConfigError) as info:
+        tl._go_int(text, "DD_APM_RECEIVER_PORT")
+    assert str(info.value).startswith("DD_APM_RECEIVER_PORT: ")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1", True), ("t", True), ("T", True), ("TRUE", True), ("true", True), ("True", True),
+    ("0", False), ("f", False), ("F", False), ("FALSE", False), ("false", False), ("False", False),
+])
+def test_environment_booleans_read_like_go_parsebool(tmp_path, text, expected):
+    assert settings_of(tmp_path, "", {"DD_APM_SOCKET_ACTIVATION_ENABLED": text}).socket_activation is expected
+
+
+@pytest.mark.parametrize("text", ["yes", "on", "TrUe", " true", "2", "enabled"])
+def test_bad_environment_booleans_name_the_variable(tmp_path, text):
+    with pytest.raises(tl.ConfigError) as info:
+        settings_of(tmp_path, "", {"DD_APM_SOCKET_ACTIVATION_ENABLED": text})
+    assert str(info.value) == "DD_APM_SOCKET_ACTIVATION_ENABLED: %r is not a boolean (use true or false)" % text
+
+
+@pytest.mark.parametrize("text, expected", [("TRUE", True), ("False", False), ("on", True), ("OFF", False),
+                                            ("'t'", True), ('"0"', False), ("1", True)])
+def test_file_booleans(tmp_path, text, expected):
+    s = settings_of(tmp_path, "apm_config:\n  socket_activation:\n    enabled: %s\n" % text)
+    assert s.socket_activation is expected
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[8126]", "holds a flow collection ([...); expected a single value"),
+    ("{a: 1}", "holds a flow collection ({...); expected a single value"),
+    ("|\n    8126", "holds a multi-line string (|); expected a single value"),
+    ("\n    - 8126", "holds a list; expected a single value"),
+    ("\n    port: 8126", "holds a mapping; expected a single value"),
+    ("*nowhere", "holds an alias (*nowhere) to an anchor this reader does not follow; expected a single value"),
+    ("!!int 8126", "holds a tagged value (!!int); expected a single value"),
+    ("8126\n    9126", "holds a value continued on the next line; expected a single value"),
+    ('"8126', "holds a quoted string that does not end on its line, or text after it; expected a single value"),
+    ("eighty", "'eighty' is not an integer"),
+    ("99999999999999999999", "'99999999999999999999' is out of range for a 64-bit integer"),
+    ("70000", "port 70000 is out of range (1-65535)"),
+])
+def test_a_needed_key_holding_something_unreadable_names_line_and_key(tmp_path, value, message):
+    with pytest.raises(tl.ConfigError) as info:
+        settings_of(tmp_path, "# comment\napm_config:\n  receiver_port: %s\n" % value)
+    text = str(info.value)
+    assert text.endswith("apm_config.receiver_port: " + message), text
+    if "out of range (1-" not in message:
+        assert ":3: " in text  # the line of the key
+
+
+def test_unneeded_keys_may_hold_anything(tmp_path):
+    text = "\n".join([
+        "weird: [unclosed, flow", "   continues: here]", "block: |", "  apm_config:", "    enabled: false",
+        "list:", "- {a: [1, 2]}", "- ? complex", "anchored: &a {x: 1}", "aliased: *a", "tagged: !!binary |",
+        "  R0lGODlhDAAMAIQAAP", "apm_config:", "  replace_tags: [{name: x}]", "  enabled: false", "",
+    ])
+    s = settings_of(tmp_path, text)
+    assert s.apm_enabled is False
+
+
+def test_duplicate_keys_last_one_wins(tmp_path):
+    s = settings_of(tmp_path, "apm_config:\n  receiver_port: 1\n  receiver_port: 2\n"
+                              "apm_config:\n  receiver_port: 3\n")
+    assert s.receiver_port == 3
+
+
+def test_keys_are_case_insensitive_and_quoted_keys_work(tmp_path):
+    s = settings_of(tmp_path, 'APM_Config:\n  "receiver_port": 4\n  \'enabled\': "false"\n')
+    assert (s.receiver_port, s.apm_enabled) == (4, False)
+
+
+def test_double_quoted_escapes(tmp_path):
+    s = settings_of(tmp_path, 'apm_config:\n  receiver_socket: "/tmp/\\x61p\\u006d.sock"  # comment\n')
+    assert s.receiver_socket == "/tmp/apm.sock"
+
+
+def test_only_the_first_document_counts(tmp_path):
+    s = settings_of(tmp_path, "---\napm_config:\n  receiver_port: 5\n---\napm_config:\n  receiver_port: 6\n")
+    assert s.receiver_port == 5
+
+
+def test_bad_indentation_names_its_line(tmp_path):
+    with pytest.raises(tl.ConfigError, match=r"cfg.yaml:3: indentation of 1 spaces matches no enclosing key"):
+        settings_of(tmp_path, "apm_config:\n   enabled: true\n receiver_port: 5\n")
+
+
+def test_merge_key_where_settings_are_read_is_an_error(tmp_path):
+    with pytest.raises(tl.ConfigError, match=r":4: apm_config: merge keys"):
+        settings_of(tmp_path, "base: &b\n  enabled: false\napm_config:\n  <<: *b\n")
+
+
+def test_invalid_utf8_names_its_line(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(b"a: 1\nb: \xff\xfe\n")
+    with pytest.raises(tl.ConfigError, match=r"cfg.yaml:2: invalid UTF-8"):
+        tl.load_drop_in_settings(str(path), {}, tl._Log())
+
+
+# ---------------------------------------------------------------------------
+# 3. Decision flow, end to end
+# ---------------------------------------------------------------------------
+
+
+def test_unreadable_config_fails_open(procs, tmp_path):
+    report = tmp_path / "report.json"
+    env = base_env(DD_APM_NET_RECEIVER_FD="7", DD_APM_NET_RECEIVER_CLIENT_FD="8")
+    proc = start_drop_in(procs, str(tmp_path / "missing.yaml"), report, env)
+    data = read_report(report)
+    assert data["pid"] == proc.pid
+    line = proc.wait_for(r"\| WARN \|.*Failed to load the configuration: .*missing.yaml: cannot open: "
+                         r"No such file or directory \(ENOENT\)")
+    assert LOG_LINE.match(line[0])
+    assert data["env"] == {}  # inherited fd variables are removed on every path
+    assert data["fds"] == [0, 1, 2]
+
+
+def test_apm_disabled_exits_zero_without_starting_anything(tmp_path):
+    config = write_config(tmp_path, "apm_config.enabled: ignored\n", port=free_port())
+    result = run_loader([config, sys.executable, AGENT], env=base_env(DD_APM_ENABLED="false"))
+    assert result.returncode == 0
+    assert "| INFO | (trace_loader.py" in result.stderr
+    assert "Trace-agent is disabled, stopping..." in result.stderr
+    assert "demo agent" not in result.stderr
+
+
+def test_error_tracking_standalone_keeps_apm_on(procs, tmp_path):
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, activation=False)
+    env = base_env(DD_APM_ENABLED="false", DD_APM_ERROR_TRACKING_STANDALONE_ENABLED="true")
+    proc = start_drop_in(procs, config, report, env)
+    assert read_report(report)["pid"] == proc.pid
+
+
+def test_socket_activation_disabled_execs_directly(procs, tmp_path):
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, port=free_port(), activation=False)
+    proc = start_drop_in(procs, config, report)
+    data = read_report(report)
+    proc.wait_for("Socket-activation for the trace-agent is disabled, running the trace-agent directly...")
+    assert data["env"] == {} and data["fds"] == [0, 1, 2]
+
+
+def test_listener_failure_closes_everything_and_fails_open(procs, tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    report = tmp_path / "report.json"
+    sock_path = str(tmp_path / "apm.sock")
+    config = write_config(tmp_path, port=port, socket_path=sock_path,
+                          text="otlp_config:\n  receiver:\n  traces:\n    internal_port: %d\n" % port)
+    proc = start_drop_in(procs, config, report)
+    data = read_report(report)
+    proc.wait_for(r"Failed to get listeners for the trace-agent: cannot listen on localhost:%d: "
+                  r"Address already in use \(EADDRINUSE\)" % port)
+    assert data["fds"] == [0, 1, 2] and data["env"] == {}
+    busy.close()
+
+
+def test_no_listener_at_all_exits_zero(tmp_path):
+    config = write_config(tmp_path, port=0, socket_path="")
+    result = run_loader([config, sys.executable, AGENT])
+    assert result.returncode == 0
+    assert "All the trace-agent inputs are disabled, stopping..." in result.stderr
+
+
+def test_missing_socket_directory_is_skipped_not_a_failure(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, port=port, socket_path=str(tmp_path / "nodir" / "apm.sock"), probe=False)
+    proc = start_drop_in(procs, config, report)
+    proc.wait_for(r"\| ERROR \|.*Could not start UDS listener: socket directory does not exist: .*nodir/apm.sock")
+    proc.wait_for("Polling")
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "DD_APM_NET_RECEIVER_FD"
+    assert sorted(read_report(report)["listeners"]) == ["DD_APM_NET_RECEIVER_FD"]
+
+
+# ---------------------------------------------------------------------------
+# 4. Listeners
+# ---------------------------------------------------------------------------
+
+
+def test_tcp_listener_options_backlog_and_unix_mode(procs, tmp_path):
+    port = free_port()
+    sock_path = str(tmp_path / "apm.sock")
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, port=port, socket_path=sock_path)
+    proc = start_drop_in(procs, config, report)
+    proc.wait_for("Polling")
+    assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o722
+    assert stat.S_ISSOCK(os.stat(sock_path).st_mode)
+    if shutil.which("ss") and LINUX:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            somaxconn = int(f.read())
+        out = subprocess.run(["ss", "-ltnH", "sport = :%d" % port], capture_output=True, text=True).stdout
+        assert out.split()[2] == str(min(somaxconn, 65535)), out  # Send-Q of a listener is its backlog
+    with connect(port) as c:
+        answer_json(http_request(c))
+    data = read_report(report)
+    assert data["listeners"]["DD_APM_NET_RECEIVER_FD"][0] == "AF_INET"
+    assert data["blocking"] == {"DD_APM_NET_RECEIVER_FD": True, "DD_APM_UNIX_RECEIVER_FD": True}
+    # SO_REUSEADDR is on the very socket the agent inherited: ask the kernel.
+    if LINUX:
+        out = subprocess.run(["ss", "-ltnHe", "sport = :%d" % port], capture_output=True, text=True).stdout
+        assert out  # listed, so inspected below in-process on a twin
+    with socket.socket() as twin:  # same code path, same options
+        s = tl.open_tcp_listener("127.0.0.1", 0)
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+        assert not s.get_inheritable()
+        s.close()
+        twin.close()
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+def test_wildcard_bind_host_is_dual_stack(procs, tmp_path):
+    if not tl._dual_stack_supported():
+        pytest.skip("no dual-stack sockets here")
+    port = free_port()
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, "bind_host: 0.0.0.0\n", port=port, probe=False)
+    proc = start_drop_in(procs, config, report)
+    proc.wait_for(r"Listening to TCP receiver at 0.0.0.0:%d" % port)
+    proc.wait_for("Polling")
+    with connect(port, "127.0.0.1") as c4:
+        assert answer_json(http_request(c4))["pid"] == proc.pid
+    try:
+        c6 = connect(port, "::1")
+    except OSError:
+        pytest.skip("no ::1 on this host")
+    with c6:
+        assert answer_json(http_request(c6))["pid"] == proc.pid
+    assert read_report(report)["listeners"]["DD_APM_NET_RECEIVER_FD"][0] == "AF_INET6"
+
+
+def test_ipv6_literal_bind_host(procs, tmp_path):
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no ::1 on this host")
+    port = free_port()
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, "bind_host: '::1'\n", port=port, probe=False)
+    proc = start_drop_in(procs, config, report)
+    proc.wait_for(r"Listening to TCP receiver at \[::1\]:%d" % port)
+    proc.wait_for("Polling")
+    with connect(port, "::1") as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+
+
+def test_stale_unix_socket_is_replaced(procs, tmp_path):
+    sock_path = str(tmp_path / "apm.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(sock_path)
+    stale.close()  # the file stays, nobody listens
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, socket_path=sock_path), report)
+    proc.wait_for("Polling")
+    with socket.socket(socket.AF_UNIX) as u:
+        u.settimeout(TIMEOUT)
+        u.connect(sock_path)
+        assert answer_json(http_request(u))["via"] == "DD_APM_UNIX_RECEIVER_FD"
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "live"])
+def test_unix_path_that_is_not_a_stale_socket_is_never_removed(procs, tmp_path, kind):
+    sock_path = tmp_path / "apm.sock"
+    live = None
+    if kind == "file":
+        sock_path.write_text("precious")
+        expected = "exists and is a regular file, not a socket; refusing to remove it"
+    elif kind == "symlink":
+        target = tmp_path / "target.sock"
+        t = socket.socket(socket.AF_UNIX)
+        t.bind(str(target))
+        t.close()
+        sock_path.symlink_to(target)
+        expected = "is a symbolic link; refusing to replace it"
+    else:
+        live = socket.socket(socket.AF_UNIX)
+        live.bind(str(sock_path))
+        live.listen()
+        expected = "is served by a live process; refusing to take it over"
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, socket_path=str(sock_path)), report)
+    data = read_report(report)
+    line = proc.wait_for("Failed to get listeners")[0]
+    assert expected in line, line
+    assert data["fds"] == [0, 1, 2]
+    assert os.path.lexists(str(sock_path))
+    if kind == "file":
+        assert sock_path.read_text() == "precious"
+    if live is not None:
+        live.close()
+
+
+def test_unix_path_longer_than_sun_path_is_a_failure_that_says_so(procs, tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, socket_path=str(deep / "apm.sock")), report)
+    read_report(report)
+    proc.wait_for(r"unix socket path is \d+ bytes, longer than the 10[37] the kernel allows \(sun_path\)")
+
+
+@pytest.mark.skipif(not shutil.which("strace") or not LINUX, reason="needs strace")
+def test_unix_socket_gets_its_mode_without_a_chmod_window(tmp_path):
+    sock_path = str(tmp_path / "apm.sock")
+    port = free_port()
+    config = write_config(tmp_path, port=port, socket_path=sock_path, probe=False)
+    trace = tmp_path / "strace.out"
+    proc = subprocess.Popen(
+        ["strace", "-f", "-qq", "-e", "trace=umask,bind,chmod,fchmod,fchmodat", "-o", str(trace),
+         sys.executable, LOADER, config, "/bin/true"],
+        env=base_env(), stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            if b"Polling" in raw:
+                break
+        connect(port).close()  # wakes the loader, which execs /bin/true and ends
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)
+    calls = trace.read_text()
+    assert re.search(r"umask\(0?55\)", calls), calls
+    assert "bind(" in calls and "chmod" not in calls, calls
+    assert calls.index("umask(055") < calls.index("apm.sock")
+
+
+def test_otlp_listener_wakes_the_agent_and_is_answered(procs, tmp_path):
+    port, otlp = free_port(), free_port()
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, port=port, text="otlp_config:\n  traces:\n    internal_port: %d\n" % otlp)
+    env = base_env(DD_OTLP_CONFIG_RECEIVER_PROTOCOLS_GRPC_ENDPOINT="127.0.0.1:4317")
+    proc = start_drop_in(procs, config, report, env)
+    proc.wait_for("Polling")
+    with connect(otlp) as c:
+        assert answer_json(http_request(c))["via"] == "DD_OTLP_CONFIG_GRPC_FD"
+    proc.wait_for(r"Waking the trace-agent: traffic on OTLP receiver")
+    assert set(read_report(report)["listeners"]) == {"DD_APM_NET_RECEIVER_FD", "DD_OTLP_CONFIG_GRPC_FD"}
+
+
+def test_unix_socket_wakes_the_agent_and_is_answered(procs, tmp_path):
+    sock_path = str(tmp_path / "apm.sock")
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=free_port(), socket_path=sock_path), report)
+    proc.wait_for("Polling")
+    with socket.socket(socket.AF_UNIX) as u:
+        u.settimeout(TIMEOUT)
+        u.connect(sock_path)
+        assert answer_json(http_request(u)) == {"pid": proc.pid, "via": "DD_APM_UNIX_RECEIVER_FD",
+                                                "path": "/v0.4/traces", "body_bytes": 0}
+    proc.wait_for(r"Waking the trace-agent: traffic on unix receiver; 0 probes absorbed")
+
+
+# ---------------------------------------------------------------------------
+# 5. Hand-off
+# ---------------------------------------------------------------------------
+
+
+def test_agent_inherits_exactly_the_listed_fds_and_replaced_variables(procs, tmp_path):
+    port = free_port()
+    sock_path = str(tmp_path / "apm.sock")
+    log_file = tmp_path / "trace-agent.log"
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, port=port, socket_path=sock_path)
+    env = base_env(DD_APM_NET_RECEIVER_FD="99", DD_APM_UNIX_RECEIVER_FD="98", DD_OTLP_CONFIG_GRPC_FD="97",
+                   DD_APM_NET_RECEIVER_CLIENT_FD="96", DD_DISABLE_FILE_LOGGING="false",
+                   DD_APM_LOG_FILE=str(log_file))
+    proc = start_drop_in(procs, config, report, env)
+    proc.wait_for("Polling")
+    with connect(port) as c:
+        c.sendall(b"POST /x HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+        assert answer_json(read_answer(c))["via"] == "held-client"
+    data = read_report(report)
+    fd_env = {k: int(v) for k, v in data["env"].items() if k.endswith("_FD")}
+    assert sorted(fd_env) == ["DD_APM_NET_RECEIVER_CLIENT_FD", "DD_APM_NET_RECEIVER_FD", "DD_APM_UNIX_RECEIVER_FD"]
+    assert not {96, 97, 98, 99} & set(fd_env.values())  # inherited values replaced
+    assert "DD_OTLP_CONFIG_GRPC_FD" not in data["env"]  # inherited, nobody handed it: removed
+    # The log file was open in the loader (it wrote to it) but is not inherited.
+    log_fd = int(re.search(r"DD_APM_NET_RECEIVER_FD file descriptor is (\d+)", proc.text()).group(1)) - 1
+    assert "Starting the trace-agent..." in log_file.read_text()
+    assert log_fd not in data["fds"]
+    assert data["fds"] == [0, 1, 2] + sorted(fd_env.values())
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc/self/status")
+def test_agent_gets_default_sigpipe_and_sigxfsz(procs, tmp_path):
+    status = tmp_path / "status.txt"
+    config = write_config(tmp_path, port=free_port(), probe=False)
+    # The agent is a shell: it records its own signal masks, which it
+    # inherited through execve, before anything else can change them.
+    script = "grep -E '^Sig(Ign|Blk)' /proc/$$/status > %s.tmp && mv %s.tmp %s && exec sleep 60" % (
+        status, status, status)
+    port = int(re.search(r"receiver_port: (\d+)", open(config).read()).group(1))
+    proc = start_drop_in(procs, config, None, agent=["/bin/sh", "-c", script])
+    proc.wait_for("Polling")
+    with connect(port):
+        proc.wait_for("Starting the trace-agent")
+    deadline = time.monotonic() + TIMEOUT
+    while not status.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    fields = dict(line.split(":") for line in status.read_text().split("\n") if line)
+    ignored = int(fields["SigIgn"].strip(), 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)), fields
+    assert not ignored & (1 << (signal.SIGXFSZ - 1)), fields
+
+
+# ---------------------------------------------------------------------------
+# 6. The wait and the probe check
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not LINUX or os.uname().machine != "x86_64", reason="reads x86_64 /proc/PID/syscall")
+def test_idle_loader_sleeps_in_poll_without_a_timeout(procs, tmp_path):
+    proc = start_drop_in(procs, write_config(tmp_path, port=free_port()), tmp_path / "r.json")
+    proc.wait_for("Polling")
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        with open("/proc/%d/syscall" % proc.pid) as f:
+            fields = f.read().split()
+        if fields[0] == "7" or time.monotonic() > deadline:  # poll(2) on x86_64
+            break
+    assert fields[0] == "7" and int(fields[3], 16) in (0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF), fields
+
+
+def test_kubelet_probes_are_absorbed_then_a_request_is_answered_on_its_connection(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report)
+    proc.wait_for("Polling")
+    for _ in range(100):
+        kubelet_probe(port)
+    proc.wait_for(r"TCP client closed connection, closing file descriptor \d+ \(peer .*, FIN\)", count=100)
+    assert proc.is_loader()
+    assert not report.exists()
+    with connect(port) as c:
+        c.sendall(b"POST /v0.4/traces HTTP/1.0\r\nContent-Length: 4\r\n\r\nabcd")
+        proc.wait_for("TCP client sent data, executing the trace-agent")
+        answer = answer_json(read_answer(c))
+    assert answer == {"pid": proc.pid, "via": "held-client", "path": "/v0.4/traces", "body_bytes": 4}
+    proc.wait_for(r"INFO .*Waking the trace-agent: the held TCP client .* sent data; 100 probes absorbed "
+                  r"since start \(FIN: 100, RST: 0\)")
+    assert not proc.is_loader()
+
+
+def test_second_client_while_one_is_held_starts_the_agent_and_both_are_answered(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=port, grace=0), report)
+    proc.wait_for("Polling")
+    first = connect(port)
+    proc.wait_for("Accepted connection on TCP listener")
+    second = connect(port)
+    second.sendall(b"POST /second HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    proc.wait_for("Waking the trace-agent: a second TCP client arrived while one was held")
+    first.sendall(b"POST /first HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    assert answer_json(read_answer(first))["via"] == "held-client"
+    assert answer_json(read_answer(second))["path"] == "/second"
+    first.close()
+    second.close()
+
+
+def test_without_the_probe_check_the_first_connection_starts_the_agent(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=port, probe=False), report)
+    proc.wait_for("Polling")
+    kubelet_probe(port)  # even a probe wakes it: this is the behaviour without the check
+    proc.wait_for("Waking the trace-agent: traffic on TCP receiver")
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "DD_APM_NET_RECEIVER_FD"
+    assert "DD_APM_NET_RECEIVER_CLIENT_FD" not in read_report(report)["env"]
+
+
+@pytest.mark.parametrize("probe", [False, True])
+def test_300_clients_queued_before_the_agent_wakes_are_all_answered(procs, tmp_path, probe):
+    port = free_port()
+    proc = start_drop_in(procs, write_config(tmp_path, port=port, probe=probe, level="info"),
+                         tmp_path / "r.json")
+    proc.wait_for("Polling")
+    clients = []
+    for i in range(300):
+        c = connect(port)
+        c.sendall(b"POST /c%d HTTP/1.0\r\nContent-Length: 0\r\n\r\n" % i)
+        clients.append(c)
+    paths = set()
+    for c in clients:
+        paths.add(answer_json(read_answer(c))["path"])
+        c.close()
+    assert paths == {"/c%d" % i for i in range(300)}
+
+
+# ---------------------------------------------------------------------------
+# 7. Logging
+# ---------------------------------------------------------------------------
+
+
+def test_log_lines_match_the_agent_format_and_go_to_the_file(procs, tmp_path):
+    log_file = tmp_path / "trace-agent.log"
+    log_file.write_text("earlier line\n")
+    config = write_config(tmp_path, port=0, socket_path="", level="info")
+    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(log_file))
+    result = run_loader([config, sys.executable, AGENT], env=env)
+    assert result.returncode == 0
+    lines = result.stderr.splitlines()
+    assert lines and all(LOG_LINE.match(line) for line in lines), lines
+    assert not any("| DEBUG |" in line for line in lines)
+    content = log_file.read_text().splitlines()
+    assert content[0] == "earlier line"  # appended, never truncated
+    assert content[1:] == lines
+
+
+def test_log_file_that_cannot_be_opened_costs_a_warning_not_the_activation(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "r.json"
+    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(tmp_path / "no" / "dir.log"))
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report, env)
+    proc.wait_for(r"\| WARN \|.*Cannot open log file .*no/dir.log \(No such file or directory \(ENOENT\)\)")
+    proc.wait_for("Polling")
+    with connect(port) as c:
+        answer_json(http_request(c))
+
+
+def test_log_level_off_is_silent(tmp_path):
+    config = write_config(tmp_path, port=0, socket_path="", level="off")
+    result = run_loader([config, sys.executable, AGENT])
+    assert result.returncode == 0 and result.stderr == ""
+
+
+# ---------------------------------------------------------------------------
+# 8. Signals while waiting
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signal_while_waiting_ends_the_loader_as_killed_by_it(procs, tmp_path, signum):
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=free_port()), report)
+    proc.wait_for("Polling")
+    os.kill(proc.pid, signum)
+    assert proc.wait_exit() == -signum
+    assert "Traceback" not in proc.text()
+    assert not report.exists()
+
+
+# ---------------------------------------------------------------------------
+# 9. The Python API for agents
+# ---------------------------------------------------------------------------
+
+
+def test_adopt_serves_the_held_client_first():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    early = connect(port)
+    held, _ = listener.accept()
+    later = connect(port)
+    env = {"DD_APM_NET_RECEIVER_FD": str(listener.detach()), "DD_APM_NET_RECEIVER_CLIENT_FD": str(held.detach())}
+    handoff = tl.adopt(env)
+    first, _ = handoff.accept()
+    second, _ = handoff.accept()
+    early.sendall(b"1")
+    later.sendall(b"2")
+    assert first.recv(1) == b"1" and second.recv(1) == b"2"
+    for s in (first, second, early, later, handoff.listeners["DD_APM_NET_RECEIVER_FD"]):
+        s.close()
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "999999"])
+def test_adopt_rejects_garbage(value):
+    with pytest.raises(tl.LoaderError, match="DD_APM_NET_RECEIVER_FD"):
+        tl.adopt({"DD_APM_NET_RECEIVER_FD": value})
+
+
+def test_import_has_no_side_effects():
+    code = ("import os, signal, sys; before = sorted(os.listdir('/dev/fd')); h = signal.getsignal(signal.SIGINT);"
+            "sys.path.insert(0, %r); import trace_loader;"
+            "assert sorted(os.listdir('/dev/fd')) == before; assert signal.getsignal(signal.SIGINT) is h;"
+            "print('ok')" % os.path.dirname(LOADER))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.stdout.strip() == "ok", result.stderr
