@@ -10,7 +10,6 @@ process's cmdline, /proc), never on bare sleeps.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -976,3 +975,302 @@ def test_import_has_no_side_effects():
             "print('ok')" % os.path.dirname(LOADER))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Probe check beyond the reference (issue: RST closes, overlaps, storms)
+# ---------------------------------------------------------------------------
+
+ABSORBED = r"TCP client closed connection, closing file descriptor \d+ \(peer [^,]+, (FIN|RST)\)"
+
+
+def loader_and_port(procs, tmp_path, **config: object) -> tuple[Proc, int, object]:
+    port = free_port()
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=port, **config), report)  # type: ignore[arg-type]
+    proc.wait_for("Polling")
+    return proc, port, report
+
+
+def test_rst_probes_are_absorbed_like_fin_probes(procs, tmp_path):
+    proc, port, report = loader_and_port(procs, tmp_path)
+    for _ in range(100):
+        rst_probe(port)
+    for _ in range(100):
+        kubelet_probe(port)
+        rst_probe(port)
+    proc.wait_for(ABSORBED + "|left before it was accepted", count=300)
+    assert proc.is_loader() and not report.exists()
+    assert proc.count(ABSORBED.replace("(FIN|RST)", "RST")) >= 100  # each with its peer and how it closed
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "held-client"
+    proc.wait_for(r"Waking the trace-agent: the held TCP client 127\.0\.0\.1:\d+ sent data; "
+                  r"300 probes absorbed since start \(FIN: 100, RST: 200\)")
+
+
+def test_overlapping_probes_are_absorbed(procs, tmp_path):
+    # A generous grace, so a slow machine cannot turn the overlap into a wake-up.
+    proc, port, report = loader_and_port(procs, tmp_path, grace=5000)
+    first = connect(port)
+    proc.wait_for("Accepted connection on TCP listener")
+    second = connect(port)
+    proc.wait_for("A second TCP client is waiting; giving the held one 5000 ms")
+    first.close()
+    proc.wait_for(ABSORBED, count=1)
+    second.close()
+    proc.wait_for(ABSORBED, count=2)
+    assert proc.count("Accepted connection on TCP listener") == 2  # the second, only once the first was gone
+    assert proc.is_loader() and not report.exists()
+    assert proc.count("Waking") == 0
+
+
+def test_silent_client_held_past_the_grace_wakes_the_agent_and_both_are_answered(procs, tmp_path):
+    proc, port, _ = loader_and_port(procs, tmp_path)
+    silent = connect(port)
+    proc.wait_for("Accepted connection on TCP listener")
+    second = connect(port)
+    second.sendall(b"POST /second HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    proc.wait_for(r"Waking the trace-agent: a second TCP client arrived and the held one stayed silent "
+                  r"for 250 ms; 0 probes absorbed")
+    assert proc.count("Accepted connection on TCP listener") == 1  # the second was never accepted by the loader
+    silent.sendall(b"POST /silent HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    assert answer_json(read_answer(silent)) == {"pid": proc.pid, "via": "held-client", "path": "/silent",
+                                                "body_bytes": 0}
+    assert answer_json(read_answer(second))["via"] == "DD_APM_NET_RECEIVER_FD"
+    silent.close()
+    second.close()
+
+
+def test_grace_zero_is_the_reference_behaviour(procs, tmp_path):
+    proc, port, _ = loader_and_port(procs, tmp_path, grace=0)
+    held = connect(port)
+    proc.wait_for("Accepted connection on TCP listener")
+    other = connect(port)
+    proc.wait_for("Waking the trace-agent: a second TCP client arrived while one was held")
+    assert proc.count("A second TCP client is waiting") == 0
+    held.close()
+    other.close()
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_request_sent_in_two_parts_one_second_apart_is_answered_in_full(procs, tmp_path, probe):
+    proc, port, _ = loader_and_port(procs, tmp_path, probe=probe)
+    with connect(port) as c:
+        c.sendall(b"POST /split HTTP/1.0\r\nContent-Length: 10\r\n\r\n12345")
+        proc.wait_for("Starting the trace-agent")
+        time.sleep(1.0)  # shapes the traffic (the pause under test), not a synchronisation
+        c.sendall(b"67890")
+        assert answer_json(read_answer(c)) == {"pid": proc.pid, "via": "held-client" if probe else
+                                               "DD_APM_NET_RECEIVER_FD", "path": "/split", "body_bytes": 10}
+
+
+@needs_proc
+def test_probe_storm_never_wakes_the_agent_nor_leaks_an_fd(procs, tmp_path):
+    proc, port, report = loader_and_port(procs, tmp_path)
+    before = open_fds_of(proc.pid)
+    errors: list[OSError] = []
+
+    def prober(index: int) -> None:
+        try:
+            for i in range(1250):
+                (rst_probe if (i + index) % 2 else kubelet_probe)(port)
+        except OSError as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=prober, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    # The backlog is served in order: once this last probe is absorbed, all were.
+    last = connect(port)
+    last_peer = "127.0.0.1:%d" % last.getsockname()[1]
+    last.close()
+    proc.wait_for(re.escape("peer %s, FIN" % last_peer))
+    assert proc.count(ABSORBED + "|left before it was accepted") == 5001
+    assert proc.is_loader() and not report.exists()
+    assert open_fds_of(proc.pid) == before
+
+
+# ---------------------------------------------------------------------------
+# Generic mode: --listen, the systemd and env protocols, systemd-socket-activate
+# ---------------------------------------------------------------------------
+
+
+def start_generic(procs, options: list[str], program: list[str], env: dict[str, str] | None = None,
+                  **popen: object) -> Proc:
+    return procs([sys.executable, LOADER] + options + ["--"] + program, env or base_env(), **popen)
+
+
+def bound_port(proc: Proc, label: str = "tcp://") -> int:
+    line = proc.wait_for(r"Listening to %s\S* at \S+:\d+\.\.\." % re.escape(label))[0]
+    return int(re.search(r":(\d+)\.\.\.$", line).group(1))
+
+
+def systemd_agent(report) -> list[str]:
+    return [sys.executable, AGENT, "--systemd", "--report", str(report)]
+
+
+def test_systemd_protocol_hands_fds_from_3_with_names(procs, tmp_path):
+    report = tmp_path / "report.json"
+    sock_path = str(tmp_path / "app.sock")
+    proc = start_generic(procs, ["--listen", "web=tcp://127.0.0.1:0", "--listen", "unix://%s?mode=0660" % sock_path,
+                                 "--log-level", "debug"], systemd_agent(report),
+                         env=base_env(LISTEN_PIDFDID="12345", LISTEN_FDS="9", LISTEN_PID="1"))
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o660
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "web@3"
+    with socket.socket(socket.AF_UNIX) as u:
+        u.settimeout(TIMEOUT)
+        u.connect(sock_path)
+        assert answer_json(http_request(u))["via"] == "unknown@4"
+    data = read_report(report)
+    assert data["listen_pid_ok"] is True and data["pid"] == proc.pid
+    assert (data["listen_fds"], data["listen_fdnames"]) == ("2", "web:unknown")
+    assert data["fds"] == [0, 1, 2, 3, 4]
+    assert "LISTEN_PIDFDID" not in data["env"]
+
+
+def test_env_protocol_hands_fds_in_named_variables(procs, tmp_path):
+    report = tmp_path / "report.json"
+    proc = start_generic(procs, ["--protocol", "env", "--listen", "APP_FD=tcp://127.0.0.1:0",
+                                 "--handle-tcp-probe", "--client-fd-var", "APP_CLIENT_FD", "--log-level", "debug"],
+                         [sys.executable, AGENT, "--fd-var", "APP_FD", "--client-var", "APP_CLIENT_FD",
+                          "--report", str(report)],
+                         env=base_env(APP_CLIENT_FD="77", LISTEN_FDS="2"))
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    kubelet_probe(port)
+    proc.wait_for(ABSORBED)
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "held-client"
+    data = read_report(report)
+    assert sorted(data["env"]) == []  # LISTEN_* not addressed to us are dropped; APP_* not reported
+    assert data["fds"] == [0, 1, 2, 3, 4]
+
+
+def launch_with_fds(socks: list[socket.socket], names: str | None, argv: list[str]) -> list[str]:
+    """A launcher that puts `socks` on fds 3, 4, ... and sets LISTEN_* for the pid it execs as."""
+    fds = [s.fileno() for s in socks]
+    code = (
+        "import os, sys\n"
+        "fds = %r\n"
+        "import fcntl\n"
+        "copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds)) for fd in fds]\n"
+        "for fd in fds: os.set_inheritable(fd, False)\n"
+        "for i, c in enumerate(copies): os.dup2(c, 3 + i); os.close(c)\n"
+        "os.environ['LISTEN_FDS'] = str(len(fds)); os.environ['LISTEN_PID'] = str(os.getpid())\n"
+        "%s"
+        "os.execv(sys.argv[1], sys.argv[1:])\n"
+    ) % (fds, "os.environ['LISTEN_FDNAMES'] = %r\n" % names if names is not None else "")
+    return [sys.executable, "-c", code] + argv
+
+
+def tcp_listener() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+def test_inherited_sockets_are_reordered_without_clobbering(procs, tmp_path):
+    report = tmp_path / "report.json"
+    tcp = tcp_listener()
+    sock_path = str(tmp_path / "b.sock")
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(sock_path)
+    unix.listen()
+    # Inherited as fd 3 = "a" (TCP) and fd 4 = "b" (unix); asked for in the order b, a.
+    argv = launch_with_fds([tcp, unix], "a:b", [sys.executable, LOADER, "--listen", "systemd:b", "--listen",
+                                                "systemd:a", "--log-level", "debug", "--"] + systemd_agent(report))
+    proc = procs(argv, base_env(), pass_fds=(tcp.fileno(), unix.fileno()))
+    proc.wait_for("Polling")
+    tcp_port = tcp.getsockname()[1]
+    tcp.close()
+    unix.close()
+    with connect(tcp_port) as c:
+        assert answer_json(http_request(c))["via"] == "a@4"
+    data = read_report(report)
+    assert data["listen_fdnames"] == "b:a" and data["fds"] == [0, 1, 2, 3, 4]
+    assert data["listeners"]["b@3"][0] == "AF_UNIX" and data["listeners"]["a@4"][0] == "AF_INET"
+
+
+def test_new_and_inherited_listeners_mix_in_listen_order(procs, tmp_path):
+    report = tmp_path / "report.json"
+    inherited = tcp_listener()
+    argv = launch_with_fds([inherited], None, [sys.executable, LOADER, "--listen", "new=tcp://127.0.0.1:0",
+                                               "--listen", "systemd:", "--"] + systemd_agent(report))
+    proc = procs(argv, base_env(), pass_fds=(inherited.fileno(),))
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    old_port = inherited.getsockname()[1]
+    inherited.close()
+    with connect(old_port) as c:
+        assert answer_json(http_request(c))["via"] == "unknown@4"
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "new@3"
+    assert read_report(report)["listen_fdnames"] == "new:unknown"
+
+
+def test_generic_probe_check_hands_the_client_over_as_connection(procs, tmp_path):
+    report = tmp_path / "report.json"
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--log-level", "debug"],
+                         systemd_agent(report))
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    for _ in range(20):
+        kubelet_probe(port)
+        rst_probe(port)
+    proc.wait_for(ABSORBED + "|left before it was accepted", count=40)
+    assert proc.is_loader()
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "held-client"
+    data = read_report(report)
+    assert (data["listen_fds"], data["listen_fdnames"], data["fds"]) == ("2", "unknown:connection", [0, 1, 2, 3, 4])
+
+
+@pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="systemd-socket-activate is not installed")
+def test_under_systemd_socket_activate(procs, tmp_path):
+    report = tmp_path / "report.json"
+    port = free_port()
+    argv = [shutil.which("systemd-socket-activate"), "-l", "127.0.0.1:%d" % port, sys.executable, LOADER,
+            "--listen", "systemd:", "--handle-tcp-probe", "--log-level", "debug", "--"] + systemd_agent(report)
+    proc = procs(argv, base_env())
+    proc.wait_for("Listening on 127.0.0.1:%d" % port)
+    kubelet_probe(port)  # systemd-socket-activate starts the loader on this very probe
+    proc.wait_for(ABSORBED)
+    assert proc.is_loader() and not report.exists()
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "held-client"
+    data = read_report(report)
+    assert data["pid"] == proc.pid and data["listen_pid_ok"] is True
+    assert data["listen_fdnames"] == "unknown:connection"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--listen", "http://x:1", "--", "true"], "argument --listen: 'http://x:1': expected tcp://HOST:PORT"),
+    (["--listen", "tcp://127.0.0.1:99999", "--", "true"], "the port must be a number from 0 to 65535"),
+    (["--listen", "tcp://::1:80", "--", "true"], "put an IPv6 address in brackets"),
+    (["--listen", "unix://relative.sock", "--", "true"], "a unix address needs an absolute path"),
+    (["--listen", "unix:///x.sock?mode=999", "--", "true"], "expected ?mode=OCTAL"),
+    (["--listen", "tcp://127.0.0.1:1", "--protocol", "inetd", "--", "true"], "argument --protocol: invalid choice"),
+    (["--listen", "tcp://127.0.0.1:1", "--probe-grace-period", "-5", "--", "true"],
+     "argument --probe-grace-period: '-5': expected milliseconds"),
+    (["--listen", "tcp://127.0.0.1:1", "--log-level", "loud", "--", "true"], "argument --log-level: invalid choice"),
+    (["--listen", "tcp://127.0.0.1:1"], "expected '-- PROGRAM [ARGS...]'"),
+    (["--protocol", "env", "--listen", "tcp://127.0.0.1:1", "--", "true"], "needs NAME="),
+    (["--listen", "a:b=tcp://127.0.0.1:1", "--", "true"], "is not a valid fd name"),
+    (["--protocol", "env", "--listen", "X=tcp://127.0.0.1:1", "--handle-tcp-probe", "--", "true"],
+     "needs --client-fd-var"),
+    (["--protocol", "env", "--listen", "X=tcp://127.0.0.1:1", "--client-fd-var", "1BAD", "--", "true"],
+     "argument --client-fd-var: '1BAD' is not a valid variable name"),
+    (["--bogus", "--", "true"], "the following arguments are required: --listen"),
+])
+def test_generic_usage_errors_exit_2_naming_the_option(args, message):
+    result = run_loader(args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -1005,8 +1005,11 @@ def open_listeners(specs: list[ListenerSpec], log: _Log) -> list[Listener]:
 
 def _open_one(spec: ListenerSpec, log: _Log) -> socket.socket | None:
     if spec.kind == "tcp":
-        log.info("Listening to %s at %s..." % (spec.label, _join_host_port(spec.host, spec.port)))
-        return open_tcp_listener(spec.host, spec.port)
+        sock = open_tcp_listener(spec.host, spec.port)
+        # The bound port, which the kernel chose when the address said 0.
+        port = int(sock.getsockname()[1])
+        log.info("Listening to %s at %s..." % (spec.label, _join_host_port(spec.host, port)))
+        return sock
     if spec.kind == "unix":
         directory = os.path.dirname(spec.path) or "."
         if not spec.path.startswith("@") and not os.path.isdir(directory):
@@ -1171,6 +1174,8 @@ def wait_for_traffic(listeners: list[Listener], *, grace_ms: int, log: _Log, age
                 sock, address = probe_sock.accept()
             except OSError as exc:
                 if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                    if exc.errno == errno.ECONNABORTED:  # reset while still in the backlog: a probe
+                        probes["RST"] += 1
                     log.debug("A TCP client left before it was accepted: %s" % _oserror_text(exc))
                     continue
                 return wake("accept() on the TCP listener failed: %s" % _oserror_text(exc))
@@ -1250,8 +1255,11 @@ class SystemdProtocol(HandoffProtocol):
     def hand_over(self, env: dict[str, str], listeners: list[Listener], client: HeldClient | None,
                   log: _Log) -> list[int]:
         sources = [lsn.fd for lsn in listeners] + ([client.sock.fileno()] if client is not None else [])
-        names = [lsn.spec.name for lsn in listeners] + (["connection"] if client is not None else [])
+        # "unknown" is the name systemd reports for a socket it was given no
+        # name for; "connection" the one it gives an accepted connection.
+        names = [lsn.spec.name or "unknown" for lsn in listeners] + (["connection"] if client is not None else [])
         targets = _move_fds_to(sources, _SD_LISTEN_FDS_START, log)
+        _close_other_fds_on_exec(keep=targets)
         for name in _SYSTEMD_VARS:
             env.pop(name, None)
         env["LISTEN_FDS"] = str(len(targets))
@@ -1280,6 +1288,15 @@ def _move_fds_to(sources: list[int], start: int, log: _Log) -> list[int]:
         os.dup2(copy, target, inheritable=True)
         os.close(copy)
     return targets
+
+
+def _close_other_fds_on_exec(*, keep: list[int]) -> None:
+    """Under systemd's protocol the program gets 0-2 and its LISTEN_FDS, nothing else."""
+    fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    for name in os.listdir(fd_dir):  # the listing's own fd is closed by the time we loop
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            _close_on_exec_if_open(fd)
 
 
 def _resolve_program(name: str, environ: Mapping[str, str]) -> str | None:
@@ -1524,8 +1541,9 @@ def _parse_host_port(text: str, value: str) -> tuple[str, int]:
         host, _, port_text = text.rpartition(":")
         if ":" in host:
             raise ValueError("%s: put an IPv6 address in brackets (tcp://[::1]:8080)" % _shown(value))
-    if not port_text.isdigit() or not port_text.isascii() or not 0 < int(port_text) <= 65535:
-        raise ValueError("%s: the port must be a number from 1 to 65535" % _shown(value))
+    # Port 0 asks the kernel for a free port; the log line names the one it chose.
+    if not port_text.isdigit() or not port_text.isascii() or not 0 <= int(port_text) <= 65535:
+        raise ValueError("%s: the port must be a number from 0 to 65535" % _shown(value))
     return host, int(port_text)
 
 
@@ -1592,7 +1610,9 @@ def run_generic(argv: list[str], environ: Mapping[str, str], log: _Log) -> int:
     for_us = environ.get("LISTEN_PID", "") == str(os.getpid())
     protocol: HandoffProtocol
     if args.protocol == "env":
-        protocol = EnvProtocol([s.name for s in specs], args.client_fd_var)
+        # LISTEN_* meant for another process are stale here: drop them too.
+        stale = () if for_us else _SYSTEMD_VARS
+        protocol = EnvProtocol([s.name for s in specs] + list(stale), args.client_fd_var)
     else:
         protocol = SystemdProtocol(inherited_for_us=for_us)
     launch = Launch(path, program, dict(environ), label, protocol)
