@@ -61,8 +61,10 @@ class Proc:
 
     def __init__(self, argv: list[str], env: dict[str, str], **popen: object) -> None:
         self.argv = argv
+        # A session of its own, so stop() can end every process the test started.
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, **popen)  # type: ignore[call-overload]
+                                     stderr=subprocess.PIPE, start_new_session=True,
+                                     **popen)  # type: ignore[call-overload]
         self.pid = self.proc.pid
         self.lines: list[str] = []
         self.cond = threading.Condition()
@@ -109,8 +111,10 @@ class Proc:
         return code
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the whole group has already ended
         self.proc.wait(TIMEOUT)
         self.reader.join(TIMEOUT)
 
