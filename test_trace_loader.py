@@ -1278,3 +1278,458 @@ def test_generic_usage_errors_exit_2_naming_the_option(args, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Hardening: faults and hostile input
+# ---------------------------------------------------------------------------
+
+
+def fails_open(procs, tmp_path, config: str, env: dict[str, str] | None = None) -> tuple[Proc, dict]:
+    """Run the loader; the agent must start directly (no fds) under its pid."""
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, config, report, env)
+    data = read_report(report)
+    assert data["pid"] == proc.pid and data["fds"] == [0, 1, 2], data
+    assert "Traceback" not in proc.text()
+    return proc, data
+
+
+def one_warning(proc: Proc, pattern: str) -> str:
+    proc.wait_for("demo agent: pid")
+    lines = [line for line in proc.text().splitlines() if "| WARN |" in line or "| ERROR |" in line]
+    assert len(lines) == 1, lines
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+def test_config_file_that_is_a_directory_fails_open(procs, tmp_path):
+    proc, _ = fails_open(procs, tmp_path, str(tmp_path))
+    one_warning(proc, r"Failed to load the configuration: .*: is not a regular file \(a directory\)")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_config_file_that_is_a_fifo_does_not_block(procs, tmp_path):
+    fifo = tmp_path / "datadog.yaml"
+    os.mkfifo(str(fifo))
+    proc, _ = fails_open(procs, tmp_path, str(fifo))
+    one_warning(proc, r"datadog.yaml: is not a regular file \(a FIFO\)")
+
+
+def test_config_file_of_50_mb_is_refused_without_reading_it(procs, tmp_path):
+    big = tmp_path / "datadog.yaml"
+    with open(str(big), "wb") as f:
+        f.truncate(50 * 1024 * 1024)
+    proc, _ = fails_open(procs, tmp_path, str(big))
+    one_warning(proc, r"datadog.yaml: is 52428800 bytes; this loader reads at most 16777216")
+
+
+@pytest.mark.parametrize("content, pattern", [
+    (bytes(range(256)) * 4, r"datadog.yaml:2: invalid UTF-8 \(byte 128\)"),
+    (b"apm_config:\n  enabled: \xc3\x28\n", r"datadog.yaml:2: invalid UTF-8 \(byte 23\)"),
+    (b"- a list\n- at the top\n", r"datadog.yaml:1: expected 'key: value' at the top level"),
+    (b"\x00\x01: [\napm_config: {\n", r"datadog.yaml:2: apm_config: holds a flow collection"),
+    (b"apm_config:\n  socket_activation:\n    enabled: &x [1]\n",
+     r"datadog.yaml:3: apm_config.socket_activation.enabled: holds a flow collection"),
+])
+def test_garbage_config_fails_open_with_one_line(procs, tmp_path, content, pattern):
+    path = tmp_path / "datadog.yaml"
+    path.write_bytes(content)
+    proc, _ = fails_open(procs, tmp_path, str(path))
+    one_warning(proc, pattern)
+
+
+def test_empty_config_file_means_defaults(procs, tmp_path):
+    path = tmp_path / "datadog.yaml"
+    path.write_bytes(b"")
+    proc, _ = fails_open(procs, tmp_path, str(path))  # socket activation is off by default
+    proc.wait_for("Socket-activation for the trace-agent is disabled")
+
+
+@pytest.mark.parametrize("value, port", [("-1", -1), ("'8126 '", 8126), ("0x1fbe", 8126), ('"0"', 0)])
+def test_port_spellings(tmp_path, value, port):
+    s = settings_of(tmp_path, "apm_config:\n  receiver_port: %s\n" % value)
+    assert s.receiver_port == port
+
+
+def test_negative_port_turns_the_tcp_receiver_off(tmp_path):
+    config = write_config(tmp_path, port=-5, socket_path="")
+    result = run_loader([config, sys.executable, AGENT])
+    assert result.returncode == 0
+    assert "Trace-agent TCP receiver is disabled" in result.stderr
+    assert "All the trace-agent inputs are disabled, stopping..." in result.stderr
+
+
+# Each variable of the SPEC table, with its kind: what garbage does to it.
+ENV_VARS = {
+    "DD_APM_ENABLED": "bool", "DD_APM_ERROR_TRACKING_STANDALONE_ENABLED": "bool",
+    "DD_APM_SOCKET_ACTIVATION_ENABLED": "bool", "DD_APM_SOCKET_ACTIVATION_HANDLE_TCP_PROBE": "bool",
+    "DD_APM_SOCKET_ACTIVATION_PROBE_GRACE_PERIOD": "int", "DD_APM_RECEIVER_PORT": "int", "DD_RECEIVER_PORT": "int",
+    "DD_APM_NON_LOCAL_TRAFFIC": "bool", "DD_OTLP_CONFIG_TRACES_INTERNAL_PORT": "int",
+    "DD_LOG_TO_CONSOLE": "bool", "DD_DISABLE_FILE_LOGGING": "bool", "DD_LOG_LEVEL": "level",
+    "DD_APM_RECEIVER_SOCKET": "path", "DD_BIND_HOST": "host", "DD_APM_LOG_FILE": "file",
+    "DD_OTLP_CONFIG_RECEIVER_PROTOCOLS_GRPC_ENDPOINT": "presence",
+}
+GARBAGE = {"garbage": "%%$#@!", "whitespace": " \t ", "long": "x" * 100_000, "non-ascii": "\u0668\u0661\u00e9\u2603"}
+
+
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+@pytest.mark.parametrize("name", sorted(ENV_VARS))
+def test_garbage_in_each_environment_variable(tmp_path, name, kind):
+    value = GARBAGE[kind]
+    config = tmp_path / "datadog.yaml"
+    config.write_text("apm_config:\n  socket_activation:\n    enabled: true\n  receiver_socket: ''\n"
+                      "otlp_config:\n  traces:\n    internal_port: 1\n")
+    try:
+        s = tl.load_drop_in_settings(str(config), {name: value}, tl._Log())
+    except tl.ConfigError as exc:
+        # The one line names the variable and shows the value, cut short.
+        assert ENV_VARS[name] in ("bool", "int", "level"), exc
+        assert str(exc).startswith(name + ": ") or str(exc).startswith("log_level: "), exc
+        assert len(str(exc)) < 200
+        return
+    assert ENV_VARS[name] in ("path", "host", "file", "presence"), name
+    if ENV_VARS[name] == "path":
+        with pytest.raises(tl.ListenerError, match="unix socket path"):
+            tl.open_unix_listener(s.receiver_socket, 0o722)
+    if ENV_VARS[name] == "host":
+        with pytest.raises(tl.ListenerError, match=r"cannot (resolve bind host|listen on)"):
+            tl.open_tcp_listener(s.bind_host, 0)
+
+
+@pytest.mark.parametrize("name", ["DD_APM_RECEIVER_PORT", "DD_BIND_HOST", "DD_APM_RECEIVER_SOCKET"])
+def test_environment_garbage_end_to_end_fails_open_with_one_line(procs, tmp_path, name):
+    config = write_config(tmp_path, port=free_port(), socket_path=str(tmp_path / "apm.sock"))
+    proc, _ = fails_open(procs, tmp_path, config, base_env(**{name: GARBAGE["non-ascii"]}))
+    line = one_warning(proc, r"Failed to (load the configuration|get listeners)")
+    assert name in line or "bind host" in line or "unix socket path" in line, line
+
+
+def test_non_utf8_bytes_in_the_environment_are_logged_safely(procs, tmp_path):
+    config = write_config(tmp_path, port=free_port())
+    env = {k.encode(): v.encode() for k, v in base_env().items()}
+    env[b"DD_APM_RECEIVER_PORT"] = b"\xff\xfe"
+    report = tmp_path / "report.json"
+    proc = procs([sys.executable, LOADER, config] + agent_argv(report), env)
+    assert read_report(report)["fds"] == [0, 1, 2]
+    proc.wait_for(r"DD_APM_RECEIVER_PORT: '\\udcff\\udcfe' is not an integer")
+
+
+@pytest.mark.parametrize("path", ["config-failure", "activation-off", "listener-failure", "wake", "internal"])
+def test_inherited_fd_variables_never_reach_the_agent(procs, tmp_path, path):
+    port = free_port()
+    config = write_config(tmp_path, port=port, activation=path != "activation-off", probe=False)
+    if path == "config-failure":
+        config = str(tmp_path / "missing.yaml")
+    env = base_env(**{var: "1" for var in tl._DROP_IN_FD_VARS})
+    busy = tcp_listener() if path == "listener-failure" else None
+    if busy is not None:
+        config = write_config(tmp_path, port=busy.getsockname()[1], probe=False)
+    report = tmp_path / "report.json"
+    if path == "internal":
+        # No input reaches main()'s last guard from outside; run the guard's exec itself.
+        code = ("import sys; sys.path.insert(0, %r); import trace_loader as t, os;"
+                "t._last_resort_exec(sys.argv[1:], dict(os.environ), t._Log())" % os.path.dirname(LOADER))
+        proc = procs([sys.executable, "-c", code, config] + agent_argv(report), env)
+    else:
+        proc = start_drop_in(procs, config, report, env)
+    if path == "wake":
+        proc.wait_for("Polling")
+        connect(port).close()
+    data = read_report(report)
+    expected = {"DD_APM_NET_RECEIVER_FD"} if path == "wake" else set()
+    assert set(data["env"]) == expected, data["env"]
+    if busy is not None:
+        busy.close()
+
+
+@pytest.fixture
+def nobody_dir():
+    """A world-readable directory (pytest's own tmp dirs are 0700)."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="trace-loader-nobody-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def nobody_python(shared: str) -> tuple[str, str, int, int]:
+    """An interpreter and a copy of the loader that the `nobody` user can run."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to nobody")
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no nobody user")
+    for src in (LOADER, AGENT):
+        shutil.copy(src, shared)
+    for python in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        try:
+            probe = subprocess.run([python, "-c", "import socket, json"], capture_output=True, timeout=TIMEOUT,
+                                   preexec_fn=as_user(entry.pw_uid, entry.pw_gid))
+        except OSError:
+            continue  # not there, or not reachable for nobody (e.g. under /root)
+        if probe.returncode == 0:
+            return python, shared, entry.pw_uid, entry.pw_gid
+    pytest.skip("no Python that nobody may run")
+
+
+def as_user(uid: int, gid: int):
+    def switch() -> None:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    return switch
+
+
+def run_as_nobody(shared: str, config_text: str, *, mode: int = 0o644) -> tuple[int, str, dict | None]:
+    python, shared, uid, gid = nobody_python(shared)
+    config = os.path.join(shared, "datadog.yaml")
+    with open(config, "w") as f:
+        f.write(config_text)
+    os.chmod(config, mode)
+    report = os.path.join(shared, "report.json")
+    rdir = os.path.join(shared, "out")
+    os.mkdir(rdir)
+    os.chown(rdir, uid, gid)
+    report = os.path.join(rdir, "report.json")
+    proc = subprocess.Popen([python, os.path.join(shared, "trace_loader.py"), config, python,
+                             os.path.join(shared, "demo_agent.py"), "--report", report],
+                            env=base_env(), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=as_user(uid, gid), start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not os.path.exists(report) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        data = json.load(open(report)) if os.path.exists(report) else None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # already ended: its output says why
+        _, err = proc.communicate(timeout=TIMEOUT)
+    return proc.pid, err.decode(), data
+
+
+def test_unreadable_config_as_nobody_fails_open(nobody_dir):
+    pid, err, data = run_as_nobody(nobody_dir, "apm_config:\n  enabled: true\n", mode=0o600)
+    assert data is not None and data["pid"] == pid and data["fds"] == [0, 1, 2]
+    assert re.search(r"datadog.yaml: cannot open: Permission denied \(EACCES\)", err), err
+
+
+def test_privileged_port_as_nobody_fails_open(nobody_dir):
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") if LINUX else open(os.devnull) as f:
+        start = int(f.read() or 1024)
+    if start <= 80:
+        pytest.skip("unprivileged users may bind port 80 here")
+    _, err, data = run_as_nobody(nobody_dir, "apm_config:\n  receiver_port: 80\n  receiver_socket: ''\n"
+                                   "  socket_activation:\n    enabled: true\n")
+    assert data is not None and data["fds"] == [0, 1, 2]
+    assert "cannot listen on localhost:80: Permission denied (EACCES)" in err, err
+
+
+def test_unwritable_socket_directory_as_nobody_fails_open(nobody_dir):
+    locked = os.path.join(nobody_dir, "locked")
+    os.mkdir(locked, 0o755)  # root's, so nobody may not create the socket there
+    _, err, data = run_as_nobody(nobody_dir, "apm_config:\n  receiver_port: 0\n  receiver_socket: '%s'\n"
+                                   "  socket_activation:\n    enabled: true\n" % os.path.join(locked, "apm.sock"))
+    assert data is not None and data["fds"] == [0, 1, 2]
+    assert re.search(r"cannot listen on unix socket .*apm.sock: Permission denied \(EACCES\)", err), err
+
+
+def test_unresolvable_bind_host_fails_open(procs, tmp_path):
+    config = write_config(tmp_path, "bind_host: no-such-host.invalid\n", port=free_port())
+    proc, _ = fails_open(procs, tmp_path, config)
+    one_warning(proc, r"cannot resolve bind host 'no-such-host.invalid'")
+
+
+def test_ipv6_literal_without_ipv6_fails_open(procs, tmp_path):
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        pytest.skip("this host has IPv6")
+    except OSError:
+        pass
+    config = write_config(tmp_path, "bind_host: '::1'\n", port=free_port())
+    proc, _ = fails_open(procs, tmp_path, config)
+    one_warning(proc, r"cannot (listen on \[::1\]|resolve bind host)")
+
+
+@pytest.mark.skipif(not LINUX, reason="RLIMIT_NOFILE arithmetic below is for Linux")
+def test_emfile_on_accept_still_starts_the_agent_and_queued_clients_are_answered(procs, tmp_path):
+    import resource
+
+    port = free_port()
+    log_file = tmp_path / "trace-agent.log"
+    config = write_config(tmp_path, "bind_host: 127.0.0.1\n", port=port)
+    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(log_file))
+    # The loader holds 0-2, its log file (3) and the listener (4): with a soft
+    # limit of 5, accept() has no fd left. The agent does not inherit the log
+    # fd, so its shell can start, lift the soft limit as Go programs do, and
+    # serve.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    agent = ["/bin/sh", "-c", 'ulimit -S -n 1024 && exec "$0" "$@"', sys.executable, AGENT,
+             "--report", str(tmp_path / "report.json")]
+    proc = start_drop_in(procs, config, None, env, agent=agent,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (5, hard)))
+    proc.wait_for("Polling")
+    clients = [connect(port) for _ in range(3)]
+    for i, c in enumerate(clients):
+        c.sendall(b"POST /q%d HTTP/1.0\r\nContent-Length: 0\r\n\r\n" % i)
+    proc.wait_for(r"Waking the trace-agent: accept\(\) on the TCP listener failed: Too many open files \(EMFILE\)")
+    assert sorted(answer_json(read_answer(c))["path"] for c in clients) == ["/q0", "/q1", "/q2"]
+    for c in clients:
+        c.close()
+
+
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_closed_standard_fd_never_receives_a_socket(procs, tmp_path, closed):
+    port = free_port()
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, port=port, probe=False)
+    proc = start_drop_in(procs, config, report, preexec_fn=lambda: os.close(closed))
+    if closed != 2:
+        proc.wait_for("Polling")
+    else:
+        deadline = time.monotonic() + TIMEOUT
+        while not (LINUX and len(open_fds_of(proc.pid)) >= 4) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "DD_APM_NET_RECEIVER_FD"
+    data = read_report(report)
+    assert int(data["env"]["DD_APM_NET_RECEIVER_FD"]) > 2
+    assert data["fds"][:3] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "No such file or directory (ENOENT)"),
+    ("not-executable", "is not executable"),
+    ("directory", "is a directory"),
+    ("bad-interpreter", "starts with '#!/nonexistent/python', and that interpreter is missing or not executable"),
+])
+def test_broken_agent_binary_exits_1_naming_it(tmp_path, kind, message):
+    agent = tmp_path / "trace-agent"
+    if kind == "not-executable":
+        agent.write_text("#!/bin/sh\n")
+    elif kind == "directory":
+        agent.mkdir()
+    elif kind == "bad-interpreter":
+        agent.write_text("#!/nonexistent/python\nprint('hi')\n")
+        agent.chmod(0o755)
+    config = write_config(tmp_path, port=free_port())
+    result = run_loader([config, str(agent)])
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "| CRITICAL |" in lines[0], lines
+    assert "Cannot start the trace-agent: " in lines[0] and message in lines[0] and str(agent) in lines[0]
+
+
+def test_sigstop_and_sigcont_while_waiting_cause_no_exec(procs, tmp_path):
+    proc, port, report = loader_and_port(procs, tmp_path)
+    os.kill(proc.pid, signal.SIGSTOP)
+    os.kill(proc.pid, signal.SIGCONT)
+    kubelet_probe(port)  # still absorbing probes afterwards: the wait went on
+    proc.wait_for(ABSORBED)
+    assert proc.is_loader() and not report.exists()
+    assert proc.count("Waking") == 0
+    with connect(port) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+
+
+def test_sigterm_racing_the_wake_up_never_leaves_half_of_each(procs, tmp_path):
+    for round_ in range(10):
+        workdir = tmp_path / str(round_)
+        workdir.mkdir()
+        port = free_port()
+        report = workdir / "report.json"
+        proc = start_drop_in(procs, write_config(workdir, port=port, probe=False, level="info"), report)
+        proc.wait_for("Polling")
+        c = connect(port)
+        c.sendall(b"POST / HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait_exit()
+        c.close()
+        # Killed by the signal, as the loader or as the agent: never an exit
+        # code of its own, never a traceback, never an agent without its fds.
+        assert code == -signal.SIGTERM, (code, proc.text())
+        assert "Traceback" not in proc.text()
+        if report.exists():
+            assert "DD_APM_NET_RECEIVER_FD" in read_report(report)["env"]
+
+
+# ---------------------------------------------------------------------------
+# Fuzzing the YAML-subset reader
+# ---------------------------------------------------------------------------
+
+
+def mutate(data: bytes, rng) -> bytes:
+    lines = data.split(b"\n")
+    for _ in range(rng.randint(1, 4)):
+        choice = rng.randrange(5)
+        if choice == 0 and data:  # flip a byte
+            buf = bytearray(b"\n".join(lines))
+            buf[rng.randrange(len(buf))] = rng.randrange(256)
+            lines = bytes(buf).split(b"\n")
+        elif choice == 1:  # truncate
+            joined = b"\n".join(lines)
+            lines = joined[: rng.randrange(len(joined) + 1)].split(b"\n")
+        elif choice == 2:  # change an indentation
+            i = rng.randrange(len(lines))
+            lines[i] = b" " * rng.randrange(8) + lines[i].lstrip(b" ")
+        elif choice == 3:  # duplicate a line
+            i = rng.randrange(len(lines))
+            lines.insert(rng.randrange(len(lines) + 1), lines[i])
+        else:  # splice in a YAML indicator
+            i = rng.randrange(len(lines))
+            j = rng.randrange(len(lines[i]) + 1)
+            lines[i] = lines[i][:j] + rng.choice([b"&a ", b"*a", b"- ", b"[", b"{", b'"', b"'", b"|", b">",
+                                                   b"#", b": ", b"\t", b"\r", b"? ", b"<<: ", b"!!str "]) + lines[i][j:]
+    return b"\n".join(lines)
+
+
+def test_fuzzed_configs_yield_values_or_config_errors():
+    import random
+
+    with open(FIXTURE, "rb") as f:
+        original = f.read()
+    rng = random.Random(20261126)
+    outcomes = {"values": 0, "errors": 0}
+    for _ in range(3000):
+        data = mutate(original, rng)
+        try:
+            text = tl._decode_config(data, "fuzz.yaml")
+            nodes = tl.read_yaml_subset(text, tl._KEYS, source="fuzz.yaml")
+            tl.DropInSettings(tl._Config(nodes, {}, "fuzz.yaml", quiet_log()), {})
+            outcomes["values"] += 1
+        except tl.ConfigError as exc:
+            assert exc.message and ("fuzz.yaml" in str(exc) or exc.key)
+            outcomes["errors"] += 1
+    assert outcomes["values"] > 300 and outcomes["errors"] > 300, outcomes  # both paths exercised
+
+
+def quiet_log() -> tl._Log:
+    log = tl._Log()
+    log.configure(level="off", console=False, path=None)
+    return log
+
+
+def test_pathological_configs_are_read_in_linear_time(tmp_path):
+    # Run in a child with a hard timeout: a quadratic reader would need hours here.
+    cases = {
+        "duplicates": "apm_config:\n" + "  receiver_port: 1\n" * 200_000,
+        "long-line": "apm_config:\n  receiver_socket: \"" + "\\\\" * 1_000_000 + "\"\n",
+        "deep": "".join(" " * i + "k%d:\n" % i for i in range(3000)),
+        "many-keys": "".join("key%d: value\n" % i for i in range(300_000)),
+        "anchors": "".join("a%d: &a%d %d\n" % (i, i, i) for i in range(100_000)),
+    }
+    for name, text in cases.items():
+        path = tmp_path / (name + ".yaml")
+        path.write_text(text)
+        code = ("import sys; sys.path.insert(0, %r); import trace_loader as t\n"
+                "try:\n    t.load_drop_in_settings(%r, {}, t._Log())\nexcept t.ConfigError as e:\n    print(e)\n"
+                % (os.path.dirname(LOADER), str(path)))
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (name, result.stderr[-500:])

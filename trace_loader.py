@@ -293,10 +293,10 @@ class _YamlReader:
                 return
         if self.pending is not None and self.open_pending(lineno, indent, body):
             return
-        while self.stack[-1][0] > indent:
+        while len(self.stack) > 1 and self.stack[-1][0] > indent:
             self.stack.pop()
         top_indent, parent = self.stack[-1]
-        if top_indent == -1 and len(self.stack) == 1:
+        if top_indent == -1:  # the first key sets the top level's indentation
             self.stack[0] = (indent, "")
         elif top_indent != indent:
             raise self.error(lineno, "indentation of %d spaces matches no enclosing key" % indent)
@@ -904,8 +904,10 @@ def _join_host_port(host: str, port: int) -> str:
 _SUN_PATH_MAX = (108 if sys.platform.startswith("linux") else 104) - 1
 
 
-def _prepare_unix_path(path: str) -> None:
-    """Make room for the socket: remove a stale one, refuse anything else."""
+def _validate_unix_path(path: str) -> None:
+    if not os.path.isabs(path):
+        # A relative path would depend on the directory we were started in.
+        raise ListenerError("unix socket path %s is not absolute" % _shown(path))
     encoded = os.fsencode(path)
     if b"\0" in encoded:
         raise ListenerError("unix socket path %s contains a NUL byte" % _shown(path))
@@ -914,6 +916,10 @@ def _prepare_unix_path(path: str) -> None:
             "unix socket path is %d bytes, longer than the %d the kernel allows (sun_path): %s"
             % (len(encoded), _SUN_PATH_MAX, path)
         )
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Make room for the socket: remove a stale one, refuse anything else."""
     try:
         info = os.lstat(path)  # lstat: judge a symlink itself, never its target
     except FileNotFoundError:
@@ -957,7 +963,8 @@ def _unix_socket_is_served(path: str) -> bool:
 def open_unix_listener(path: str, mode: int) -> socket.socket:
     abstract = path.startswith("@") and sys.platform.startswith("linux")
     if not abstract:
-        _prepare_unix_path(path)
+        _validate_unix_path(path)
+        _clear_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # bind() creates the file with 0777 & ~umask: setting the umask first
     # gives it its final mode at once, with no window where it is wider
@@ -1011,8 +1018,10 @@ def _open_one(spec: ListenerSpec, log: _Log) -> socket.socket | None:
         log.info("Listening to %s at %s..." % (spec.label, _join_host_port(spec.host, port)))
         return sock
     if spec.kind == "unix":
-        directory = os.path.dirname(spec.path) or "."
-        if not spec.path.startswith("@") and not os.path.isdir(directory):
+        abstract = spec.path.startswith("@") and sys.platform.startswith("linux")
+        if not abstract:
+            _validate_unix_path(spec.path)
+        if not abstract and not os.path.isdir(os.path.dirname(spec.path)):
             log.error("Could not start UDS listener: socket directory does not exist: %s" % spec.path)
             return None
         log.info("Listening to %s at path %s" % (spec.label, spec.path))
@@ -1299,38 +1308,54 @@ def _close_other_fds_on_exec(*, keep: list[int]) -> None:
             _close_on_exec_if_open(fd)
 
 
-def _resolve_program(name: str, environ: Mapping[str, str]) -> str | None:
-    """Find NAME as a shell would: as given when it has a '/', else in PATH."""
-    if "/" in name:
-        return name if _is_executable_file(name) else None
-    for directory in environ.get("PATH", os.defpath).split(os.pathsep):
-        candidate = os.path.join(directory or ".", name)
-        if _is_executable_file(candidate):
-            return candidate
-    return None
+def find_program(name: str, environ: Mapping[str, str]) -> str:
+    """Find NAME as a shell would (as given with a '/', else in PATH); check it can run.
 
-
-def _is_executable_file(path: str) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode) and os.access(path, os.X_OK)
-    except (OSError, ValueError):
-        return False
-
-
-def _program_problem(name: str, environ: Mapping[str, str]) -> str:
+    Checked before anything else, so a broken agent path is reported at once
+    rather than on the first request, when the waiting client would be lost.
+    """
     if not name:
-        return "the program name is empty"
-    if "/" not in name:
-        return "%s was not found in PATH (%s)" % (_shown(name), _shown(environ.get("PATH", os.defpath), 200))
+        raise LoaderError("the program name is empty")
+    if "/" in name:
+        _check_runnable(name)
+        return name
+    search_path = environ.get("PATH", os.defpath)
+    for directory in search_path.split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            _check_runnable(candidate)
+            return candidate
+    raise LoaderError("%s was not found in PATH (%s)" % (_shown(name), _shown(search_path, 200)))
+
+
+def _check_runnable(path: str) -> None:
     try:
-        info = os.stat(name)
-    except OSError as exc:
-        return "%s: %s" % (name, _oserror_text(exc))
+        info = os.stat(path)
+    except (OSError, ValueError) as exc:
+        raise LoaderError("%s: %s" % (path, _oserror_text(exc))) from None
     if stat.S_ISDIR(info.st_mode):
-        return "%s is a directory" % name
+        raise LoaderError("%s is a directory" % path)
     if not stat.S_ISREG(info.st_mode):
-        return "%s is not a regular file" % name
-    return "%s is not executable" % name
+        raise LoaderError("%s is not a regular file" % path)
+    if not os.access(path, os.X_OK):
+        raise LoaderError("%s is not executable" % path)
+    interpreter = _interpreter_of(path)
+    if interpreter and not (os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)):
+        raise LoaderError("%s starts with '#!%s', and that interpreter is missing or not executable"
+                          % (path, interpreter))
+
+
+def _interpreter_of(path: str) -> str:
+    """The program a '#!' line names (the kernel would exec it), or ''."""
+    try:
+        with open(path, "rb") as f:  # close-on-exec (PEP 446), closed at once anyway
+            head = f.read(256)
+    except OSError:
+        return ""  # execute-only files exist; execve will tell
+    if not head.startswith(b"#!"):
+        return ""
+    words = head[2:].split(b"\n", 1)[0].split()
+    return os.fsdecode(words[0]) if words else ""
 
 
 class Launch:
@@ -1365,10 +1390,7 @@ def exec_program(launch: Launch, env: dict[str, str], log: _Log) -> NoReturn:
         # Back to ignoring SIGPIPE so this last line cannot kill us instead.
         if hasattr(signal, "SIGPIPE"):
             signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        hint = ""
-        if isinstance(exc, FileNotFoundError) and os.path.exists(launch.path):
-            hint = " (the file exists: its '#!' line may name a missing interpreter)"
-        log.error("Failed to start %s with args %r: %s%s" % (launch.label, launch.argv, _oserror_text(exc), hint))
+        log.error("Failed to start %s with args %r: %s" % (launch.label, launch.argv, _oserror_text(exc)))
         sys.exit(1)
 
 
@@ -1465,9 +1487,10 @@ def _drop_in_specs(settings: DropInSettings, log: _Log) -> list[ListenerSpec]:
 
 
 def run_drop_in(config_path: str, agent: str, agent_args: list[str], environ: Mapping[str, str], log: _Log) -> int:
-    path = _resolve_program(agent, environ)
-    if path is None:
-        log.critical("Cannot start the trace-agent: %s" % _program_problem(agent, environ))
+    try:
+        path = find_program(agent, environ)
+    except LoaderError as exc:
+        log.critical("Cannot start the trace-agent: %s" % exc)
         return 1
     protocol = EnvProtocol(_DROP_IN_FD_VARS, CLIENT_FD_VAR)
     launch = Launch(path, [agent, *agent_args], dict(environ), "the trace-agent", protocol)
@@ -1602,9 +1625,10 @@ def run_generic(argv: list[str], environ: Mapping[str, str], log: _Log) -> int:
     first_tcp = next((s for s in specs if s.kind == "tcp"), None)
     if args.handle_tcp_probe and first_tcp is not None:
         first_tcp.probe = True
-    path = _resolve_program(program[0], environ)
-    if path is None:
-        log.critical("Cannot start %s: %s" % (program[0], _program_problem(program[0], environ)))
+    try:
+        path = find_program(program[0], environ)
+    except LoaderError as exc:
+        log.critical("Cannot start %s: %s" % (_shown(program[0]), exc))
         return 1
     label = os.path.basename(program[0])
     for_us = environ.get("LISTEN_PID", "") == str(os.getpid())
@@ -1807,8 +1831,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _last_resort_exec(args: list[str], environ: dict[str, str], log: _Log) -> int:
     program = args[args.index("--") + 1:] if args[0].startswith("-") and "--" in args else args[1:]
-    path = _resolve_program(program[0], environ) if program else None
-    if path is None:
+    try:
+        path = find_program(program[0] if program else "", environ)
+    except LoaderError:
         return 1
     env = dict(environ)
     for name in _DROP_IN_FD_VARS:
