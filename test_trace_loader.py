@@ -1733,3 +1733,33 @@ def test_pathological_configs_are_read_in_linear_time(tmp_path):
                 % (os.path.dirname(LOADER), str(path)))
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "Traceback" not in result.stderr, (name, result.stderr[-500:])
+
+
+# ---------------------------------------------------------------------------
+# Footprint steps (measured by `make bench`; here only: they run, and can be turned off)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", ["", "none", "defer", "trim,pageout"])
+def test_memory_release_steps_keep_the_behaviour(procs, tmp_path, steps):
+    port = free_port()
+    report = tmp_path / "report.json"
+    env = base_env(TRACE_LOADER_RELEASE_MEMORY=steps)
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report, env)
+    proc.wait_for("Polling")
+    released = proc.count(r"Released memory before waiting: RSS \d+ kB -> \d+ kB")
+    assert released == (1 if LINUX and steps in ("", "trim,pageout") else 0)
+    kubelet_probe(port)
+    proc.wait_for(ABSORBED)
+    with connect(port) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+    assert read_report(report)["fds"] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("steps", ["", "none"])
+def test_exit_statuses_are_the_same_with_and_without_deferral(tmp_path, steps):
+    env = base_env(TRACE_LOADER_RELEASE_MEMORY=steps, DD_APM_ENABLED="false")
+    assert run_loader(["--version"], env=env).returncode == 0
+    assert run_loader(["--listen", "bad", "--", "true"], env=env).returncode == 2
+    assert run_loader([write_config(tmp_path), "no-such-agent"], env=env).returncode == 1
+    assert run_loader([write_config(tmp_path), sys.executable], env=env).returncode == 0
