@@ -1452,6 +1452,7 @@ def exec_with_handoff(launch: Launch, listeners: list[Listener], wake: Wake, log
 _MEMORY_STEPS = ("defer", "trim", "pageout")
 _MADV_PAGEOUT = 21  # linux/mman.h, since Linux 5.4
 _MADVISE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EPERM})
+_SYSTEM_LIBRARY_DIRS = ("/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/")
 
 
 def _memory_steps(environ: Mapping[str, str]) -> frozenset[str]:
@@ -1500,6 +1501,10 @@ def _page_out_file_mappings(libc: object, ctypes: object) -> None:
         # Only mappings of a file that we never write: their pages can be
         # read back from the file. Writable ones are our private data.
         if len(fields) < 6 or fields[5].startswith("[") or "w" in fields[1]:
+            continue
+        # System libraries (libc, the dynamic linker) are what the agent maps
+        # first after execve, and other processes share them anyway: keep them.
+        if fields[5].startswith(_SYSTEM_LIBRARY_DIRS):
             continue
         start, end = (int(x, 16) for x in fields[0].split("-"))
         if madvise(start, end - start, _MADV_PAGEOUT) != 0:

@@ -282,7 +282,10 @@ def bench_latency(python: str, tmp: str, runs: int, env: dict[str, str]) -> dict
     via_loader: list[float] = []
     warm: list[float] = []
     cold: list[float] = []
-    agent = [python, "-I", "-S", AGENT]
+    # The agent runs on the benchmark's own interpreter: like the real (Go)
+    # trace-agent, a binary other than the loader's, so pages the loader gave
+    # back are not ones the agent needs at once.
+    agent = [sys.executable, "-I", "-S", AGENT]
     for _ in range(runs):
         # (a) through the loader: connect+send wakes it, the agent answers.
         port = free_port()
@@ -335,7 +338,7 @@ def bench_burst(python: str, tmp: str, runs: int, env: dict[str, str], clients: 
         config = os.path.join(tmp, "burst-%d.yaml" % port)
         with open(config, "w") as f:
             f.write(CONFIG.format(port=port, sock="''", level="info"))
-        proc = subprocess.Popen([python, "-I", "-S", LOADER, config, python, "-I", "-S", AGENT], env=env,
+        proc = subprocess.Popen([python, "-I", "-S", LOADER, config, sys.executable, "-I", "-S", AGENT], env=env,
                                 stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_line(proc, "Polling")
         start = time.perf_counter()
