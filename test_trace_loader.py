@@ -1589,14 +1589,14 @@ def test_emfile_on_accept_still_starts_the_agent_and_queued_clients_are_answered
 def test_closed_standard_fd_never_receives_a_socket(procs, tmp_path, closed):
     port = free_port()
     report = tmp_path / "report.json"
+    log_file = tmp_path / "loader.log"  # fd 2 may be the closed one: sync on the file
     config = write_config(tmp_path, port=port, probe=False)
-    proc = start_drop_in(procs, config, report, preexec_fn=lambda: os.close(closed))
-    if closed != 2:
-        proc.wait_for("Polling")
-    else:
-        deadline = time.monotonic() + TIMEOUT
-        while not (LINUX and len(open_fds_of(proc.pid)) >= 4) and time.monotonic() < deadline:
-            time.sleep(0.01)
+    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(log_file))
+    start_drop_in(procs, config, report, env, preexec_fn=lambda: os.close(closed))
+    deadline = time.monotonic() + TIMEOUT
+    while not (log_file.exists() and "Polling" in log_file.read_text()):
+        assert time.monotonic() < deadline, "the loader never polled"
+        time.sleep(0.01)
     with connect(port) as c:
         assert answer_json(http_request(c))["via"] == "DD_APM_NET_RECEIVER_FD"
     data = read_report(report)

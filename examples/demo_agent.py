@@ -180,6 +180,7 @@ def main(argv: list[str]) -> int:
     sys.stderr.write("demo agent: pid %d serving %s%s\n"
                      % (os.getpid(), ", ".join(sorted(listeners)) or "nothing",
                         " and a held client" if client is not None else ""))
+    sys.stderr.flush()  # before 3.9, stderr to a pipe is block-buffered
     if client is not None:
         threading.Thread(target=answer, args=(client, "held-client"), daemon=True).start()
     for name, listener in listeners.items():
