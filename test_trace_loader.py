@@ -931,15 +931,40 @@ def test_log_level_off_is_silent(tmp_path):
 # ---------------------------------------------------------------------------
 
 
+def signal_dispositions(**dispositions: object):
+    """preexec_fn: start the loader with these dispositions, whatever ours are.
+
+    A shell's background job, for one, starts with SIGINT ignored.
+    """
+    def apply() -> None:
+        for name, handler in dispositions.items():
+            signal.signal(getattr(signal, name), handler)  # type: ignore[arg-type]
+    return apply
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_while_waiting_ends_the_loader_as_killed_by_it(procs, tmp_path, signum):
     report = tmp_path / "report.json"
-    proc = start_drop_in(procs, write_config(tmp_path, port=free_port()), report)
+    defaults = signal_dispositions(SIGTERM=signal.SIG_DFL, SIGINT=signal.SIG_DFL, SIGHUP=signal.SIG_DFL)
+    proc = start_drop_in(procs, write_config(tmp_path, port=free_port()), report, preexec_fn=defaults)
     proc.wait_for("Polling")
     os.kill(proc.pid, signum)
     assert proc.wait_exit() == -signum
     assert "Traceback" not in proc.text()
     assert not report.exists()
+
+
+def test_a_signal_ignored_by_the_parent_stays_ignored(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    ignore = signal_dispositions(SIGHUP=signal.SIG_IGN, SIGINT=signal.SIG_IGN)
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report, preexec_fn=ignore)
+    proc.wait_for("Polling")
+    os.kill(proc.pid, signal.SIGHUP)
+    os.kill(proc.pid, signal.SIGINT)
+    kubelet_probe(port)  # handled after both signals were delivered: it is still waiting
+    proc.wait_for(ABSORBED)
+    assert proc.is_loader() and proc.proc.poll() is None
 
 
 # ---------------------------------------------------------------------------
@@ -1645,7 +1670,8 @@ def test_sigterm_racing_the_wake_up_never_leaves_half_of_each(procs, tmp_path):
         workdir.mkdir()
         port = free_port()
         report = workdir / "report.json"
-        proc = start_drop_in(procs, write_config(workdir, port=port, probe=False, level="info"), report)
+        proc = start_drop_in(procs, write_config(workdir, port=port, probe=False, level="info"), report,
+                             preexec_fn=signal_dispositions(SIGTERM=signal.SIG_DFL))
         proc.wait_for("Polling")
         c = connect(port)
         c.sendall(b"POST / HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
