@@ -595,37 +595,34 @@ def test_tcp_listener_options_backlog_and_unix_mode(procs, tmp_path):
     data = read_report(report)
     assert data["listeners"]["DD_APM_NET_RECEIVER_FD"][0] == "AF_INET"
     assert data["blocking"] == {"DD_APM_NET_RECEIVER_FD": True, "DD_APM_UNIX_RECEIVER_FD": True}
-    # SO_REUSEADDR is on the very socket the agent inherited: ask the kernel.
-    if LINUX:
-        out = subprocess.run(["ss", "-ltnHe", "sport = :%d" % port], capture_output=True, text=True).stdout
-        assert out  # listed, so inspected below in-process on a twin
-    with socket.socket() as twin:  # same code path, same options
-        s = tl.open_tcp_listener("127.0.0.1", 0)
-        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
-        assert not s.get_inheritable()
-        s.close()
-        twin.close()
+    assert data["reuseaddr"]["DD_APM_NET_RECEIVER_FD"] is True  # on the very socket the agent inherited
+
+
+def answered_through(procs, tmp_path, bind_host: str, client_host: str) -> tuple[Proc, object]:
+    """The loader on `bind_host` (probe check off); a request from `client_host` wakes the agent."""
+    port = free_port()
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, "bind_host: '%s'\n" % bind_host, port=port, probe=False),
+                         report)
+    proc.wait_for(r"Listening to TCP receiver at %s..." % re.escape(tl._join_host_port(bind_host, port)))
+    proc.wait_for("Polling")
+    with connect(port, client_host) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+    return proc, port
 
 
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
 def test_wildcard_bind_host_is_dual_stack(procs, tmp_path):
     if not tl._dual_stack_supported():
         pytest.skip("no dual-stack sockets here")
-    port = free_port()
-    report = tmp_path / "report.json"
-    config = write_config(tmp_path, "bind_host: 0.0.0.0\n", port=port, probe=False)
-    proc = start_drop_in(procs, config, report)
-    proc.wait_for(r"Listening to TCP receiver at 0.0.0.0:%d" % port)
-    proc.wait_for("Polling")
-    with connect(port, "127.0.0.1") as c4:
-        assert answer_json(http_request(c4))["pid"] == proc.pid
+    proc, port = answered_through(procs, tmp_path, "0.0.0.0", "127.0.0.1")
     try:
         c6 = connect(port, "::1")
     except OSError:
         pytest.skip("no ::1 on this host")
     with c6:
         assert answer_json(http_request(c6))["pid"] == proc.pid
-    assert read_report(report)["listeners"]["DD_APM_NET_RECEIVER_FD"][0] == "AF_INET6"
+    assert read_report(tmp_path / "report.json")["listeners"]["DD_APM_NET_RECEIVER_FD"][0] == "AF_INET6"
 
 
 def test_ipv6_literal_bind_host(procs, tmp_path):
@@ -634,14 +631,7 @@ def test_ipv6_literal_bind_host(procs, tmp_path):
             s.bind(("::1", 0))
     except OSError:
         pytest.skip("no ::1 on this host")
-    port = free_port()
-    report = tmp_path / "report.json"
-    config = write_config(tmp_path, "bind_host: '::1'\n", port=port, probe=False)
-    proc = start_drop_in(procs, config, report)
-    proc.wait_for(r"Listening to TCP receiver at \[::1\]:%d" % port)
-    proc.wait_for("Polling")
-    with connect(port, "::1") as c:
-        assert answer_json(http_request(c))["pid"] == proc.pid
+    answered_through(procs, tmp_path, "::1", "::1")
 
 
 def test_stale_unix_socket_is_replaced(procs, tmp_path):

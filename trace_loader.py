@@ -805,10 +805,10 @@ def load_drop_in_settings(path: str, environ: Mapping[str, str], log: _Log) -> D
 class ListenerSpec:
     """One socket to offer: TCP, unix, or one inherited from systemd."""
 
-    __slots__ = ("name", "kind", "host", "port", "path", "mode", "fd", "probe", "label")
+    __slots__ = ("fd", "fdname", "host", "kind", "label", "mode", "name", "path", "port", "probe")
 
     def __init__(self, name: str, kind: str, *, host: str = "", port: int = 0, path: str = "",
-                 mode: int = 0o722, fd: int = -1, probe: bool = False, label: str = "") -> None:
+                 mode: int = 0o722, fd: int = -1, fdname: str = "", probe: bool = False, label: str = "") -> None:
         self.name = name  # fd variable (env protocol) or LISTEN_FDNAMES entry
         self.kind = kind  # "tcp", "unix" or "inherited"
         self.host = host
@@ -816,6 +816,7 @@ class ListenerSpec:
         self.path = path
         self.mode = mode
         self.fd = fd
+        self.fdname = fdname  # `systemd:FDNAME`: adopt the inherited sockets of that name ("": all)
         self.probe = probe  # the one listener the TCP probe check watches
         self.label = label or name
 
@@ -1640,7 +1641,7 @@ def parse_listen(value: str) -> ListenerSpec:
                 raise ValueError("%s: expected ?mode=OCTAL (e.g. ?mode=0660)" % _shown(value))
         return ListenerSpec(name, "unix", path=path, mode=mode, label=address)
     if address.startswith("systemd:"):
-        return ListenerSpec(name, "inherited", path=address[len("systemd:"):], label=address)
+        return ListenerSpec(name, "inherited", fdname=address[len("systemd:"):], label=address)
     raise ValueError("%s: expected tcp://HOST:PORT, tcp://[V6]:PORT, unix:///PATH or systemd:[FDNAME]"
                      % _shown(value))
 
@@ -1794,10 +1795,10 @@ def _expand_inherited(specs: list[ListenerSpec], environ: Mapping[str, str], *, 
         if spec.kind != "inherited":
             expanded.append(spec)
             continue
-        matches = [(fd, name) for fd, name in inherited if not spec.path or name == spec.path]
+        matches = [(fd, name) for fd, name in inherited if not spec.fdname or name == spec.fdname]
         if not matches:
             raise ListenerError("no inherited socket is named %s (LISTEN_FDNAMES: %s)"
-                                % (_shown(spec.path), _shown(environ.get("LISTEN_FDNAMES", ""))))
+                                % (_shown(spec.fdname), _shown(environ.get("LISTEN_FDNAMES", ""))))
         for fd, name in matches:
             expanded.append(ListenerSpec(spec.name or name, "inherited", fd=fd, label="inherited fd %d (%s)"
                                          % (fd, name)))

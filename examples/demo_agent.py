@@ -169,6 +169,8 @@ def main(argv: list[str]) -> int:
                       for name, sock in listeners.items()},
         "blocking": {name: sock.getblocking() and os.get_blocking(sock.fileno())
                      for name, sock in listeners.items()},
+        "reuseaddr": {name: bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR))
+                      for name, sock in listeners.items()},
         "client": client is not None,
         **check,
     }
