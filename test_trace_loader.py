@@ -1779,3 +1779,28 @@ def test_exit_statuses_are_the_same_with_and_without_deferral(tmp_path, steps):
     assert run_loader(["--listen", "bad", "--", "true"], env=env).returncode == 2
     assert run_loader([write_config(tmp_path), "no-such-agent"], env=env).returncode == 1
     assert run_loader([write_config(tmp_path), sys.executable], env=env).returncode == 0
+
+
+def test_generic_systemd_listen_without_passed_sockets_fails_open(procs, tmp_path):
+    report = tmp_path / "report.json"
+    proc = start_generic(procs, ["--listen", "systemd:"], systemd_agent(report),
+                         env=base_env(LISTEN_FDS="1", LISTEN_PID="1", LISTEN_FDNAMES="x"))
+    data = read_report(report)
+    assert data["pid"] == proc.pid and data["fds"] == [0, 1, 2]
+    assert data["listen_fds"] is None and data["listen_fdnames"] is None  # stale LISTEN_* removed
+    proc.wait_for(r"WARN .*Failed to get listeners for \S+: no sockets were passed to this process "
+                  r"\(LISTEN_PID is '1', our pid is %d\)" % proc.pid)
+
+
+def test_generic_systemd_name_not_found_passes_the_sockets_through(procs, tmp_path):
+    report = tmp_path / "report.json"
+    inherited = tcp_listener()
+    argv = launch_with_fds([inherited], "web", [sys.executable, LOADER, "--listen", "systemd:api", "--"]
+                           + systemd_agent(report))
+    proc = procs(argv, base_env(), pass_fds=(inherited.fileno(),))
+    data = read_report(report)
+    # Failing open under systemd: the program gets what systemd gave this pid, untouched.
+    assert (data["listen_pid_ok"], data["listen_fds"], data["listen_fdnames"]) == (True, "1", "web")
+    assert data["fds"] == [0, 1, 2, 3]
+    proc.wait_for(r"no inherited socket is named 'api' \(LISTEN_FDNAMES: 'web'\)")
+    inherited.close()
