@@ -298,10 +298,10 @@ def test_missing_agent_is_critical_and_exits_1_before_binding(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def settings_of(tmp_path, text: str, env: dict[str, str] | None = None, *, raw: bool = False) -> tl.DropInSettings:
+def settings_of(tmp_path, text: str, env: dict[str, str] | None = None, *, raw: bool = False) -> tl._DropInSettings:
     path = tmp_path / "cfg.yaml"
     path.write_bytes(text.encode("utf-8") if not raw else text.encode("latin-1"))
-    return tl.load_drop_in_settings(str(path), env or {}, tl._Log())
+    return tl._load_drop_in_settings(str(path), env or {}, tl._Log())
 
 
 def fixture_variants():
@@ -319,7 +319,7 @@ def fixture_variants():
 def test_realistic_datadog_yaml_yields_the_right_values(tmp_path, capfd, variant):
     path = tmp_path / "datadog.yaml"
     path.write_bytes(fixture_variants()[variant])
-    s = tl.load_drop_in_settings(str(path), {}, tl._Log())
+    s = tl._load_drop_in_settings(str(path), {}, tl._Log())
     assert (s.apm_enabled, s.error_tracking, s.socket_activation, s.handle_tcp_probe) == (True, False, True, True)
     assert s.probe_grace_ms == 100  # 0x64
     assert s.receiver_port == 8127  # through an alias
@@ -347,7 +347,7 @@ def test_environment_overrides_the_file(tmp_path):
         "DD_DISABLE_FILE_LOGGING": "false",
         "DD_APM_LOG_FILE": "/tmp/tl.log",
     }
-    s = tl.load_drop_in_settings(str(path), env, tl._Log())
+    s = tl._load_drop_in_settings(str(path), env, tl._Log())
     assert s.receiver_port == 9126
     assert s.receiver_socket == "/tmp/x.sock"
     assert s.handle_tcp_probe is False
@@ -488,7 +488,7 @@ def test_invalid_utf8_names_its_line(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_bytes(b"a: 1\nb: \xff\xfe\n")
     with pytest.raises(tl.ConfigError, match=r"cfg.yaml:2: invalid UTF-8"):
-        tl.load_drop_in_settings(str(path), {}, tl._Log())
+        tl._load_drop_in_settings(str(path), {}, tl._Log())
 
 
 # ---------------------------------------------------------------------------
@@ -1396,7 +1396,7 @@ def test_garbage_in_each_environment_variable(tmp_path, name, kind):
     config.write_text("apm_config:\n  socket_activation:\n    enabled: true\n  receiver_socket: ''\n"
                       "otlp_config:\n  traces:\n    internal_port: 1\n")
     try:
-        s = tl.load_drop_in_settings(str(config), {name: value}, tl._Log())
+        s = tl._load_drop_in_settings(str(config), {name: value}, tl._Log())
     except tl.ConfigError as exc:
         # The one line names the variable and shows the value, cut short.
         assert ENV_VARS[name] in ("bool", "int", "level"), exc
@@ -1406,10 +1406,10 @@ def test_garbage_in_each_environment_variable(tmp_path, name, kind):
     assert ENV_VARS[name] in ("path", "host", "file", "presence"), name
     if ENV_VARS[name] == "path":
         with pytest.raises(tl.ListenerError, match="unix socket path"):
-            tl.open_unix_listener(s.receiver_socket, 0o722)
+            tl._open_unix_listener(s.receiver_socket, 0o722)
     if ENV_VARS[name] == "host":
         with pytest.raises(tl.ListenerError, match=r"cannot (resolve bind host|listen on)"):
-            tl.open_tcp_listener(s.bind_host, 0)
+            tl._open_tcp_listener(s.bind_host, 0)
 
 
 @pytest.mark.parametrize("name", ["DD_APM_RECEIVER_PORT", "DD_BIND_HOST", "DD_APM_RECEIVER_SOCKET"])
@@ -1717,8 +1717,8 @@ def test_fuzzed_configs_yield_values_or_config_errors():
         data = mutate(original, rng)
         try:
             text = tl._decode_config(data, "fuzz.yaml")
-            nodes = tl.read_yaml_subset(text, tl._KEYS, source="fuzz.yaml")
-            tl.DropInSettings(tl._Config(nodes, {}, "fuzz.yaml", quiet_log()), {})
+            nodes = tl._read_yaml_subset(text, tl._KEYS, source="fuzz.yaml")
+            tl._DropInSettings(tl._Config(nodes, {}, "fuzz.yaml", quiet_log()), {})
             outcomes["values"] += 1
         except tl.ConfigError as exc:
             assert exc.message and ("fuzz.yaml" in str(exc) or exc.key)
@@ -1745,7 +1745,7 @@ def test_pathological_configs_are_read_in_linear_time(tmp_path):
         path = tmp_path / (name + ".yaml")
         path.write_text(text)
         code = ("import sys; sys.path.insert(0, %r); import trace_loader as t\n"
-                "try:\n    t.load_drop_in_settings(%r, {}, t._Log())\nexcept t.ConfigError as e:\n    print(e)\n"
+                "try:\n    t._load_drop_in_settings(%r, {}, t._Log())\nexcept t.ConfigError as e:\n    print(e)\n"
                 % (os.path.dirname(LOADER), str(path)))
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "Traceback" not in result.stderr, (name, result.stderr[-500:])

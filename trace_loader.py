@@ -43,6 +43,10 @@ if TYPE_CHECKING:  # typing costs import time and memory; only mypy needs it
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLIENT_FD_VAR",
+    "OTLP_FD_VAR",
+    "RECEIVER_FD_VAR",
+    "UNIX_FD_VAR",
     "ConfigError",
     "Handoff",
     "ListenerError",
@@ -564,7 +568,7 @@ def _decode_config(data: bytes, source: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def read_yaml_subset(text: str, wanted: Iterable[str], *, source: str = "<config>") -> dict[str, _Node]:
+def _read_yaml_subset(text: str, wanted: Iterable[str], *, source: str = "<config>") -> dict[str, _Node]:
     """Read the `wanted` dotted paths (and their parents) out of YAML text."""
     return _YamlReader(text, wanted, source).read()
 
@@ -730,7 +734,7 @@ def _go_int(text: str, name: str) -> int:
     return value
 
 
-class DropInSettings:
+class _DropInSettings:
     """Everything the drop-in front door needs from the configuration."""
 
     def __init__(self, config: _Config, environ: Mapping[str, str]) -> None:
@@ -791,10 +795,10 @@ def _bind_host(config: _Config, environ: Mapping[str, str]) -> tuple[str, str]:
     return "localhost", "default"
 
 
-def load_drop_in_settings(path: str, environ: Mapping[str, str], log: _Log) -> DropInSettings:
+def _load_drop_in_settings(path: str, environ: Mapping[str, str], log: _Log) -> _DropInSettings:
     text = _read_config_file(path)
-    nodes = read_yaml_subset(text, _KEYS, source=path)
-    return DropInSettings(_Config(nodes, environ, path, log), environ)
+    nodes = _read_yaml_subset(text, _KEYS, source=path)
+    return _DropInSettings(_Config(nodes, environ, path, log), environ)
 
 
 # ---------------------------------------------------------------------------
@@ -802,7 +806,7 @@ def load_drop_in_settings(path: str, environ: Mapping[str, str], log: _Log) -> D
 # ---------------------------------------------------------------------------
 
 
-class ListenerSpec:
+class _ListenerSpec:
     """One socket to offer: TCP, unix, or one inherited from systemd."""
 
     __slots__ = ("fd", "fdname", "host", "kind", "label", "mode", "name", "path", "port", "probe")
@@ -821,12 +825,12 @@ class ListenerSpec:
         self.label = label or name
 
 
-class Listener:
+class _Listener:
     """An open listening socket and the spec it came from."""
 
     __slots__ = ("spec", "sock")
 
-    def __init__(self, spec: ListenerSpec, sock: socket.socket) -> None:
+    def __init__(self, spec: _ListenerSpec, sock: socket.socket) -> None:
         self.spec = spec
         self.sock = sock
 
@@ -881,7 +885,7 @@ def _dual_stack_supported() -> bool:
     return True
 
 
-def open_tcp_listener(host: str, port: int) -> socket.socket:
+def _open_tcp_listener(host: str, port: int) -> socket.socket:
     family, address = _tcp_address(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)  # close-on-exec until handed over
     try:
@@ -963,7 +967,7 @@ def _unix_socket_is_served(path: str) -> bool:
     return True
 
 
-def open_unix_listener(path: str, mode: int) -> socket.socket:
+def _open_unix_listener(path: str, mode: int) -> socket.socket:
     abstract = path.startswith("@") and sys.platform.startswith("linux")
     if not abstract:
         _validate_unix_path(path)
@@ -985,7 +989,7 @@ def open_unix_listener(path: str, mode: int) -> socket.socket:
     return sock
 
 
-def adopt_inherited_socket(fd: int) -> socket.socket:
+def _adopt_inherited_socket(fd: int) -> socket.socket:
     try:
         # fileno=: wrap the fd itself (family and type read from the kernel);
         # socket.fromfd would dup it and leave the original behind.
@@ -995,14 +999,14 @@ def adopt_inherited_socket(fd: int) -> socket.socket:
     return sock
 
 
-def open_listeners(specs: list[ListenerSpec], log: _Log) -> list[Listener]:
+def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
     """Open every spec in order; on failure close what was opened and raise."""
-    opened: list[Listener] = []
+    opened: list[_Listener] = []
     try:
         for spec in specs:
             sock = _open_one(spec, log)
             if sock is not None:
-                opened.append(Listener(spec, sock))
+                opened.append(_Listener(spec, sock))
     except (LoaderError, OSError) as exc:
         for listener in opened:
             if listener.spec.kind != "inherited":  # systemd's fds stay for the fail-open exec
@@ -1013,9 +1017,9 @@ def open_listeners(specs: list[ListenerSpec], log: _Log) -> list[Listener]:
     return opened
 
 
-def _open_one(spec: ListenerSpec, log: _Log) -> socket.socket | None:
+def _open_one(spec: _ListenerSpec, log: _Log) -> socket.socket | None:
     if spec.kind == "tcp":
-        sock = open_tcp_listener(spec.host, spec.port)
+        sock = _open_tcp_listener(spec.host, spec.port)
         # The bound port, which the kernel chose when the address said 0.
         port = int(sock.getsockname()[1])
         log.info("Listening to %s at %s..." % (spec.label, _join_host_port(spec.host, port)))
@@ -1028,8 +1032,8 @@ def _open_one(spec: ListenerSpec, log: _Log) -> socket.socket | None:
             log.error("Could not start UDS listener: socket directory does not exist: %s" % spec.path)
             return None
         log.info("Listening to %s at path %s" % (spec.label, spec.path))
-        return open_unix_listener(spec.path, spec.mode)
-    return adopt_inherited_socket(spec.fd)
+        return _open_unix_listener(spec.path, spec.mode)
+    return _adopt_inherited_socket(spec.fd)
 
 
 # ---------------------------------------------------------------------------
@@ -1067,7 +1071,7 @@ _POLL_EVENT_NAMES = ((select.POLLIN, "POLLIN"), (select.POLLERR, "POLLERR"),
                      (select.POLLHUP, "POLLHUP"), (select.POLLNVAL, "POLLNVAL"))
 
 
-class HeldClient:
+class _HeldClient:
     __slots__ = ("address", "sock")
 
     def __init__(self, sock: socket.socket, address: object) -> None:
@@ -1079,12 +1083,12 @@ class HeldClient:
         return _peer_text(self.address)
 
 
-class Wake:
+class _Wake:
     """Why the wait ended, and the client to hand over, if one is held."""
 
     __slots__ = ("reason", "client", "probes")
 
-    def __init__(self, reason: str, client: HeldClient | None, probes: dict[str, int]) -> None:
+    def __init__(self, reason: str, client: _HeldClient | None, probes: dict[str, int]) -> None:
         self.reason = reason
         self.client = client
         self.probes = probes
@@ -1108,7 +1112,7 @@ def _remaining_ms(deadline: float | None) -> int | None:
     return max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
 
 
-def _peek(client: HeldClient) -> str:
+def _peek(client: _HeldClient) -> str:
     """'data', 'fin', 'rst' or 'silent'; any other error propagates."""
     try:
         # MSG_PEEK: look without consuming, the bytes stay for the agent.
@@ -1123,7 +1127,7 @@ def _peek(client: HeldClient) -> str:
     return "data" if data else "fin"
 
 
-def wait_for_traffic(listeners: list[Listener], *, grace_ms: int, log: _Log, agent_label: str) -> Wake:
+def _wait_for_traffic(listeners: list[_Listener], *, grace_ms: int, log: _Log, agent_label: str) -> _Wake:
     """Sleep in poll() until traffic that is not a probe arrives."""
     probe_sock = next((lsn.sock for lsn in listeners if lsn.spec.probe), None)
     by_fd = {lsn.fd: lsn for lsn in listeners}
@@ -1137,11 +1141,11 @@ def wait_for_traffic(listeners: list[Listener], *, grace_ms: int, log: _Log, age
             # poll() and accept() must not block us. Restored before exec.
             probe_sock.setblocking(False)
     state = _IDLE
-    held: HeldClient | None = None
+    held: _HeldClient | None = None
     deadline: float | None = None
 
-    def wake(reason: str) -> Wake:
-        return Wake(reason, held, probes)
+    def wake(reason: str) -> _Wake:
+        return _Wake(reason, held, probes)
 
     log.info("Polling... (fds %s%s)" % (", ".join(str(fd) for fd in by_fd),
                                         "; probe check on fd %d" % probe_sock.fileno() if probe_sock else ""))
@@ -1196,7 +1200,7 @@ def wait_for_traffic(listeners: list[Listener], *, grace_ms: int, log: _Log, age
                     log.debug("A TCP client left before it was accepted: %s", exc)
                     continue
                 return wake("accept() on the TCP listener failed: %s" % _oserror_text(exc))
-            held = HeldClient(sock, address)
+            held = _HeldClient(sock, address)
             poller.register(sock.fileno(), select.POLLIN)
             state = _HOLDING
             log.debug("Accepted connection on TCP listener: %d (peer %s)", sock.fileno(), held.peer)
@@ -1210,7 +1214,7 @@ def wait_for_traffic(listeners: list[Listener], *, grace_ms: int, log: _Log, age
             log.debug("A second TCP client is waiting; giving the held one %d ms" % grace_ms)
 
 
-def _labels(fds: Iterable[int], by_fd: dict[int, Listener]) -> str:
+def _labels(fds: Iterable[int], by_fd: dict[int, _Listener]) -> str:
     return ", ".join(by_fd[fd].spec.label if fd in by_fd else "fd %d" % fd for fd in sorted(fds))
 
 
@@ -1220,18 +1224,18 @@ def _labels(fds: Iterable[int], by_fd: dict[int, Listener]) -> str:
 # ---------------------------------------------------------------------------
 
 
-class HandoffProtocol:
+class _HandoffProtocol:
     """How the program learns its fds: `scrub` on every exec, `hand_over` on wake."""
 
     def scrub(self, env: dict[str, str]) -> None:
         raise NotImplementedError
 
-    def hand_over(self, env: dict[str, str], listeners: list[Listener], client: HeldClient | None,
+    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
                   log: _Log) -> list[int]:
         raise NotImplementedError
 
 
-class EnvProtocol(HandoffProtocol):
+class _EnvProtocol(_HandoffProtocol):
     """Each fd in a variable of its own (the Datadog agent's way)."""
 
     def __init__(self, owned_vars: Iterable[str], client_var: str) -> None:
@@ -1244,7 +1248,7 @@ class EnvProtocol(HandoffProtocol):
         for name in self.owned_vars + ((self.client_var,) if self.client_var else ()):
             env.pop(name, None)
 
-    def hand_over(self, env: dict[str, str], listeners: list[Listener], client: HeldClient | None,
+    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
                   log: _Log) -> list[int]:
         fds = []
         for listener in listeners:
@@ -1256,7 +1260,7 @@ class EnvProtocol(HandoffProtocol):
         return fds
 
 
-class SystemdProtocol(HandoffProtocol):
+class _SystemdProtocol(_HandoffProtocol):
     """sd_listen_fds(3): fds 3, 4, ... with LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES."""
 
     def __init__(self, *, inherited_for_us: bool) -> None:
@@ -1269,7 +1273,7 @@ class SystemdProtocol(HandoffProtocol):
             for name in _SYSTEMD_VARS:
                 env.pop(name, None)
 
-    def hand_over(self, env: dict[str, str], listeners: list[Listener], client: HeldClient | None,
+    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
                   log: _Log) -> list[int]:
         sources = [lsn.fd for lsn in listeners] + ([client.sock.fileno()] if client is not None else [])
         # "unknown" is the name systemd reports for a socket it was given no
@@ -1316,7 +1320,7 @@ def _close_other_fds_on_exec(*, keep: list[int]) -> None:
             _close_on_exec_if_open(fd)
 
 
-def find_program(name: str, environ: Mapping[str, str]) -> str:
+def _find_program(name: str, environ: Mapping[str, str]) -> str:
     """Find NAME as a shell would (as given with a '/', else in PATH); check it can run.
 
     Checked before anything else, so a broken agent path is reported at once
@@ -1366,11 +1370,11 @@ def _interpreter_of(path: str) -> str:
     return os.fsdecode(words[0]) if words else ""
 
 
-class Launch:
+class _Launch:
     """What to exec: the resolved path, argv as given, the base environment."""
 
     def __init__(self, path: str, argv: list[str], env: dict[str, str], label: str,
-                 protocol: HandoffProtocol) -> None:
+                 protocol: _HandoffProtocol) -> None:
         self.path = path
         self.argv = argv
         self.env = env
@@ -1387,7 +1391,7 @@ def _reset_signals_for_exec() -> None:
             signal.signal(getattr(signal, name), signal.SIG_DFL)
 
 
-def exec_program(launch: Launch, env: dict[str, str], log: _Log) -> NoReturn:
+def _exec_program(launch: _Launch, env: dict[str, str], log: _Log) -> NoReturn:
     log.info("Starting %s..." % launch.label)
     if log.enabled("trace"):
         log.trace("Starting %s with env: %r" % (launch.label, sorted(env.items())))
@@ -1402,11 +1406,11 @@ def exec_program(launch: Launch, env: dict[str, str], log: _Log) -> NoReturn:
         sys.exit(1)
 
 
-def exec_directly(launch: Launch, log: _Log) -> NoReturn:
+def _exec_directly(launch: _Launch, log: _Log) -> NoReturn:
     """Fail open: the program, unchanged environment, none of our sockets."""
     env = dict(launch.env)
     launch.protocol.scrub(env)
-    exec_program(launch, env, log)
+    _exec_program(launch, env, log)
 
 
 def _close_on_exec_if_open(fd: int) -> None:
@@ -1417,7 +1421,7 @@ def _close_on_exec_if_open(fd: int) -> None:
             raise
 
 
-def exec_with_handoff(launch: Launch, listeners: list[Listener], wake: Wake, log: _Log) -> NoReturn:
+def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake, log: _Log) -> NoReturn:
     env = dict(launch.env)
     launch.protocol.scrub(env)
     fds = launch.protocol.hand_over(env, listeners, wake.client, log)
@@ -1430,7 +1434,7 @@ def exec_with_handoff(launch: Launch, listeners: list[Listener], wake: Wake, log
         # close-on-exec, so the program gets exactly 0, 1, 2 and these.
         os.set_inheritable(fd, True)
         os.set_blocking(fd, True)
-    exec_program(launch, env, log)
+    _exec_program(launch, env, log)
 
 
 # ---------------------------------------------------------------------------
@@ -1474,7 +1478,7 @@ def _rss_kb() -> int:
     return 0
 
 
-def release_memory(steps: frozenset[str], log: _Log) -> None:
+def _release_memory(steps: frozenset[str], log: _Log) -> None:
     if not sys.platform.startswith("linux") or not steps & {"trim", "pageout"}:
         return
     before = _rss_kb()
@@ -1519,23 +1523,23 @@ def _page_out_file_mappings(libc: object, ctypes: object) -> None:
 # ---------------------------------------------------------------------------
 
 
-def serve(launch: Launch, specs: list[ListenerSpec], *, grace_ms: int, log: _Log) -> int:
+def _serve(launch: _Launch, specs: list[_ListenerSpec], *, grace_ms: int, log: _Log) -> int:
     try:
-        listeners = open_listeners(specs, log)
+        listeners = _open_listeners(specs, log)
     except LoaderError as exc:
         log.warn("Failed to get listeners for %s: %s" % (launch.label, exc))
-        exec_directly(launch, log)
+        _exec_directly(launch, log)
     if not listeners:
         log.info("All %s inputs are disabled, stopping..." % launch.label)
         return 0
-    release_memory(_memory_steps(launch.env), log)
-    wake = wait_for_traffic(listeners, grace_ms=grace_ms, log=log, agent_label=launch.label)
+    _release_memory(_memory_steps(launch.env), log)
+    wake = _wait_for_traffic(listeners, grace_ms=grace_ms, log=log, agent_label=launch.label)
     total = wake.probes["FIN"] + wake.probes["RST"]
     log.info(
         "Waking %s: %s; %d probe%s absorbed since start (FIN: %d, RST: %d)"
         % (launch.label, wake.reason, total, "" if total == 1 else "s", wake.probes["FIN"], wake.probes["RST"])
     )
-    exec_with_handoff(launch, listeners, wake, log)
+    _exec_with_handoff(launch, listeners, wake, log)
 
 
 # ---------------------------------------------------------------------------
@@ -1553,52 +1557,52 @@ Generic mode takes --listen options; 'trace_loader.py --help' lists them.
 """
 
 
-def _drop_in_specs(settings: DropInSettings, log: _Log) -> list[ListenerSpec]:
-    specs: list[ListenerSpec] = []
+def _drop_in_specs(settings: _DropInSettings, log: _Log) -> list[_ListenerSpec]:
+    specs: list[_ListenerSpec] = []
     if settings.bind_host_reason.startswith("containerized"):
         log.info("Activating non-local traffic automatically in containerized environment, "
                  "trace-agent will listen on 0.0.0.0")
     if settings.receiver_port > 0:
-        specs.append(ListenerSpec(RECEIVER_FD_VAR, "tcp", host=settings.bind_host, port=settings.receiver_port,
+        specs.append(_ListenerSpec(RECEIVER_FD_VAR, "tcp", host=settings.bind_host, port=settings.receiver_port,
                                   probe=settings.handle_tcp_probe, label="TCP receiver"))
     else:
         log.info("Trace-agent TCP receiver is disabled")
     if settings.receiver_socket:
-        specs.append(ListenerSpec(UNIX_FD_VAR, "unix", path=settings.receiver_socket, mode=0o722,
+        specs.append(_ListenerSpec(UNIX_FD_VAR, "unix", path=settings.receiver_socket, mode=0o722,
                                   label="unix receiver"))
     else:
         log.info("Trace-agent unix receiver is disabled")
     if settings.otlp_enabled:
-        specs.append(ListenerSpec(OTLP_FD_VAR, "tcp", host=settings.bind_host, port=settings.otlp_port,
+        specs.append(_ListenerSpec(OTLP_FD_VAR, "tcp", host=settings.bind_host, port=settings.otlp_port,
                                   label="OTLP receiver"))
     else:
         log.info("Trace-agent OTLP receiver is disabled")
     return specs
 
 
-def run_drop_in(config_path: str, agent: str, agent_args: list[str], environ: Mapping[str, str], log: _Log) -> int:
+def _run_drop_in(config_path: str, agent: str, agent_args: list[str], environ: Mapping[str, str], log: _Log) -> int:
     try:
-        path = find_program(agent, environ)
+        path = _find_program(agent, environ)
     except LoaderError as exc:
         log.critical("Cannot start the trace-agent: %s" % exc)
         return 1
-    protocol = EnvProtocol(_DROP_IN_FD_VARS, CLIENT_FD_VAR)
-    launch = Launch(path, [agent, *agent_args], dict(environ), "the trace-agent", protocol)
+    protocol = _EnvProtocol(_DROP_IN_FD_VARS, CLIENT_FD_VAR)
+    launch = _Launch(path, [agent, *agent_args], dict(environ), "the trace-agent", protocol)
     try:
-        settings = load_drop_in_settings(config_path, environ, log)
+        settings = _load_drop_in_settings(config_path, environ, log)
     except ConfigError as exc:
         log.warn("Failed to load the configuration: %s" % exc)
-        exec_directly(launch, log)
+        _exec_directly(launch, log)
     log.configure(level=settings.log_level, console=settings.log_to_console, path=settings.log_file)
     if not settings.apm_enabled and not settings.error_tracking:
         log.info("Trace-agent is disabled, stopping...")
         return 0
     if not settings.socket_activation:
         log.info("Socket-activation for the trace-agent is disabled, running the trace-agent directly...")
-        exec_directly(launch, log)
+        _exec_directly(launch, log)
     specs = _drop_in_specs(settings, log)
     grace = settings.probe_grace_ms if settings.handle_tcp_probe else 0
-    return serve(launch, specs, grace_ms=grace, log=log)
+    return _serve(launch, specs, grace_ms=grace, log=log)
 
 
 # ---------------------------------------------------------------------------
@@ -1618,14 +1622,14 @@ def _valid_env_name(name: str) -> bool:
         all(c.isalnum() or c == "_" for c in name)
 
 
-def parse_listen(value: str) -> ListenerSpec:
+def _parse_listen(value: str) -> _ListenerSpec:
     """`[NAME=]tcp://HOST:PORT | tcp://[V6]:PORT | unix:///PATH[?mode=0660] | systemd:[FDNAME]`."""
     name, sep, address = value.partition("=")
     if not sep or "://" in name or name.startswith("systemd:"):
         name, address = "", value
     if address.startswith("tcp://"):
         host, port = _parse_host_port(address[len("tcp://"):], value)
-        return ListenerSpec(name, "tcp", host=host, port=port, label=address)
+        return _ListenerSpec(name, "tcp", host=host, port=port, label=address)
     if address.startswith("unix://"):
         path, _, query = address[len("unix://"):].partition("?")
         if not path.startswith("/") and not path.startswith("@"):
@@ -1639,9 +1643,9 @@ def parse_listen(value: str) -> ListenerSpec:
                 mode = -1
             if not 0 <= mode <= 0o777:
                 raise ValueError("%s: expected ?mode=OCTAL (e.g. ?mode=0660)" % _shown(value))
-        return ListenerSpec(name, "unix", path=path, mode=mode, label=address)
+        return _ListenerSpec(name, "unix", path=path, mode=mode, label=address)
     if address.startswith("systemd:"):
-        return ListenerSpec(name, "inherited", fdname=address[len("systemd:"):], label=address)
+        return _ListenerSpec(name, "inherited", fdname=address[len("systemd:"):], label=address)
     raise ValueError("%s: expected tcp://HOST:PORT, tcp://[V6]:PORT, unix:///PATH or systemd:[FDNAME]"
                      % _shown(value))
 
@@ -1663,9 +1667,9 @@ def _parse_host_port(text: str, value: str) -> tuple[str, int]:
 def _generic_parser() -> argparse.ArgumentParser:
     import argparse
 
-    def listen(value: str) -> ListenerSpec:
+    def listen(value: str) -> _ListenerSpec:
         try:
-            return parse_listen(value)
+            return _parse_listen(value)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -1698,7 +1702,7 @@ def _generic_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_generic(argv: list[str], environ: Mapping[str, str], log: _Log) -> int:
+def _run_generic(argv: list[str], environ: Mapping[str, str], log: _Log) -> int:
     parser = _generic_parser()
     if "--" in argv:
         options, program = argv[: argv.index("--")], argv[argv.index("--") + 1:]
@@ -1707,7 +1711,7 @@ def run_generic(argv: list[str], environ: Mapping[str, str], log: _Log) -> int:
     args = parser.parse_args(options)
     if not program:
         parser.error("expected '-- PROGRAM [ARGS...]' after the options")
-    specs: list[ListenerSpec] = args.listen
+    specs: list[_ListenerSpec] = args.listen
     problem = _check_generic_names(specs, args)
     if problem:
         parser.error(problem)
@@ -1716,31 +1720,31 @@ def run_generic(argv: list[str], environ: Mapping[str, str], log: _Log) -> int:
     if args.handle_tcp_probe and first_tcp is not None:
         first_tcp.probe = True
     try:
-        path = find_program(program[0], environ)
+        path = _find_program(program[0], environ)
     except LoaderError as exc:
         log.critical("Cannot start %s: %s" % (_shown(program[0]), exc))
         return 1
     label = os.path.basename(program[0])
     for_us = environ.get("LISTEN_PID", "") == str(os.getpid())
-    protocol: HandoffProtocol
+    protocol: _HandoffProtocol
     if args.protocol == "env":
         # LISTEN_* meant for another process are stale here: drop them too.
         stale = () if for_us else _SYSTEMD_VARS
-        protocol = EnvProtocol([s.name for s in specs] + list(stale), args.client_fd_var)
+        protocol = _EnvProtocol([s.name for s in specs] + list(stale), args.client_fd_var)
     else:
-        protocol = SystemdProtocol(inherited_for_us=for_us)
-    launch = Launch(path, program, dict(environ), label, protocol)
+        protocol = _SystemdProtocol(inherited_for_us=for_us)
+    launch = _Launch(path, program, dict(environ), label, protocol)
     try:
         specs, launch.unselected_fds = _expand_inherited(
             specs, environ, for_us=for_us, probe=args.handle_tcp_probe and first_tcp is None)
         _check_unique_names(specs, args.protocol)
     except ListenerError as exc:
         log.warn("Failed to get listeners for %s: %s" % (label, exc))
-        exec_directly(launch, log)
-    return serve(launch, specs, grace_ms=args.probe_grace_period if args.handle_tcp_probe else 0, log=log)
+        _exec_directly(launch, log)
+    return _serve(launch, specs, grace_ms=args.probe_grace_period if args.handle_tcp_probe else 0, log=log)
 
 
-def _check_generic_names(specs: list[ListenerSpec], args: argparse.Namespace) -> str:
+def _check_generic_names(specs: list[_ListenerSpec], args: argparse.Namespace) -> str:
     protocol = args.protocol
     for spec in specs:
         if protocol == "env" and not _valid_env_name(spec.name):
@@ -1771,7 +1775,7 @@ def _inherited_fds(environ: Mapping[str, str], *, for_us: bool) -> list[tuple[in
     return [(_SD_LISTEN_FDS_START + i, names[i]) for i in range(count)]
 
 
-def _check_unique_names(specs: list[ListenerSpec], protocol: str) -> None:
+def _check_unique_names(specs: list[_ListenerSpec], protocol: str) -> None:
     if protocol != "env":
         return  # LISTEN_FDNAMES may repeat a name; systemd allows it
     names = [s.name for s in specs]
@@ -1781,8 +1785,8 @@ def _check_unique_names(specs: list[ListenerSpec], protocol: str) -> None:
                                 % (name, names.count(name)))
 
 
-def _expand_inherited(specs: list[ListenerSpec], environ: Mapping[str, str], *, for_us: bool,
-                      probe: bool) -> tuple[list[ListenerSpec], list[int]]:
+def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str], *, for_us: bool,
+                      probe: bool) -> tuple[list[_ListenerSpec], list[int]]:
     """Replace each `systemd:[NAME]` spec by one spec per matching inherited fd.
 
     Also returns the inherited fds that no spec asked for.
@@ -1790,7 +1794,7 @@ def _expand_inherited(specs: list[ListenerSpec], environ: Mapping[str, str], *, 
     if not any(s.kind == "inherited" for s in specs):
         return specs, []
     inherited = _inherited_fds(environ, for_us=for_us)
-    expanded: list[ListenerSpec] = []
+    expanded: list[_ListenerSpec] = []
     for spec in specs:
         if spec.kind != "inherited":
             expanded.append(spec)
@@ -1800,7 +1804,7 @@ def _expand_inherited(specs: list[ListenerSpec], environ: Mapping[str, str], *, 
             raise ListenerError("no inherited socket is named %s (LISTEN_FDNAMES: %s)"
                                 % (_shown(spec.fdname), _shown(environ.get("LISTEN_FDNAMES", ""))))
         for fd, name in matches:
-            expanded.append(ListenerSpec(spec.name or name, "inherited", fd=fd, label="inherited fd %d (%s)"
+            expanded.append(_ListenerSpec(spec.name or name, "inherited", fd=fd, label="inherited fd %d (%s)"
                                          % (fd, name)))
     if probe:
         first = next((s for s in expanded if s.kind == "inherited" and _is_tcp_listener(s.fd)), None)
@@ -1912,8 +1916,8 @@ def main(argv: list[str] | None = None) -> int:
     environ = dict(os.environ)
     try:
         if args[0].startswith("-"):
-            return run_generic(args, environ, log)
-        return run_drop_in(args[0], args[1], args[2:], environ, log)
+            return _run_generic(args, environ, log)
+        return _run_drop_in(args[0], args[1], args[2:], environ, log)
     except Exception as exc:  # noqa: BLE001 -- the last guard: an internal error must not cost the agent
         log.critical("Internal error (%s: %s); starting the program directly" % (type(exc).__name__, exc))
         return _last_resort_exec(args, environ, log)
@@ -1922,13 +1926,13 @@ def main(argv: list[str] | None = None) -> int:
 def _last_resort_exec(args: list[str], environ: dict[str, str], log: _Log) -> int:
     program = args[args.index("--") + 1:] if args[0].startswith("-") and "--" in args else args[1:]
     try:
-        path = find_program(program[0] if program else "", environ)
+        path = _find_program(program[0] if program else "", environ)
     except LoaderError:
         return 1
     env = dict(environ)
     for name in _DROP_IN_FD_VARS:
         env.pop(name, None)
-    exec_program(Launch(path, program, env, os.path.basename(program[0]), EnvProtocol((), "")), env, log)
+    _exec_program(_Launch(path, program, env, os.path.basename(program[0]), _EnvProtocol((), "")), env, log)
 
 
 def _run_as_script() -> None:
