@@ -613,23 +613,25 @@ def answered_through(procs, tmp_path, bind_host: str, client_host: str) -> tuple
 
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
 def test_wildcard_bind_host_is_dual_stack(procs, tmp_path):
-    if not tl._dual_stack_supported():
-        pytest.skip("no dual-stack sockets here")
+    if not tl._dual_stack_supported() or not has_ipv6_loopback():
+        pytest.skip("no dual-stack sockets or no ::1 here")
     proc, port = answered_through(procs, tmp_path, "0.0.0.0", "127.0.0.1")
-    try:
-        c6 = connect(port, "::1")
-    except OSError:
-        pytest.skip("no ::1 on this host")
-    with c6:
+    with connect(port, "::1") as c6:  # the same listener takes IPv6 clients too
         assert answer_json(http_request(c6))["pid"] == proc.pid
     assert read_report(tmp_path / "report.json")["listeners"]["DD_APM_NET_RECEIVER_FD"][0] == "AF_INET6"
 
 
-def test_ipv6_literal_bind_host(procs, tmp_path):
+def has_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:
             s.bind(("::1", 0))
     except OSError:
+        return False
+    return True
+
+
+def test_ipv6_literal_bind_host(procs, tmp_path):
+    if not has_ipv6_loopback():
         pytest.skip("no ::1 on this host")
     answered_through(procs, tmp_path, "::1", "::1")
 
@@ -1562,12 +1564,8 @@ def test_unresolvable_bind_host_fails_open(procs, tmp_path):
 
 
 def test_ipv6_literal_without_ipv6_fails_open(procs, tmp_path):
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
+    if has_ipv6_loopback():
         pytest.skip("this host has IPv6")
-    except OSError:
-        pass
     config = write_config(tmp_path, "bind_host: '::1'\n", port=free_port())
     proc, _ = fails_open(procs, tmp_path, config)
     one_warning(proc, r"cannot (listen on \[::1\]|resolve bind host)")
