@@ -1802,3 +1802,20 @@ def test_generic_systemd_name_not_found_passes_the_sockets_through(procs, tmp_pa
     assert data["fds"] == [0, 1, 2, 3]
     proc.wait_for(r"no inherited socket is named 'api' \(LISTEN_FDNAMES: 'web'\)")
     inherited.close()
+
+
+def test_systemd_protocol_passes_only_the_chosen_sockets(procs, tmp_path):
+    report = tmp_path / "report.json"
+    first, second = tcp_listener(), tcp_listener()
+    stray_r, stray_w = os.pipe()  # an fd the loader inherits and nobody asked for
+    os.set_inheritable(stray_r, True)
+    argv = launch_with_fds([first, second], "a:b", [sys.executable, LOADER, "--listen", "systemd:b", "--"]
+                           + systemd_agent(report))
+    proc = procs(argv, base_env(), pass_fds=(first.fileno(), second.fileno(), stray_r))
+    proc.wait_for("Polling")
+    with connect(second.getsockname()[1]) as c:
+        assert answer_json(http_request(c))["via"] == "b@3"
+    data = read_report(report)
+    assert (data["listen_fds"], data["listen_fdnames"], data["fds"]) == ("1", "b", [0, 1, 2, 3])
+    for fd in (first.fileno(), second.fileno(), stray_r, stray_w):
+        os.close(fd)
