@@ -839,8 +839,7 @@ def test_second_client_while_one_is_held_starts_the_agent_and_both_are_answered(
     report = tmp_path / "report.json"
     proc = start_drop_in(procs, write_config(tmp_path, port=port, grace=0), report)
     proc.wait_for("Polling")
-    first = connect(port)
-    proc.wait_for("Accepted connection on TCP listener")
+    first = hold_one(proc, port)
     second = connect(port)
     second.sendall(b"POST /second HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
     proc.wait_for("Waking the trace-agent: a second TCP client arrived while one was held")
@@ -1013,6 +1012,14 @@ def loader_and_port(procs, tmp_path, **config: object) -> tuple[Proc, int, objec
     return proc, port, report
 
 
+def hold_one(proc: Proc, port: int) -> socket.socket:
+    """Connect a silent client and wait until the loader holds it."""
+    before = proc.count("Accepted connection on TCP listener")
+    client = connect(port)
+    proc.wait_for("Accepted connection on TCP listener", count=before + 1)
+    return client
+
+
 def test_rst_probes_are_absorbed_like_fin_probes(procs, tmp_path):
     proc, port, report = loader_and_port(procs, tmp_path)
     for _ in range(100):
@@ -1032,8 +1039,7 @@ def test_rst_probes_are_absorbed_like_fin_probes(procs, tmp_path):
 def test_overlapping_probes_are_absorbed(procs, tmp_path):
     # A generous grace, so a slow machine cannot turn the overlap into a wake-up.
     proc, port, report = loader_and_port(procs, tmp_path, grace=5000)
-    first = connect(port)
-    proc.wait_for("Accepted connection on TCP listener")
+    first = hold_one(proc, port)
     second = connect(port)
     proc.wait_for("A second TCP client is waiting; giving the held one 5000 ms")
     first.close()
@@ -1047,8 +1053,7 @@ def test_overlapping_probes_are_absorbed(procs, tmp_path):
 
 def test_silent_client_held_past_the_grace_wakes_the_agent_and_both_are_answered(procs, tmp_path):
     proc, port, _ = loader_and_port(procs, tmp_path)
-    silent = connect(port)
-    proc.wait_for("Accepted connection on TCP listener")
+    silent = hold_one(proc, port)
     second = connect(port)
     second.sendall(b"POST /second HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
     proc.wait_for(r"Waking the trace-agent: a second TCP client arrived and the held one stayed silent "
@@ -1064,8 +1069,7 @@ def test_silent_client_held_past_the_grace_wakes_the_agent_and_both_are_answered
 
 def test_grace_zero_is_the_reference_behaviour(procs, tmp_path):
     proc, port, _ = loader_and_port(procs, tmp_path, grace=0)
-    held = connect(port)
-    proc.wait_for("Accepted connection on TCP listener")
+    held = hold_one(proc, port)
     other = connect(port)
     proc.wait_for("Waking the trace-agent: a second TCP client arrived while one was held")
     assert proc.count("A second TCP client is waiting") == 0
