@@ -972,7 +972,7 @@ def test_adopt_serves_the_held_client_first():
     held, _ = listener.accept()
     later = connect(port)
     env = {"DD_APM_NET_RECEIVER_FD": str(listener.detach()), "DD_APM_NET_RECEIVER_CLIENT_FD": str(held.detach())}
-    handoff = tl.adopt(env)
+    handoff = tl.adopt(environ=env)
     first, _ = handoff.accept()
     second, _ = handoff.accept()
     early.sendall(b"1")
@@ -985,7 +985,7 @@ def test_adopt_serves_the_held_client_first():
 @pytest.mark.parametrize("value", ["abc", "-1", "999999"])
 def test_adopt_rejects_garbage(value):
     with pytest.raises(tl.LoaderError, match="DD_APM_NET_RECEIVER_FD"):
-        tl.adopt({"DD_APM_NET_RECEIVER_FD": value})
+        tl.adopt(environ={"DD_APM_NET_RECEIVER_FD": value})
 
 
 def test_import_has_no_side_effects():

@@ -1839,7 +1839,7 @@ class Handoff:
         self.listeners = listeners
         self.client = client
 
-    def accept(self, var: str = RECEIVER_FD_VAR) -> tuple[socket.socket, object]:
+    def accept(self, *, var: str = RECEIVER_FD_VAR) -> tuple[socket.socket, object]:
         if var == RECEIVER_FD_VAR and self.client is not None:
             client, self.client = self.client, None
             try:
@@ -1849,7 +1849,7 @@ class Handoff:
         return self.listeners[var].accept()
 
 
-def adopt(environ: Mapping[str, str] | None = None) -> Handoff:
+def adopt(*, environ: Mapping[str, str] | None = None) -> Handoff:
     """Wrap the fds named by the DD_*_FD variables; raise LoaderError on garbage."""
     env = os.environ if environ is None else environ
     adopted: dict[str, socket.socket] = {}
