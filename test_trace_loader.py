@@ -1412,7 +1412,7 @@ def test_garbage_in_each_environment_variable(tmp_path, name, kind):
     assert ENV_VARS[name] in ("path", "host", "file", "presence"), name
     if ENV_VARS[name] == "path":
         with pytest.raises(tl.ListenerError, match="unix socket path"):
-            tl._open_unix_listener(s.receiver_socket, 0o722)
+            tl._open_unix_listener(s.receiver_socket, 0o722, quiet_log())
     if ENV_VARS[name] == "host":
         with pytest.raises(tl.ListenerError, match=r"cannot (resolve bind host|listen on)"):
             tl._open_tcp_listener(s.bind_host, 0)

@@ -967,10 +967,15 @@ def _unix_socket_is_served(path: str) -> bool:
     return True
 
 
-def _open_unix_listener(path: str, mode: int) -> socket.socket:
+def _open_unix_listener(path: str, mode: int, log: _Log) -> socket.socket | None:
+    """The listening unix socket, or None when its directory is missing (a skip, not a failure)."""
+    # A leading "@" names a Linux abstract socket, as in Go: no file at all.
     abstract = path.startswith("@") and sys.platform.startswith("linux")
     if not abstract:
-        _validate_unix_path(path)
+        _validate_unix_path(path)  # first: a relative or NUL path is a failure, not a missing directory
+        if not os.path.isdir(os.path.dirname(path)):
+            log.error("Could not start UDS listener: socket directory does not exist: %s" % path)
+            return None
         _clear_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # bind() creates the file with 0777 & ~umask: setting the umask first
@@ -978,7 +983,6 @@ def _open_unix_listener(path: str, mode: int) -> socket.socket:
     # (the Go loader binds, then chmods).
     old_umask = os.umask(0o777 & ~mode)
     try:
-        # A leading "@" names a Linux abstract socket, as in Go: no file at all.
         sock.bind("\0" + path[1:] if abstract else path)
         sock.listen(_listen_backlog())
     except OSError as exc:
@@ -1025,14 +1029,10 @@ def _open_one(spec: _ListenerSpec, log: _Log) -> socket.socket | None:
         log.info("Listening to %s at %s..." % (spec.label, _join_host_port(spec.host, port)))
         return sock
     if spec.kind == "unix":
-        abstract = spec.path.startswith("@") and sys.platform.startswith("linux")
-        if not abstract:
-            _validate_unix_path(spec.path)
-        if not abstract and not os.path.isdir(os.path.dirname(spec.path)):
-            log.error("Could not start UDS listener: socket directory does not exist: %s" % spec.path)
-            return None
-        log.info("Listening to %s at path %s" % (spec.label, spec.path))
-        return _open_unix_listener(spec.path, spec.mode)
+        unix_sock = _open_unix_listener(spec.path, spec.mode, log)
+        if unix_sock is not None:
+            log.info("Listening to %s at path %s" % (spec.label, spec.path))
+        return unix_sock
     return _adopt_inherited_socket(spec.fd)
 
 

@@ -118,7 +118,7 @@ def compiled_loader(python: str, tmp: str) -> str:
     return target
 
 
-def variants(python: str, tmp: str, level: str = "info") -> list[Variant]:
+def variants(python: str, tmp: str) -> list[Variant]:
     out = []
     for flags, suffix in (([], ""), (["-I", "-S"], " -I -S")):
         out.append(Variant("loader" + suffix, [python, *flags, LOADER, "{config}", "/bin/true"], "Polling"))
