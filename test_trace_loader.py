@@ -604,7 +604,7 @@ def answered_through(procs, tmp_path, bind_host: str, client_host: str) -> tuple
     report = tmp_path / "report.json"
     proc = start_drop_in(procs, write_config(tmp_path, "bind_host: '%s'\n" % bind_host, port=port, probe=False),
                          report)
-    proc.wait_for(r"Listening to TCP receiver at %s..." % re.escape(tl._join_host_port(bind_host, port)))
+    proc.wait_for(r"Listening to TCP receiver at %s$" % re.escape(tl._join_host_port(bind_host, port)))
     proc.wait_for("Polling")
     with connect(port, client_host) as c:
         assert answer_json(http_request(c))["pid"] == proc.pid
@@ -1128,9 +1128,9 @@ def start_generic(procs, options: list[str], program: list[str], env: dict[str, 
     return procs([sys.executable, LOADER] + options + ["--"] + program, env or base_env(), **popen)
 
 
-def bound_port(proc: Proc, label: str = "tcp://") -> int:
-    line = proc.wait_for(r"Listening to %s\S* at \S+:\d+\.\.\." % re.escape(label))[0]
-    return int(re.search(r":(\d+)\.\.\.$", line).group(1))
+def bound_port(proc: Proc, label: str = "") -> int:
+    line = proc.wait_for(r"Listening to %s.* at \S+:\d+$" % re.escape(label))[0]
+    return int(re.search(r":(\d+)$", line).group(1))
 
 
 def systemd_agent(report) -> list[str]:
@@ -1162,7 +1162,8 @@ def test_systemd_protocol_hands_fds_from_3_with_names(procs, tmp_path):
 def test_env_protocol_hands_fds_in_named_variables(procs, tmp_path):
     report = tmp_path / "report.json"
     proc = start_generic(procs, ["--protocol", "env", "--listen", "APP_FD=tcp://127.0.0.1:0",
-                                 "--handle-tcp-probe", "--client-fd-var", "APP_CLIENT_FD", "--log-level", "debug"],
+                                 "--handle-tcp-probe", "--held-client", "fd", "--client-fd-var", "APP_CLIENT_FD",
+                                 "--log-level", "debug"],
                          [sys.executable, AGENT, "--fd-var", "APP_FD", "--client-var", "APP_CLIENT_FD",
                           "--report", str(report)],
                          env=base_env(APP_CLIENT_FD="77", LISTEN_FDS="2"))
@@ -1242,7 +1243,8 @@ def test_new_and_inherited_listeners_mix_in_listen_order(procs, tmp_path):
 
 def test_generic_probe_check_hands_the_client_over_as_connection(procs, tmp_path):
     report = tmp_path / "report.json"
-    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--log-level", "debug"],
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--held-client", "fd",
+                                 "--log-level", "debug"],
                          systemd_agent(report))
     port = bound_port(proc)
     proc.wait_for("Polling")
@@ -1262,7 +1264,8 @@ def test_under_systemd_socket_activate(procs, tmp_path):
     report = tmp_path / "report.json"
     port = free_port()
     argv = [shutil.which("systemd-socket-activate"), "-l", "127.0.0.1:%d" % port, sys.executable, LOADER,
-            "--listen", "systemd:", "--handle-tcp-probe", "--log-level", "debug", "--"] + systemd_agent(report)
+            "--listen", "systemd:", "--handle-tcp-probe", "--held-client", "fd", "--log-level", "debug",
+            "--"] + systemd_agent(report)
     proc = procs(argv, base_env())
     proc.wait_for("Listening on 127.0.0.1:%d" % port)
     kubelet_probe(port)  # systemd-socket-activate starts the loader on this very probe
@@ -1288,11 +1291,27 @@ def test_under_systemd_socket_activate(procs, tmp_path):
     (["--listen", "tcp://127.0.0.1:1"], "expected '-- PROGRAM [ARGS...]'"),
     (["--protocol", "env", "--listen", "tcp://127.0.0.1:1", "--", "true"], "needs NAME="),
     (["--listen", "a:b=tcp://127.0.0.1:1", "--", "true"], "is not a valid fd name"),
-    (["--protocol", "env", "--listen", "X=tcp://127.0.0.1:1", "--handle-tcp-probe", "--", "true"],
-     "needs --client-fd-var"),
+    (["--protocol", "env", "--listen", "X=tcp://127.0.0.1:1", "--handle-tcp-probe", "--held-client", "fd", "--",
+      "true"], "needs --client-fd-var"),
     (["--protocol", "env", "--listen", "X=tcp://127.0.0.1:1", "--client-fd-var", "1BAD", "--", "true"],
      "argument --client-fd-var: '1BAD' is not a valid variable name"),
-    (["--bogus", "--", "true"], "the following arguments are required: --listen"),
+    (["--bogus", "--", "true"], "unrecognized arguments: '--bogus'"),
+    (["--bogus"], "unrecognized arguments: '--bogus'"),
+    (["--bogus", "x"], "unrecognized arguments: '--bogus' 'x'"),
+    (["--listen", "tcp://127.0.0.1:1", "--handle", "--", "true"], "unrecognized arguments: '--handle'"),
+    (["--listen", "tcp://127.0.0.1:1", "--held-client", "pipe", "--", "true"],
+     "argument --held-client: invalid choice: 'pipe'"),
+    (["--listen", "tcp://127.0.0.1:1", "--hold-timeout", "-1", "--", "true"],
+     "argument --hold-timeout: '-1': expected milliseconds from 0 to 600000"),
+    (["--listen", "tcp://127.0.0.1:1", "--hold-timeout", "600001", "--", "true"],
+     "argument --hold-timeout: '600001': expected milliseconds from 0 to 600000"),
+    (["--listen", "tcp://127.0.0.1:1", "--hold-timeout", "1.5", "--", "true"],
+     "argument --hold-timeout: '1.5': expected milliseconds"),
+    (["--protocol", "env", "--listen", "X=tcp://127.0.0.1:1", "--listen", "X=tcp://127.0.0.1:2", "--", "true"],
+     "argument --listen: X would carry 2 fds"),
+    (["--listen", "tcp://127.0.0.1:1", "--client-fd-var", "C", "--", "true"],
+     "argument --client-fd-var: only used with --held-client fd under --protocol env"),
+    (["config.yaml", "--bogus"], "AGENT '--bogus' looks like an option"),
 ])
 def test_generic_usage_errors_exit_2_naming_the_option(args, message):
     result = run_loader(args)
@@ -1450,7 +1469,8 @@ def test_inherited_fd_variables_never_reach_the_agent(procs, tmp_path, path):
     if path == "internal":
         # No input reaches main()'s last guard from outside; run the guard's exec itself.
         code = ("import sys; sys.path.insert(0, %r); import trace_loader as t, os;"
-                "t._last_resort_exec(sys.argv[1:], dict(os.environ), t._Log())" % os.path.dirname(LOADER))
+                "t._last_resort_exec(sys.argv[2:], dict(os.environ), [0, 1, 2], t._Log())"
+                % os.path.dirname(LOADER))
         proc = procs([sys.executable, "-c", code, config] + agent_argv(report), env)
     else:
         proc = start_drop_in(procs, config, report, env)

@@ -32,13 +32,15 @@ import select
 import signal
 import socket
 import stat
+import struct
 import sys
 import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs import time and memory; only mypy needs it
     import argparse
-    from typing import Iterable, Mapping, NoReturn
+    import ctypes
+    from typing import Callable, Iterable, Mapping, NoReturn
 
 __version__ = "0.1.0"
 
@@ -115,6 +117,15 @@ _LOG_WRITE_ERRNOS = frozenset(
 )
 
 
+# Every control character a message might still carry becomes a visible
+# escape: a raw CR or ESC in a log line could forge a line or drive a terminal.
+_CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
+_MAX_LOG_LINE = 2048  # bytes, newline included
+_PATH_SHOWN_MAX = 300
+# A variable whose name holds one of these (any case) is masked at trace level.
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
+
+
 class _Log:
     """Writes `DATE UTC | TRACE-LOADER | LEVEL | (file:line in func) | msg`."""
 
@@ -137,38 +148,32 @@ class _Log:
         try:
             fd = os.open(path, flags, 0o640)
         except (OSError, ValueError) as exc:
-            self.warn("Cannot open log file %s (%s); logging to the console only" % (path, _oserror_text(exc)))
+            self.warn("Cannot open log file %s (%s); logging to the console only",
+                      _path_shown(path), _oserror_text(exc))
             return -1
         return fd
-
-    def move_fd_at_or_above(self, floor: int) -> None:
-        """Keep the log fd out of the range the systemd hand-off fills."""
-        if 0 <= self.file_fd < floor:
-            import fcntl  # only the systemd hand-off needs it
-
-            # F_DUPFD_CLOEXEC: lowest free fd >= floor, still closed on exec.
-            new_fd = fcntl.fcntl(self.file_fd, fcntl.F_DUPFD_CLOEXEC, floor)
-            os.close(self.file_fd)
-            self.file_fd = new_fd
 
     def enabled(self, level: str) -> bool:
         return _LEVELS[level] >= self.threshold
 
     def _emit(self, level: str, message: str, args: tuple[object, ...]) -> None:
         if not self.enabled(level):
-            return  # before any formatting: the wait loop logs at debug on every event
+            return  # before formatting the arguments: the wait logs at debug on every event
         if args:
             message = message % args
         caller = sys._getframe(2)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         source = os.path.basename(caller.f_code.co_filename)
-        line = "%s | TRACE-LOADER | %s | (%s:%d in %s) | %s\n" % (
+        line = "%s | TRACE-LOADER | %s | (%s:%d in %s) | %s" % (
             stamp, level.upper(), source, caller.f_lineno, caller.f_code.co_name,
-            message.replace("\n", "\\n"),
+            message.translate(_CONTROL_ESCAPES),
         )
         # backslashreplace: environment values may carry undecodable bytes
         # (surrogate escapes); a log line must never raise on them.
         data = line.encode("utf-8", "backslashreplace")
+        if len(data) >= _MAX_LOG_LINE:
+            data = data[: _MAX_LOG_LINE - 5].decode("utf-8", "ignore").encode("utf-8") + b" ..."
+        data += b"\n"
         for fd in ((2,) if self.console else ()) + ((self.file_fd,) if self.file_fd >= 0 else ()):
             try:
                 os.write(fd, data)
@@ -202,10 +207,39 @@ def _oserror_text(exc: BaseException) -> str:
 
 
 def _shown(value: str, limit: int = 64) -> str:
-    """A user's value, quoted and cut short, safe for one log line."""
+    """A user's value, quoted and cut short, safe for one log line.
+
+    repr() escapes every control character (CR, ESC, ...), so no value can
+    forge a line or drive a terminal; README "What a log line may contain".
+    """
     if len(value) > limit:
         return repr(value[:limit]) + "... (%d characters)" % len(value)
     return repr(value)
+
+
+def _path_shown(path: str) -> str:
+    """A path (or address) from outside: as it is when plainly printable and short, else escaped and cut."""
+    return _plain(path, _PATH_SHOWN_MAX)
+
+
+def _plain(value: str, limit: int = 64) -> str:
+    """`value` unquoted when it is printable and short enough; else quoted, escaped and cut (_shown)."""
+    if value and len(value) <= limit and value.isprintable():
+        return value
+    return _shown(value, limit)
+
+
+def _is_secret_name(name: str) -> bool:
+    upper = name.upper()
+    return any(word in upper for word in _SECRET_WORDS)
+
+
+def _env_shown(env: Mapping[str, str]) -> str:
+    """The environment for a trace line: secrets masked, every value cut."""
+    return ", ".join(
+        "%s=%s" % (_shown(name, 64), "'********'" if _is_secret_name(name) else _shown(value))
+        for name, value in sorted(env.items())
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -444,11 +478,25 @@ def _opaque_kind(rest: str) -> str:
         return "a tagged value (%s)" % rest.split()[0]
     if _is_dash_item(rest):
         return "a list"
+    if rest.startswith("\"") and _surrogate_escape(rest):
+        return "the escape %s, a surrogate code point, which YAML does not allow" % _surrogate_escape(rest)
     if rest.startswith(("\"", "'")):
         return "a quoted string that does not end on its line, or text after it"
     if rest.startswith(("@", "`", "%")):
         return "a value starting with the reserved character %s" % rest[0]
     return "a nested 'key: value' on one line"
+
+
+def _surrogate_escape(text: str) -> str:
+    """The first \\uD800-\\uDFFF style escape in `text`, or ''."""
+    for marker, width in (("\\u", 4), ("\\U", 8)):
+        start = text.find(marker)
+        while start >= 0:
+            digits = text[start + 2: start + 2 + width]
+            if len(digits) == width and _is_hex(digits) and 0xD800 <= int(digits, 16) <= 0xDFFF:
+                return text[start: start + 2 + width]
+            start = text.find(marker, start + 2)
+    return ""
 
 
 def _scalar_node(rest: str, lineno: int) -> _Node | None:
@@ -501,8 +549,8 @@ def _read_quoted(text: str, pos: int) -> tuple[str | None, int]:
             if not width or len(digits) != width or not _is_hex(digits):
                 return None, pos
             value = int(digits, 16)
-            if value > 0x10FFFF:
-                return None, pos
+            if value > 0x10FFFF or 0xD800 <= value <= 0xDFFF:
+                return None, pos  # beyond Unicode, or a lone surrogate: YAML allows neither
             out.append(chr(value))
             i += 2 + width
             continue
@@ -582,6 +630,12 @@ _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 _YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
 _INT64 = 1 << 63
+# unicode.IsSpace, which strings.TrimSpace uses: narrower than str.isspace,
+# which also strips the ASCII separators 0x1c-0x1f.
+_GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
+    "\u2028\u2029\u202f\u205f\u3000"
+_GO_PREFIXES = {"b": 2, "o": 8, "x": 16}
+_GO_DIGITS = {c: i for i, c in enumerate("0123456789abcdefghijklmnopqrstuvwxyz")}
 
 _DEFAULT_SOCKET = "/var/run/datadog/apm.socket" if sys.platform.startswith("linux") else ""
 _DEFAULT_LOG_FILE = (
@@ -589,6 +643,12 @@ _DEFAULT_LOG_FILE = (
 )
 _DEFAULT_PROBE_GRACE_MS = 250
 _MAX_PROBE_GRACE_MS = 60_000
+_MAX_HOLD_TIMEOUT_MS = 600_000
+_GENERIC_HOLD_TIMEOUT_MS = 1000  # drop-in: 0 (no limit), as the Go loader
+# How the held client reaches the program: as an inherited fd, or relayed by
+# a helper process into the program's own listener (README "Generic mode").
+_HELD_FD, _HELD_RELAY = "fd", "relay"
+_HELD_CLIENT_WAYS = (_HELD_FD, _HELD_RELAY)
 
 # (YAML path, environment variables in order of precedence)
 _KEYS: dict[str, tuple[str, ...]] = {
@@ -597,6 +657,8 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "apm_config.socket_activation.enabled": ("DD_APM_SOCKET_ACTIVATION_ENABLED",),
     "apm_config.socket_activation.handle_tcp_probe": ("DD_APM_SOCKET_ACTIVATION_HANDLE_TCP_PROBE",),
     "apm_config.socket_activation.probe_grace_period": ("DD_APM_SOCKET_ACTIVATION_PROBE_GRACE_PERIOD",),
+    "apm_config.socket_activation.held_client": ("DD_APM_SOCKET_ACTIVATION_HELD_CLIENT",),
+    "apm_config.socket_activation.hold_timeout": ("DD_APM_SOCKET_ACTIVATION_HOLD_TIMEOUT",),
     "apm_config.receiver_port": ("DD_APM_RECEIVER_PORT", "DD_RECEIVER_PORT"),
     "apm_config.receiver_socket": ("DD_APM_RECEIVER_SOCKET",),
     "apm_config.apm_non_local_traffic": ("DD_APM_NON_LOCAL_TRAFFIC",),
@@ -690,6 +752,27 @@ class _Config:
         node = self.scalar(key)
         return default if node is None else node.text
 
+    def error(self, key: str, message: str) -> ConfigError:
+        """An error about the value `key` has now, naming where that value was found."""
+        found = self.from_env(key)
+        if found is not None:
+            return ConfigError(message, key=found[0])
+        node = self.from_file(key)
+        return ConfigError(message, source=self.source, line=node.line if node else 0, key=key)
+
+    def in_range(self, key: str, default: int, low: int, high: int) -> int:
+        """An integer from `low` to `high` (milliseconds), or an error naming key and value."""
+        value = self.integer(key, default)
+        if not low <= value <= high:
+            raise self.error(key, "%d ms is out of range (%d-%d)" % (value, low, high))
+        return value
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        text = self.string(key, default)
+        if text not in choices:
+            raise self.error(key, "%s is not one of %s" % (_shown(text), ", ".join(choices)))
+        return text
+
     def scalar(self, key: str) -> _Node | None:
         node = self.from_file(key)
         if node is not None and not node.is_scalar:
@@ -715,23 +798,58 @@ def _go_bool(text: str, name: str) -> bool:
 
 
 def _go_int(text: str, name: str) -> int:
-    """strconv.ParseInt(strings.TrimSpace(s), 0, 0): 8126, 0x1fbe, 0o17, 017, 0b1, 1_000."""
-    body = text.strip()
-    sign = -1 if body.startswith("-") else 1
-    digits = body[1:] if body[:1] in ("-", "+") else body
-    if len(digits) > 1 and digits[0] == "0" and digits[1] in "01234567_":
-        digits = "0o" + digits[1:]  # Go reads a leading 0 as octal; Python wants 0o
-    value: int | None = None
-    if digits.isascii() and len(digits) <= 72 and not digits.startswith("_"):
-        try:
-            value = sign * int(digits, 0)
-        except ValueError:
-            value = None
+    """strconv.ParseInt(strings.TrimSpace(s), 0, 64), exactly: 8126, 0x1fbe, 0o17, 017, 0b1, 1_000."""
+    value = _parse_go_int(text.strip(_GO_SPACE))
     if value is None:
         raise ConfigError("%s is not an integer" % _shown(text), key=name)
     if not -_INT64 <= value < _INT64:
         raise ConfigError("%s is out of range for a 64-bit integer" % _shown(text), key=name)
     return value
+
+
+def _parse_go_int(text: str) -> int | None:
+    """Go's integer syntax with base 0, or None; the range is checked by the caller."""
+    negative = text[:1] == "-"
+    body = text[1:] if text[:1] in ("-", "+") else text  # one sign, directly before the number
+    if not body:
+        return None
+    base, digits = 10, body
+    if body[0] == "0":
+        prefix = body[1:2].lower()
+        if len(body) >= 3 and prefix in _GO_PREFIXES:
+            base, digits = _GO_PREFIXES[prefix], body[2:]
+        else:
+            base, digits = 8, body[1:]  # a leading 0 alone means octal
+    value = 0
+    for char in digits:
+        if char == "_":
+            continue  # placement is checked below, on the whole literal
+        digit = _GO_DIGITS.get(char.lower(), 99)
+        if digit >= base:
+            return None
+        # Past 64 bits the exact value no longer matters: stop it growing, so
+        # a 100 KB string of digits costs linear time.
+        value = min(value * base + digit, _INT64 << 1)
+    if "_" in body and not _go_underscores_ok(body):
+        return None
+    return -value if negative else value
+
+
+def _go_underscores_ok(body: str) -> bool:
+    """Go's rule: an underscore only between digits, or after a base prefix."""
+    hexadecimal = body[:2].lower() == "0x"
+    previous = "digit" if len(body) >= 2 and body[0] == "0" and body[1].lower() in "box" else "start"
+    start = 2 if previous == "digit" else 0
+    for char in body[start:]:
+        if char == "_":
+            if previous != "digit":
+                return False
+            previous = "_"
+        elif char in "0123456789" or (hexadecimal and char.lower() in "abcdef"):
+            previous = "digit"
+        else:
+            return False  # not reached: the digits were checked first
+    return previous != "_"
 
 
 class _DropInSettings:
@@ -742,10 +860,12 @@ class _DropInSettings:
         self.error_tracking = config.boolean("apm_config.error_tracking_standalone.enabled", False)
         self.socket_activation = config.boolean("apm_config.socket_activation.enabled", False)
         self.handle_tcp_probe = config.boolean("apm_config.socket_activation.handle_tcp_probe", False)
-        self.probe_grace_ms = _grace_ms(
-            config.integer("apm_config.socket_activation.probe_grace_period", _DEFAULT_PROBE_GRACE_MS),
-            "apm_config.socket_activation.probe_grace_period",
-        )
+        self.probe_grace_ms = config.in_range("apm_config.socket_activation.probe_grace_period",
+                                              _DEFAULT_PROBE_GRACE_MS, 0, _MAX_PROBE_GRACE_MS)
+        self.held_client = config.choice("apm_config.socket_activation.held_client", _HELD_FD, _HELD_CLIENT_WAYS)
+        # 0: no limit, as the Go loader, which holds a silent client for ever.
+        self.hold_timeout_ms = config.in_range("apm_config.socket_activation.hold_timeout", 0, 0,
+                                               _MAX_HOLD_TIMEOUT_MS)
         self.receiver_port = config.integer("apm_config.receiver_port", 8126)
         self.receiver_socket = config.string("apm_config.receiver_socket", _DEFAULT_SOCKET)
         # `receiver:` with nothing under it still turns OTLP on (SPEC).
@@ -763,12 +883,6 @@ class _DropInSettings:
                           ("otlp_config.traces.internal_port", self.otlp_port)):
             if port > 65535 or (key.startswith("otlp") and self.otlp_enabled and port <= 0):
                 raise ConfigError("port %d is out of range (1-65535)" % port, key=key)
-
-
-def _grace_ms(value: int, name: str) -> int:
-    if not 0 <= value <= _MAX_PROBE_GRACE_MS:
-        raise ConfigError("%d ms is out of range (0-%d)" % (value, _MAX_PROBE_GRACE_MS), key=name)
-    return value
 
 
 def _log_level(text: str) -> str:
@@ -806,23 +920,34 @@ def _load_drop_in_settings(path: str, environ: Mapping[str, str], log: _Log) -> 
 # ---------------------------------------------------------------------------
 
 
+# The three kinds of listener, as `--listen` writes them.
+_TCP, _UNIX, _INHERITED = "tcp", "unix", "inherited"
+
+
 class _ListenerSpec:
-    """One socket to offer: TCP, unix, or one inherited from systemd."""
+    """One socket to offer: TCP, unix, or one inherited from systemd.
 
-    __slots__ = ("fd", "fdname", "host", "kind", "label", "mode", "name", "path", "port", "probe")
+    Three names, for three readers: `handoff_name` is what the program sees
+    (its fd variable, or its LISTEN_FDNAMES entry); `systemd_name` selects
+    which inherited sockets a `systemd:NAME` adopts; `shown_as` is what the
+    log says.
+    """
 
-    def __init__(self, name: str, kind: str, *, host: str = "", port: int = 0, path: str = "",
-                 mode: int = 0o722, fd: int = -1, fdname: str = "", probe: bool = False, label: str = "") -> None:
-        self.name = name  # fd variable (env protocol) or LISTEN_FDNAMES entry
-        self.kind = kind  # "tcp", "unix" or "inherited"
+    __slots__ = ("fd", "handoff_name", "host", "kind", "mode", "path", "port", "probe", "shown_as",
+                 "systemd_name")
+
+    def __init__(self, handoff_name: str, kind: str, *, shown_as: str, host: str = "", port: int = 0,
+                 path: str = "", mode: int = 0o722, fd: int = -1, systemd_name: str = "") -> None:
+        self.handoff_name = handoff_name
+        self.kind = kind
+        self.shown_as = shown_as
         self.host = host
         self.port = port
         self.path = path
         self.mode = mode
         self.fd = fd
-        self.fdname = fdname  # `systemd:FDNAME`: adopt the inherited sockets of that name ("": all)
-        self.probe = probe  # the one listener the TCP probe check watches
-        self.label = label or name
+        self.systemd_name = systemd_name  # "" adopts every inherited socket
+        self.probe = False  # the one listener the probe check watches; see _choose_probe_listener
 
 
 class _Listener:
@@ -898,7 +1023,8 @@ def _open_tcp_listener(host: str, port: int) -> socket.socket:
         sock.listen(_listen_backlog())
     except OSError as exc:
         sock.close()
-        raise ListenerError("cannot listen on %s: %s" % (_join_host_port(host, port), _oserror_text(exc))) from None
+        where = _plain(_join_host_port(host, port))
+        raise ListenerError("cannot listen on %s: %s" % (where, _oserror_text(exc))) from None
     return sock
 
 
@@ -921,7 +1047,7 @@ def _validate_unix_path(path: str) -> None:
     if len(encoded) > _SUN_PATH_MAX:
         raise ListenerError(
             "unix socket path is %d bytes, longer than the %d the kernel allows (sun_path): %s"
-            % (len(encoded), _SUN_PATH_MAX, path)
+            % (len(encoded), _SUN_PATH_MAX, _path_shown(path))
         )
 
 
@@ -932,21 +1058,21 @@ def _clear_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise ListenerError("cannot inspect %s: %s" % (path, _oserror_text(exc))) from None
+        raise ListenerError("cannot inspect %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
     if stat.S_ISLNK(info.st_mode):
-        raise ListenerError("%s is a symbolic link; refusing to replace it" % path)
+        raise ListenerError("%s is a symbolic link; refusing to replace it" % _path_shown(path))
     if not stat.S_ISSOCK(info.st_mode):
         raise ListenerError(
-            "%s exists and is %s, not a socket; refusing to remove it" % (path, _file_kind(info.st_mode))
+            "%s exists and is %s, not a socket; refusing to remove it" % (_path_shown(path), _file_kind(info.st_mode))
         )
     if _unix_socket_is_served(path):
-        raise ListenerError("%s is served by a live process; refusing to take it over" % path)
+        raise ListenerError("%s is served by a live process; refusing to take it over" % _path_shown(path))
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass  # gone between lstat and unlink: the room we wanted
     except OSError as exc:
-        raise ListenerError("cannot remove stale socket %s: %s" % (path, _oserror_text(exc))) from None
+        raise ListenerError("cannot remove stale socket %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
 
 
 def _unix_socket_is_served(path: str) -> bool:
@@ -963,7 +1089,8 @@ def _unix_socket_is_served(path: str) -> bool:
         except BlockingIOError:
             return True
         except OSError as exc:
-            raise ListenerError("cannot tell whether %s is in use: %s" % (path, _oserror_text(exc))) from None
+            raise ListenerError(
+                "cannot tell whether %s is in use: %s" % (_path_shown(path), _oserror_text(exc))) from None
     return True
 
 
@@ -974,7 +1101,7 @@ def _open_unix_listener(path: str, mode: int, log: _Log) -> socket.socket | None
     if not abstract:
         _validate_unix_path(path)  # first: a relative or NUL path is a failure, not a missing directory
         if not os.path.isdir(os.path.dirname(path)):
-            log.error("Could not start UDS listener: socket directory does not exist: %s" % path)
+            log.error("Could not start UDS listener: socket directory does not exist: %s", _path_shown(path))
             return None
         _clear_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -987,7 +1114,7 @@ def _open_unix_listener(path: str, mode: int, log: _Log) -> socket.socket | None
         sock.listen(_listen_backlog())
     except OSError as exc:
         sock.close()
-        raise ListenerError("cannot listen on unix socket %s: %s" % (path, _oserror_text(exc))) from None
+        raise ListenerError("cannot listen on unix socket %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
     finally:
         os.umask(old_umask)
     return sock
@@ -1013,7 +1140,7 @@ def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
                 opened.append(_Listener(spec, sock))
     except (LoaderError, OSError) as exc:
         for listener in opened:
-            if listener.spec.kind != "inherited":  # systemd's fds stay for the fail-open exec
+            if listener.spec.kind != _INHERITED:  # systemd's fds stay for the fail-open exec
                 listener.sock.close()
         if isinstance(exc, OSError):
             raise ListenerError(_oserror_text(exc)) from None
@@ -1022,36 +1149,40 @@ def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
 
 
 def _open_one(spec: _ListenerSpec, log: _Log) -> socket.socket | None:
-    if spec.kind == "tcp":
+    if spec.kind == _TCP:
         sock = _open_tcp_listener(spec.host, spec.port)
         # The bound port, which the kernel chose when the address said 0.
         port = int(sock.getsockname()[1])
-        log.info("Listening to %s at %s..." % (spec.label, _join_host_port(spec.host, port)))
+        log.info("Listening to %s at %s", spec.shown_as, _join_host_port(spec.host, port))
         return sock
-    if spec.kind == "unix":
+    if spec.kind == _UNIX:
         unix_sock = _open_unix_listener(spec.path, spec.mode, log)
         if unix_sock is not None:
-            log.info("Listening to %s at path %s" % (spec.label, spec.path))
+            log.info("Listening to %s at path %s", spec.shown_as, _path_shown(spec.path))
         return unix_sock
     return _adopt_inherited_socket(spec.fd)
 
 
 # ---------------------------------------------------------------------------
-# The wait: a small state machine over poll().
+# The wait: a small state machine over poll() (README "The wait").
 #
-#   IDLE     only the listeners are polled. An event on the probe listener
-#            (with the probe check on) accepts one client -> HOLDING; any
-#            other event wakes the agent.
-#   HOLDING  the listeners and the held client are polled. The client sends
-#            data -> wake; closes (FIN or RST) -> a probe absorbed -> IDLE.
-#            A second client on the probe listener -> GRACE (or wake at once
-#            when the grace period is 0, as the Go loader does).
-#   GRACE    the probe listener leaves the poll set, so the second client
-#            waits in the kernel's backlog, untouched, for the agent. The
-#            held client gets `grace` ms to send (wake) or close (-> IDLE,
-#            where the second client is accepted and examined in turn).
+#   state    polled                     event                      next
+#   IDLE     listeners                  client on probe listener   accept it: HOLDING
+#                                       anything else              wake
+#   HOLDING  listeners, held client     held client sends          wake
+#                                       held client closes         probe absorbed: IDLE
+#                                       hold timeout               wake
+#                                       2nd client, grace > 0      GRACE
+#                                       2nd client, grace 0        wake (the Go loader)
+#   GRACE    other listeners,           held client sends          wake
+#            held client (the 2nd       held client closes         probe absorbed: IDLE
+#            client waits in the        grace or hold timeout      wake
+#            backlog, untouched)
+#   any      several sockets ready at once with grace 0, another listener,
+#            an unexpected error                                    wake
 #
-# Anything else (another listener, an unexpected errno) wakes the agent.
+# Each transition is one method of _Waiter that sets the poll registrations
+# and the deadline together.
 # ---------------------------------------------------------------------------
 
 _IDLE, _HOLDING, _GRACE = "IDLE", "HOLDING", "GRACE"
@@ -1067,26 +1198,44 @@ _ACCEPT_RETRY_ERRNOS = frozenset(
 # A peek that fails with these saw a reset: a probe closed with an RST.
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.ENOTCONN})
 
-_POLL_EVENT_NAMES = ((select.POLLIN, "POLLIN"), (select.POLLERR, "POLLERR"),
+# POLLPRI too: an urgent (MSG_OOB) byte alone is data, but it is out of band,
+# so neither POLLIN nor a peek reports it.
+_CLIENT_EVENTS = select.POLLIN | select.POLLPRI
+_POLL_EVENT_NAMES = ((select.POLLIN, "POLLIN"), (select.POLLPRI, "POLLPRI"), (select.POLLERR, "POLLERR"),
                      (select.POLLHUP, "POLLHUP"), (select.POLLNVAL, "POLLNVAL"))
+
+# What a peek at the held client found.
+_SENT, _FIN, _RST, _SILENT = "sent", "FIN", "RST", "silent"
 
 
 class _HeldClient:
-    __slots__ = ("address", "sock")
+    """The one accepted TCP client the wait holds, and where it came from."""
 
-    def __init__(self, sock: socket.socket, address: object) -> None:
+    __slots__ = ("address", "listener", "sock")
+
+    def __init__(self, sock: socket.socket, address: object, listener: _Listener) -> None:
         self.sock = sock
-        self.address = address  # formatted only when a log line shows it
+        self.address = address
+        self.listener = listener
 
     @property
     def peer(self) -> str:
         return _peer_text(self.address)
 
+    def reset(self) -> None:
+        """Close with an RST: the peer sees a reset at once, never a hang."""
+        try:
+            # SO_LINGER on, 0 s: close() discards and resets instead of a FIN.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass  # already reset by the peer: a plain close is all there is left to do
+        self.sock.close()
+
 
 class _Wake:
     """Why the wait ended, and the client to hand over, if one is held."""
 
-    __slots__ = ("reason", "client", "probes")
+    __slots__ = ("client", "probes", "reason")
 
     def __init__(self, reason: str, client: _HeldClient | None, probes: dict[str, int]) -> None:
         self.reason = reason
@@ -1104,124 +1253,198 @@ def _events_text(revents: int) -> str:
     return " ".join(name for bit, name in _POLL_EVENT_NAMES if revents & bit) or hex(revents)
 
 
-def _remaining_ms(deadline: float | None) -> int | None:
-    if deadline is None:
-        return None  # no timeout: an idle loader never wakes up
-    # poll() counts whole milliseconds: round up so we never spin just before
-    # the deadline.
-    return max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
-
-
 def _peek(client: _HeldClient) -> str:
-    """'data', 'fin', 'rst' or 'silent'; any other error propagates."""
+    """_SENT, _FIN, _RST or _SILENT; any other error propagates."""
     try:
         # MSG_PEEK: look without consuming, the bytes stay for the agent.
         # MSG_DONTWAIT: the fd stays blocking for the agent, but we never wait.
         data = client.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
-        return "silent"
+        return _SILENT
     except OSError as exc:
         if exc.errno in _RESET_ERRNOS:
-            return "rst"
+            return _RST
         raise
-    return "data" if data else "fin"
+    return _SENT if data else _FIN
 
 
-def _wait_for_traffic(listeners: list[_Listener], *, grace_ms: int, log: _Log, agent_label: str) -> _Wake:
-    """Sleep in poll() until traffic that is not a probe arrives."""
-    probe_sock = next((lsn.sock for lsn in listeners if lsn.spec.probe), None)
-    by_fd = {lsn.fd: lsn for lsn in listeners}
-    probes = {"FIN": 0, "RST": 0}
-    poller = select.poll()
-    for listener in listeners:
-        log.debug("%s file descriptor is %d" % (listener.spec.name, listener.fd))
-        poller.register(listener.fd, select.POLLIN)
-        if listener.sock is probe_sock:
+class _Waiter:
+    """The wait's state: what is polled, what is held, and until when."""
+
+    def __init__(self, listeners: list[_Listener], probe: _Listener | None, *, grace_ms: int,
+                 hold_timeout_ms: int, log: _Log, program_label: str) -> None:
+        self.listeners = listeners
+        self.program_label = program_label
+        self.by_fd = {lsn.fd: lsn for lsn in listeners}
+        self.probe = probe
+        self.grace_ms = grace_ms
+        self.hold_timeout_ms = hold_timeout_ms
+        self.log = log
+        self.probes = {_FIN: 0, _RST: 0}
+        self.poller = select.poll()
+        for listener in listeners:
+            self.poller.register(listener.fd, select.POLLIN)
+        if probe is not None:
             # Non-blocking for the wait only: a client that vanishes between
             # poll() and accept() must not block us. Restored before exec.
-            probe_sock.setblocking(False)
-    state = _IDLE
-    held: _HeldClient | None = None
-    deadline: float | None = None
+            probe.sock.setblocking(False)
+        self.state = _IDLE
+        self.held: _HeldClient | None = None
+        self.deadline: float | None = None
+        self.deadline_reason = ""
 
-    def wake(reason: str) -> _Wake:
-        return _Wake(reason, held, probes)
+    # -- the transitions ----------------------------------------------------
 
-    log.info("Polling... (fds %s%s)" % (", ".join(str(fd) for fd in by_fd),
-                                        "; probe check on fd %d" % probe_sock.fileno() if probe_sock else ""))
-    while True:
-        log.debug("Polling... (state %s)", state)
-        try:
-            ready = dict(poller.poll(_remaining_ms(deadline)))  # PEP 475 retries EINTR for us
-        except OSError as exc:
-            return wake("poll() failed: %s" % _oserror_text(exc))
-        if not ready:
-            return wake("a second TCP client arrived and the held one stayed silent for %d ms" % grace_ms)
-        if log.enabled("debug"):
+    def enter_idle(self, how: str) -> None:
+        """The held client closed (`how`: FIN or RST): a probe; the probe listener is polled again."""
+        assert self.held is not None and self.probe is not None
+        fd = self.held.sock.fileno()
+        self.poller.unregister(fd)
+        self.held.sock.close()
+        # Logged once closed: a reader of the log may look at our fds next.
+        self.log.debug("TCP client closed connection, closing file descriptor %d (peer %s, %s)", fd,
+                       self.held.peer, how)
+        self.held = None
+        if self.state == _GRACE:
+            self.poller.register(self.probe.fd, select.POLLIN)
+        self.state, self.deadline = _IDLE, None
+
+    def enter_holding(self, client: _HeldClient) -> None:
+        self.poller.register(client.sock.fileno(), _CLIENT_EVENTS)
+        self.held = client
+        self.state = _HOLDING
+        self.deadline, self.deadline_reason = None, ""
+        if self.hold_timeout_ms:
+            self.deadline = time.monotonic() + self.hold_timeout_ms / 1000.0
+            self.deadline_reason = "the held TCP client %s sent nothing for %d ms" % (client.peer,
+                                                                                       self.hold_timeout_ms)
+
+    def enter_grace(self) -> None:
+        """A second client waits: leave it in the backlog, give the held one `grace_ms`."""
+        assert self.probe is not None
+        self.poller.unregister(self.probe.fd)
+        self.state = _GRACE
+        grace_end = time.monotonic() + self.grace_ms / 1000.0
+        if self.deadline is None or grace_end < self.deadline:  # else the hold timeout comes first
+            self.deadline = grace_end
+            self.deadline_reason = ("a second TCP client arrived and the held one stayed silent for %d ms"
+                                    % self.grace_ms)
+        self.log.debug("A second TCP client is waiting; giving the held one %d ms", self.grace_ms)
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> _Wake:
+        self.log.info("Polling... (fds %s%s)", ", ".join(str(fd) for fd in self.by_fd),
+                      "; probe check on fd %d" % self.probe.fd if self.probe else "")
+        while True:
+            self.log.debug("Polling... (state %s)", self.state)
+            try:
+                ready = dict(self.poller.poll(self.remaining_ms()))  # PEP 475 retries EINTR for us
+            except OSError as exc:
+                return self.wake("poll() failed: %s" % _oserror_text(exc))
+            if not ready:
+                return self.wake(self.deadline_reason)  # only a deadline ends an empty poll
+            reason = self.on_events(ready)
+            if reason:
+                return self.wake(reason)
+
+    def remaining_ms(self) -> int | None:
+        if self.deadline is None:
+            return None  # no timeout: an idle loader never wakes up
+        # poll() counts whole milliseconds: round up so we never spin just
+        # before the deadline.
+        return max(0, int((self.deadline - time.monotonic()) * 1000 + 0.999))
+
+    def wake(self, reason: str) -> _Wake:
+        return _Wake(reason, self.held, self.probes)
+
+    def on_events(self, ready: dict[int, int]) -> str:
+        """Handle one poll() result; a non-empty reason ends the wait."""
+        if self.log.enabled("debug"):
             for fd, revents in ready.items():
-                log.debug("Socket %d has events %s", fd, _events_text(revents))
-        if probe_sock is None:
-            return wake("traffic on %s" % _labels(ready, by_fd))
-        others = [fd for fd in ready if fd in by_fd and by_fd[fd].sock is not probe_sock]
+                self.log.debug("Socket %d has events %s", fd, _events_text(revents))
+        if self.probe is None:
+            return "traffic on %s" % self.listeners_text(ready)
+        others = [fd for fd in ready if fd in self.by_fd and fd != self.probe.fd]
         if others:
-            return wake("traffic on %s" % _labels(others, by_fd))
-        if grace_ms == 0 and len(ready) > 1:
-            return wake("events on several sockets at once")
-        if held is not None and held.sock.fileno() in ready:
-            try:
-                outcome = _peek(held)
-            except OSError as exc:
-                return wake("error reading the held TCP client: %s" % _oserror_text(exc))
-            if outcome == "data":
-                log.debug("TCP client sent data, executing %s..." % agent_label)
-                return wake("the held TCP client %s sent data" % held.peer)
-            if outcome in ("fin", "rst"):
-                kind = outcome.upper()
-                probes[kind] += 1
-                log.debug("TCP client closed connection, closing file descriptor %d (peer %s, %s)",
-                          held.sock.fileno(), held.peer, kind)
-                poller.unregister(held.sock.fileno())
-                held.sock.close()
-                held = None
-                if state == _GRACE:
-                    poller.register(probe_sock.fileno(), select.POLLIN)
-                state, deadline = _IDLE, None
-                continue
-            if ready[held.sock.fileno()] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                # An error or hang-up the peek did not report: never spin on it.
-                return wake("the held TCP client reported %s" % _events_text(ready[held.sock.fileno()]))
-        if probe_sock.fileno() in ready and state == _IDLE:
-            try:
-                sock, address = probe_sock.accept()
-            except OSError as exc:
-                if exc.errno in _ACCEPT_RETRY_ERRNOS:
-                    if exc.errno == errno.ECONNABORTED:  # reset while still in the backlog: a probe
-                        probes["RST"] += 1
-                    log.debug("A TCP client left before it was accepted: %s", exc)
-                    continue
-                return wake("accept() on the TCP listener failed: %s" % _oserror_text(exc))
-            held = _HeldClient(sock, address)
-            poller.register(sock.fileno(), select.POLLIN)
-            state = _HOLDING
-            log.debug("Accepted connection on TCP listener: %d (peer %s)", sock.fileno(), held.peer)
-        elif probe_sock.fileno() in ready and state == _HOLDING:
-            if grace_ms == 0:
-                return wake("a second TCP client arrived while one was held")
-            # Leave the second client in the backlog: never accept it here.
-            poller.unregister(probe_sock.fileno())
-            deadline = time.monotonic() + grace_ms / 1000.0
-            state = _GRACE
-            log.debug("A second TCP client is waiting; giving the held one %d ms" % grace_ms)
+            return "traffic on %s" % self.listeners_text(others)
+        if self.grace_ms == 0 and len(ready) > 1:
+            return "events on several sockets at once"
+        if self.held is not None and self.held.sock.fileno() in ready:
+            reason = self.on_held_client(ready[self.held.sock.fileno()])
+            if reason or self.held is None:
+                return reason
+        if self.probe.fd in ready:
+            return self.on_probe_listener()
+        return ""
+
+    def on_held_client(self, revents: int) -> str:
+        assert self.held is not None
+        if revents & select.POLLPRI:
+            return "the held TCP client %s sent urgent (out-of-band) data" % self.held.peer
+        try:
+            outcome = _peek(self.held)
+        except OSError as exc:
+            return "error reading the held TCP client: %s" % _oserror_text(exc)
+        if outcome == _SENT:
+            self.log.debug("TCP client sent data, executing %s...", self.program_label)
+            return "the held TCP client %s sent data" % self.held.peer
+        if outcome in (_FIN, _RST):
+            self.probes[outcome] += 1
+            self.enter_idle(outcome)
+            return ""
+        if revents & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+            # An error or hang-up the peek did not report: never spin on it.
+            return "the held TCP client reported %s" % _events_text(revents)
+        return ""
+
+    def on_probe_listener(self) -> str:
+        assert self.probe is not None
+        if self.state == _HOLDING:
+            if self.grace_ms == 0:
+                return "a second TCP client arrived while one was held"
+            self.enter_grace()
+            return ""
+        try:
+            sock, address = self.probe.sock.accept()  # close-on-exec until handed over (PEP 446)
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_RETRY_ERRNOS:
+                # EMFILE and the like: the program, with a fresh process, can take it.
+                return "accept() on the TCP listener failed: %s" % _oserror_text(exc)
+            if exc.errno == errno.ECONNABORTED:  # reset while still in the backlog: a probe
+                self.probes[_RST] += 1
+            self.log.debug("A TCP client left before it was accepted: %s", exc)
+            return ""
+        client = _HeldClient(sock, address, self.probe)
+        self.enter_holding(client)
+        self.log.debug("Accepted connection on TCP listener: %d (peer %s)", sock.fileno(), client.peer)
+        return ""
+
+    def listeners_text(self, fds: Iterable[int]) -> str:
+        return ", ".join(self.by_fd[fd].spec.shown_as if fd in self.by_fd else "fd %d" % fd for fd in sorted(fds))
 
 
-def _labels(fds: Iterable[int], by_fd: dict[int, _Listener]) -> str:
-    return ", ".join(by_fd[fd].spec.label if fd in by_fd else "fd %d" % fd for fd in sorted(fds))
+def _choose_probe_listener(listeners: list[_Listener], *, enabled: bool, only: str = "") -> _Listener | None:
+    """The one listener the probe check watches: the first TCP one (named `only`, if given)."""
+    if not enabled:
+        return None
+    for listener in listeners:
+        sock = listener.sock
+        if only and listener.spec.handoff_name != only:
+            continue
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+            return listener
+    return None
 
 
 # ---------------------------------------------------------------------------
 # Hand-off and exec: put each fd where the program expects it, say so in the
 # environment, reset what the interpreter changed, and execve.
 # ---------------------------------------------------------------------------
+
+
+class _HandoffError(LoaderError):
+    """The hand-off failed before anything irreversible: fail open cleanly."""
 
 
 class _HandoffProtocol:
@@ -1238,21 +1461,28 @@ class _HandoffProtocol:
 class _EnvProtocol(_HandoffProtocol):
     """Each fd in a variable of its own (the Datadog agent's way)."""
 
-    def __init__(self, owned_vars: Iterable[str], client_var: str) -> None:
-        self.owned_vars = tuple(owned_vars)
+    def __init__(self, owned_vars: Iterable[str], client_var: str, *, replaced_vars: Iterable[str] = (),
+                 unselected_fds: Iterable[int] = ()) -> None:
+        self.owned_vars = tuple(owned_vars) + ((client_var,) if client_var else ())
         self.client_var = client_var
+        self.replaced_vars = tuple(replaced_vars)  # still true on fail-open, stale once we hand over
+        self.unselected_fds = tuple(unselected_fds)  # inherited sockets nobody asked for
 
     def scrub(self, env: dict[str, str]) -> None:
         # A variable inherited from our own parent names an fd nobody handed
         # the program: drop it on every path, so it is never adopted.
-        for name in self.owned_vars + ((self.client_var,) if self.client_var else ()):
+        for name in self.owned_vars:
             env.pop(name, None)
 
     def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
                   log: _Log) -> list[int]:
+        for name in self.replaced_vars:
+            env.pop(name, None)
+        for fd in self.unselected_fds:
+            _close_on_exec_if_open(fd)
         fds = []
         for listener in listeners:
-            env[listener.spec.name] = str(listener.fd)
+            env[listener.spec.handoff_name] = str(listener.fd)
             fds.append(listener.fd)
         if client is not None and self.client_var:
             env[self.client_var] = str(client.sock.fileno())
@@ -1267,6 +1497,7 @@ class _SystemdProtocol(_HandoffProtocol):
         # LISTEN_* addressed to this very process belong to the program too
         # when we fail open (same pid after execve): keep them then.
         self.inherited_for_us = inherited_for_us
+        import fcntl  # noqa: F401 -- now, while an fd is free to load it (see _dup_at_or_above)
 
     def scrub(self, env: dict[str, str]) -> None:
         if not self.inherited_for_us:
@@ -1278,9 +1509,14 @@ class _SystemdProtocol(_HandoffProtocol):
         sources = [lsn.fd for lsn in listeners] + ([client.sock.fileno()] if client is not None else [])
         # "unknown" is the name systemd reports for a socket it was given no
         # name for; "connection" the one it gives an accepted connection.
-        names = [lsn.spec.name or "unknown" for lsn in listeners] + (["connection"] if client is not None else [])
+        names = [lsn.spec.handoff_name or "unknown" for lsn in listeners]
+        names += ["connection"] if client is not None else []
         targets = _move_fds_to(sources, _SD_LISTEN_FDS_START, log)
-        _close_other_fds_on_exec(keep=targets)
+        for fd in _open_fds():
+            if fd > 2 and fd not in targets:
+                # Under systemd's protocol the program gets 0-2 and its
+                # LISTEN_FDS, nothing else (a socket nobody asked for included).
+                _close_on_exec_if_open(fd)
         for name in _SYSTEMD_VARS:
             env.pop(name, None)
         env["LISTEN_FDS"] = str(len(targets))
@@ -1292,15 +1528,22 @@ class _SystemdProtocol(_HandoffProtocol):
 def _move_fds_to(sources: list[int], start: int, log: _Log) -> list[int]:
     """dup2 each source fd to start, start+1, ... without clobbering another.
 
-    First every source is copied above the target range, then each copy is
-    dup2'ed into place: a source that already sits on another's target is
-    safe in its copy. The copies are close-on-exec and closed afterwards.
+    First every source is copied above the target range; only then, when
+    nothing can fail any more (dup2 allocates no fd), each copy is dup2'ed
+    into place. A failure while copying (EMFILE) closes the copies and
+    leaves every fd as it was, so the caller can still fail open cleanly.
     """
-    import fcntl  # only this hand-off needs it
-
     end = start + len(sources)
-    log.move_fd_at_or_above(end)
-    copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, end) for fd in sources]
+    copies: list[int] = []
+    try:
+        if 0 <= log.file_fd < end:  # keep the log fd out of the range we fill
+            log.file_fd = _dup_at_or_above(log.file_fd, end, close_original=True)
+        for fd in sources:
+            copies.append(_dup_at_or_above(fd, end))
+    except OSError as exc:
+        for copy in copies:
+            os.close(copy)
+        raise _HandoffError("cannot copy the sockets into place: %s" % _oserror_text(exc)) from None
     for fd in sources:
         if fd >= end:
             os.set_inheritable(fd, False)  # the original stays behind, closed by execve
@@ -1311,13 +1554,318 @@ def _move_fds_to(sources: list[int], start: int, log: _Log) -> list[int]:
     return targets
 
 
-def _close_other_fds_on_exec(*, keep: list[int]) -> None:
-    """Under systemd's protocol the program gets 0-2 and its LISTEN_FDS, nothing else."""
-    fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
-    for name in os.listdir(fd_dir):  # the listing's own fd is closed by the time we loop
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            _close_on_exec_if_open(fd)
+def _dup_at_or_above(fd: int, floor: int, *, close_original: bool = False) -> int:
+    # F_DUPFD_CLOEXEC: the lowest free fd >= floor, closed on exec. fcntl was
+    # first imported when the systemd protocol was chosen: a first import
+    # needs a free fd, which EMFILE would deny us here.
+    import fcntl
+
+    new_fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
+    if close_original:
+        os.close(fd)
+    return new_fd
+
+
+def _open_fds() -> list[int]:
+    """Every open fd: from /proc/self/fd or /dev/fd, else a scan bounded by RLIMIT_NOFILE.
+
+    Minimal chroots and some sandboxes have neither directory; the scan
+    costs one fstat per possible fd, and only there.
+    """
+    for fd_dir in ("/proc/self/fd", "/dev/fd"):
+        try:
+            names = os.listdir(fd_dir)  # the listing's own fd is closed by the time we return
+        except OSError:
+            continue
+        return sorted(fd for fd in (int(name) for name in names) if _is_open(fd))
+    return [fd for fd in range(_fd_limit()) if _is_open(fd)]
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _fd_limit() -> int:
+    try:
+        limit = os.sysconf("SC_OPEN_MAX")  # the soft RLIMIT_NOFILE
+    except (OSError, ValueError):
+        limit = -1
+    # An unlimited or huge limit would make the scan slow; fds that high are
+    # not what a fresh process holds.
+    return limit if 0 < limit <= _FD_SCAN_MAX else _FD_SCAN_MAX
+
+
+_FD_SCAN_MAX = 1 << 16
+
+
+def _close_on_exec_if_open(fd: int) -> None:
+    try:
+        os.set_inheritable(fd, False)
+    except OSError as exc:
+        if exc.errno != errno.EBADF:  # already closed: nothing to keep from the program
+            raise
+
+
+# ---------------------------------------------------------------------------
+# The relay: how a held client reaches a program that only takes listeners
+# (README "Handing over the held client"). Just before execve the loader
+# connects to the program's own listener (the kernel completes the connect
+# from the listen backlog, before the program's first accept()) and a helper
+# process copies bytes both ways between that connection and the held client.
+# ---------------------------------------------------------------------------
+
+_RELAY_CHUNK = 256 * 1024  # one buffer per direction: memory stays bounded
+_RELAY_TURN_CHUNKS = 16
+_RELAY_CONNECT_TIMEOUT = 2.0  # seconds; a loopback connect to a free backlog is immediate
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # a write to a closed peer is EPIPE, not a signal
+
+
+def _relay_target(listener: socket.socket) -> tuple[socket.AddressFamily, tuple[object, ...]]:
+    """Where to connect to reach `listener`: its address, with a wildcard made loopback."""
+    address = listener.getsockname()
+    if listener.family == socket.AF_INET6:
+        host = "::1" if address[0] == "::" else address[0]
+        return socket.AF_INET6, (host, address[1], 0, address[3] if len(address) > 3 else 0)
+    host = "127.0.0.1" if address[0] == "0.0.0.0" else address[0]
+    return socket.AF_INET, (host, address[1])
+
+
+def _connect_to_own_listener(listener: socket.socket) -> socket.socket:
+    family, address = _relay_target(listener)
+    targets = [(family, address)]
+    if family == socket.AF_INET6 and address[0] == "::1":
+        # A dual-stack wildcard where ::1 is missing (IPv6 disabled on lo)
+        # still takes IPv4 loopback.
+        targets.append((socket.AF_INET, ("127.0.0.1", address[1])))
+    error: OSError | None = None
+    for target_family, target in targets:
+        sock = socket.socket(target_family, socket.SOCK_STREAM)  # close-on-exec (PEP 446)
+        try:
+            sock.settimeout(_RELAY_CONNECT_TIMEOUT)
+            sock.connect(target)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        return sock
+    assert error is not None
+    raise error
+
+
+def _start_relay(client: _HeldClient, log: _Log) -> None:
+    """Connect to the program's listener and fork the helper that relays; raise OSError if it cannot."""
+    upstream = _connect_to_own_listener(client.listener.sock)
+    try:
+        target = _peer_text(upstream.getpeername())
+        helper = _fork_relay_helper(client.sock, upstream)
+    finally:
+        upstream.close()  # the helper has its own copy; the program must not inherit ours
+    log.info("Relaying the held TCP client %s to %s through helper pid %d", client.peer, target, helper)
+    client.sock.close()
+
+
+def _fork_relay_helper(client: socket.socket, upstream: socket.socket) -> int:
+    """Double fork: the helper is never a child the program has to wait for. Its pid."""
+    read_end, write_end = os.pipe()  # close-on-exec (PEP 446); carries the helper's pid
+    try:
+        middle = os.fork()
+        if middle == 0:
+            _in_child(lambda: _middle_child(read_end, write_end, client, upstream))
+        os.close(write_end)
+        write_end = -1
+        _, status = os.waitpid(middle, 0)
+        text = os.read(read_end, 32)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if not text.isdigit() or os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0:
+        raise OSError(errno.ECHILD, "the relay helper did not start")
+    return int(text)
+
+
+def _in_child(body: Callable[[], None]) -> NoReturn:
+    """Run `body` in a forked child and leave with os._exit, whatever happens.
+
+    A forked child must never return into the loader's code or run its exit
+    handlers: main() itself runs from atexit.
+    """
+    status = 0
+    try:
+        body()
+    except BaseException:  # noqa: BLE001 -- nothing in a child may escape into the loader's code
+        status = 1
+    os._exit(status)
+
+
+def _middle_child(read_end: int, write_end: int, client: socket.socket, upstream: socket.socket) -> None:
+    os.close(read_end)
+    helper = os.fork()
+    if helper == 0:
+        _in_child(lambda: _relay_helper(client, upstream))
+    os.write(write_end, b"%d" % helper)
+
+
+def _relay_helper(client: socket.socket, upstream: socket.socket) -> None:
+    """The helper's whole life: its two sockets, default signals, bytes both ways."""
+    keep = {client.fileno(), upstream.fileno()}
+    for fd in _open_fds():
+        if fd not in keep:
+            # No fd but its two sockets: never a listener (the port must free
+            # when the program exits), never the loader's stderr pipe.
+            os.close(fd)
+    _default_signal_dispositions()
+    _relay_bytes(client, upstream)
+
+
+class _Direction:
+    """One direction of the relay: one fixed buffer, so memory stays bounded."""
+
+    def __init__(self, source: socket.socket, sink: socket.socket) -> None:
+        self.source = source
+        self.sink = sink
+        self.buffer = bytearray(_RELAY_CHUNK)
+        self.pending = memoryview(self.buffer)[:0]  # read, not yet written
+        self.done = False
+
+    def wanted(self) -> tuple[int, int]:
+        """(fd, poll events) this direction waits for."""
+        if self.done:
+            return -1, 0
+        if self.pending:
+            return self.sink.fileno(), select.POLLOUT
+        return self.source.fileno(), select.POLLIN
+
+    def pump(self) -> None:
+        """Move what can move now; OSError means a reset (or worse) on either side."""
+        if self.done:
+            return  # its end of stream is passed on already, once
+        try:
+            # A few chunks at most, then the other direction gets its turn.
+            for _ in range(_RELAY_TURN_CHUNKS):
+                if not self.pending:
+                    size = self.source.recv_into(self.buffer)
+                    if size == 0:
+                        # End of stream: a half-close, passed on as one.
+                        self.sink.shutdown(socket.SHUT_WR)
+                        self.done = True
+                        return
+                    self.pending = memoryview(self.buffer)[:size]
+                sent = self.sink.send(self.pending, _NOSIGNAL)
+                self.pending = self.pending[sent:]
+        except BlockingIOError:
+            return  # nothing to read, or no room to write: poll() tells when
+
+
+def _relay_bytes(client: socket.socket, upstream: socket.socket) -> None:
+    client.setblocking(False)
+    upstream.setblocking(False)
+    directions = (_Direction(client, upstream), _Direction(upstream, client))
+    poller = select.poll()
+    registered: dict[int, int] = {}
+    try:
+        while not all(d.done for d in directions):
+            wanted: dict[int, int] = {}
+            for direction in directions:
+                fd, events = direction.wanted()
+                if events:
+                    wanted[fd] = wanted.get(fd, 0) | events
+            for fd in set(registered) - set(wanted):
+                poller.unregister(fd)  # a socket we wait nothing from must not report HUP forever
+            for fd, events in wanted.items():
+                if registered.get(fd) != events:
+                    poller.register(fd, events)  # registering again modifies
+            registered = wanted
+            poller.poll()
+            for direction in directions:
+                direction.pump()
+    except OSError:
+        # A reset on either side ends both: pass it on as a reset.
+        for sock in (client, upstream):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass  # that side is already reset
+    client.close()
+    upstream.close()
+
+
+# ---------------------------------------------------------------------------
+# Signals (README "Signals"): while waiting, the loader is the program to
+# whoever signals it.
+# ---------------------------------------------------------------------------
+
+# End the waiting loader. As PID 1 of a PID namespace (a container's
+# entrypoint) the kernel drops signals whose action is the default, so there
+# a handler ends the loader with exit status 128+N instead.
+_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+# Caught and ignored while waiting, as the Go runtime does. A handler, never
+# SIG_IGN: execve resets handlers to the default, but keeps ignored signals
+# ignored, and the program must start with the defaults.
+_IGNORED_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGIO", "SIGPWR", "SIGVTALRM", "SIGPROF", "SIGXCPU")
+
+
+def _signals_named(names: Iterable[str]) -> list[int]:
+    return [getattr(signal, name) for name in names if hasattr(signal, name)]
+
+
+def _realtime_signals() -> list[int]:
+    low, high = getattr(signal, "SIGRTMIN", 0), getattr(signal, "SIGRTMAX", -1)
+    return list(range(low, high + 1)) if low else []
+
+
+def _set_waiting_signal_handlers() -> None:
+    # CPython turns SIGINT into KeyboardInterrupt: the default action (or the
+    # PID 1 handler) ends the loader at once instead, with no traceback and
+    # no half-started agent (the signal lands before execve, or the agent
+    # gets it). A signal our parent ignored stays ignored: CPython kept it so.
+    as_init = os.getpid() == 1
+    for signum in _signals_named(_STOP_SIGNALS):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _exit_as_init if as_init else signal.SIG_DFL)
+    for signum in [*_signals_named(_IGNORED_SIGNALS), *_realtime_signals()]:
+        try:
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                signal.signal(signum, _ignore_signal)
+        except (OSError, ValueError):
+            pass  # a real-time signal the C library reserves for itself: not ours to set
+
+
+def _exit_as_init(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """Catch and drop: an ignored disposition would outlive execve."""
+
+
+def _default_signal_dispositions() -> None:
+    """Every disposition the loader changed, back to the default (the relay helper's start)."""
+    for signum in [*_signals_named(_STOP_SIGNALS + _IGNORED_SIGNALS), *_realtime_signals()]:
+        try:
+            if signal.getsignal(signum) not in (signal.SIG_IGN, signal.SIG_DFL, None):
+                signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass  # reserved by the C library, as above
+    _reset_signals_for_exec()
+
+
+def _reset_signals_for_exec() -> None:
+    # CPython ignores SIGPIPE and SIGXFSZ at start-up, and an ignored signal
+    # stays ignored across execve: give the program the defaults it expects.
+    # The handlers set above need nothing: execve resets them by itself.
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+
+
+# ---------------------------------------------------------------------------
+# Finding the program, and exec.
+# ---------------------------------------------------------------------------
 
 
 def _find_program(name: str, environ: Mapping[str, str]) -> str:
@@ -1341,60 +1889,78 @@ def _find_program(name: str, environ: Mapping[str, str]) -> str:
 
 
 def _check_runnable(path: str) -> None:
+    shown = _path_shown(path)
     try:
         info = os.stat(path)
     except (OSError, ValueError) as exc:
-        raise LoaderError("%s: %s" % (path, _oserror_text(exc))) from None
+        raise LoaderError("%s: %s" % (shown, _oserror_text(exc))) from None
     if stat.S_ISDIR(info.st_mode):
-        raise LoaderError("%s is a directory" % path)
+        raise LoaderError("%s is a directory" % shown)
     if not stat.S_ISREG(info.st_mode):
-        raise LoaderError("%s is not a regular file" % path)
+        raise LoaderError("%s is not a regular file" % shown)
     if not os.access(path, os.X_OK):
-        raise LoaderError("%s is not executable" % path)
-    interpreter = _interpreter_of(path)
-    if interpreter and not (os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)):
-        raise LoaderError("%s starts with '#!%s', and that interpreter is missing or not executable"
-                          % (path, interpreter))
+        raise LoaderError("%s is not executable" % shown)
+    problem = _exec_format_problem(path)
+    if problem:
+        raise LoaderError("%s %s" % (shown, problem))
 
 
-def _interpreter_of(path: str) -> str:
-    """The program a '#!' line names (the kernel would exec it), or ''."""
+# What the kernel runs without a '#!': ELF, and Mach-O on macOS (both byte orders, fat binaries).
+_BINARY_MAGICS = (b"\x7fELF", b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe",
+                  b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe")
+_BINPRM_BUF_SIZE = 256  # the kernel reads this much of a file to decide how to run it
+
+
+def _exec_format_problem(path: str) -> str:
+    """Why execve would refuse the file (ENOENT, ENOEXEC), read as the kernel reads it; '' if it would not."""
     try:
         with open(path, "rb") as f:  # close-on-exec (PEP 446), closed at once anyway
-            head = f.read(256)
+            head = f.read(_BINPRM_BUF_SIZE)
     except OSError:
         return ""  # execute-only files exist; execve will tell
-    if not head.startswith(b"#!"):
+    if head.startswith(b"#!"):
+        # The kernel takes the line up to '\n' only: a '\r' before it is part
+        # of the interpreter's name, which is the first word separated by
+        # spaces or tabs.
+        line = head[2:].split(b"\n", 1)[0].lstrip(b" \t")
+        interpreter = line.replace(b"\t", b" ").split(b" ", 1)[0]
+        if not interpreter:
+            return "starts with '#!' but names no interpreter"
+        name = os.fsdecode(interpreter)
+        if not (os.path.isfile(name) and os.access(name, os.X_OK)):
+            return "starts with '#!%s', and that interpreter is missing or not executable" % _shown(name)[1:-1]
         return ""
-    words = head[2:].split(b"\n", 1)[0].split()
-    return os.fsdecode(words[0]) if words else ""
+    if head.startswith(_BINARY_MAGICS) or _binfmt_misc_active():
+        return ""  # a binary, or a format binfmt_misc may know: execve will tell
+    return "is neither a binary nor a script starting with '#!' (execve would fail with ENOEXEC)"
+
+
+def _binfmt_misc_active() -> bool:
+    """Linux may run other formats through binfmt_misc handlers; then we cannot judge."""
+    try:
+        entries = os.listdir("/proc/sys/fs/binfmt_misc")
+    except OSError:
+        return False
+    return any(entry not in ("register", "status") for entry in entries)
 
 
 class _Launch:
-    """What to exec: the resolved path, argv as given, the base environment."""
+    """What to exec: the resolved path, argv as given, the base environment, the protocol."""
 
     def __init__(self, path: str, argv: list[str], env: dict[str, str], label: str,
-                 protocol: _HandoffProtocol) -> None:
+                 protocol: _HandoffProtocol, *, inherited_fds: Iterable[int]) -> None:
         self.path = path
         self.argv = argv
         self.env = env
         self.label = label
         self.protocol = protocol
-        self.unselected_fds: list[int] = []  # inherited sockets nobody asked for
-
-
-def _reset_signals_for_exec() -> None:
-    # CPython ignores SIGPIPE and SIGXFSZ at start-up, and an ignored signal
-    # stays ignored across execve: give the program the defaults it expects.
-    for name in ("SIGPIPE", "SIGXFSZ"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        self.inherited_fds = frozenset(inherited_fds)  # open when we started: not ours to close
 
 
 def _exec_program(launch: _Launch, env: dict[str, str], log: _Log) -> NoReturn:
-    log.info("Starting %s..." % launch.label)
+    log.info("Starting %s...", launch.label)
     if log.enabled("trace"):
-        log.trace("Starting %s with env: %r" % (launch.label, sorted(env.items())))
+        log.trace("Starting %s with env: %s", launch.label, _env_shown(env))
     _reset_signals_for_exec()
     try:
         os.execve(launch.path, launch.argv, env)
@@ -1402,32 +1968,47 @@ def _exec_program(launch: _Launch, env: dict[str, str], log: _Log) -> NoReturn:
         # Back to ignoring SIGPIPE so this last line cannot kill us instead.
         if hasattr(signal, "SIGPIPE"):
             signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        log.error("Failed to start %s with args %r: %s" % (launch.label, launch.argv, _oserror_text(exc)))
+        log.error("Failed to start %s with args %s: %s", launch.label,
+                  _shown(" ".join(launch.argv), 300), _oserror_text(exc))
         sys.exit(1)
 
 
-def _exec_directly(launch: _Launch, log: _Log) -> NoReturn:
-    """Fail open: the program, unchanged environment, none of our sockets."""
+def _exec_directly(launch: _Launch, log: _Log, client: _HeldClient | None = None) -> NoReturn:
+    """Fail open: the program, unchanged environment, none of our fds.
+
+    Safe at any point, even halfway through a hand-off: every fd that was
+    not open when we started is made close-on-exec, and a held client is
+    reset (its peer sees a reset, never a hang).
+    """
+    if client is not None:
+        client.reset()
+    for fd in _open_fds():
+        if fd > 2 and fd not in launch.inherited_fds:
+            _close_on_exec_if_open(fd)
     env = dict(launch.env)
     launch.protocol.scrub(env)
     _exec_program(launch, env, log)
 
 
-def _close_on_exec_if_open(fd: int) -> None:
-    try:
-        os.set_inheritable(fd, False)
-    except OSError as exc:
-        if exc.errno != errno.EBADF:  # already closed: nothing to keep from the program
-            raise
-
-
-def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake, log: _Log) -> NoReturn:
+def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake, held_client: str,
+                       log: _Log) -> NoReturn:
+    client = wake.client
+    if client is not None and held_client == _HELD_RELAY:
+        try:
+            _start_relay(client, log)
+        except OSError as exc:
+            # The program starts all the same; only this one client is lost.
+            log.warn("Cannot relay the held TCP client %s (%s); closing it and starting %s without it",
+                     client.peer, _oserror_text(exc), launch.label)
+            client.reset()
+        client = None
     env = dict(launch.env)
     launch.protocol.scrub(env)
-    fds = launch.protocol.hand_over(env, listeners, wake.client, log)
-    for fd in launch.unselected_fds:
-        if fd not in fds:
-            _close_on_exec_if_open(fd)
+    try:
+        fds = launch.protocol.hand_over(env, listeners, client, log)
+    except _HandoffError as exc:
+        log.warn("Failed to hand the sockets over to %s: %s", launch.label, exc)
+        _exec_directly(launch, log, client)
     for fd in fds:
         # The program inherits these fds (close-on-exec cleared) in blocking
         # mode, as the Go loader leaves them; every other fd of ours is
@@ -1486,19 +2067,24 @@ def _release_memory(steps: frozenset[str], log: _Log) -> None:
         import ctypes  # costs ~0.4 MB, which trim alone wins back several times over
 
         libc = ctypes.CDLL(None, use_errno=True)
-    except (ImportError, OSError) as exc:
-        log.debug("Cannot load libc to release memory: %s" % exc)
+    except (ImportError, OSError) as exc:  # no libc to load, or EMFILE while loading it
+        log.debug("Cannot load libc to release memory: %s", exc)
         return
     if "trim" in steps and hasattr(libc, "malloc_trim"):  # glibc has it; musl does not
         libc.malloc_trim(0)
     if "pageout" in steps:
-        _page_out_file_mappings(libc, ctypes)
-    log.debug("Released memory before waiting: RSS %d kB -> %d kB" % (before, _rss_kb()))
+        try:
+            _page_out_file_mappings(libc)
+        except OSError as exc:  # no /proc (a chroot, a sandbox), or no fd free to read it
+            log.debug("Cannot page out file mappings: %s", _oserror_text(exc))
+    log.debug("Released memory before waiting: RSS %d kB -> %d kB", before, _rss_kb())
 
 
-def _page_out_file_mappings(libc: object, ctypes: object) -> None:
-    madvise = libc.madvise  # type: ignore[attr-defined]
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)  # type: ignore[attr-defined]
+def _page_out_file_mappings(libc: ctypes.CDLL) -> None:
+    import ctypes  # already loaded by the caller
+
+    madvise = libc.madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     with open("/proc/self/maps") as maps:
         lines = maps.read().splitlines()
     for line in lines:
@@ -1513,33 +2099,52 @@ def _page_out_file_mappings(libc: object, ctypes: object) -> None:
             continue
         start, end = (int(x, 16) for x in fields[0].split("-"))
         if madvise(start, end - start, _MADV_PAGEOUT) != 0:
-            if ctypes.get_errno() in _MADVISE_UNSUPPORTED:  # type: ignore[attr-defined]
+            if ctypes.get_errno() in _MADVISE_UNSUPPORTED:
                 return  # an older kernel or a sandbox: nothing more to gain
             continue  # this mapping only (e.g. a locked one)
 
 
 # ---------------------------------------------------------------------------
-# The engine: listeners -> wait -> exec, shared by both front doors.
+# The engine: listeners -> wait -> hand-off -> exec, shared by both front doors.
 # ---------------------------------------------------------------------------
 
 
-def _serve(launch: _Launch, specs: list[_ListenerSpec], *, grace_ms: int, log: _Log) -> int:
+class _Activation:
+    """How to wait and what to hand over, as each front door read it."""
+
+    def __init__(self, *, probe: bool, probe_only: str = "", grace_ms: int, hold_timeout_ms: int,
+                 held_client: str) -> None:
+        self.probe = probe  # the probe check is on
+        self.probe_only = probe_only  # the listener it may watch ("": the first TCP one)
+        self.grace_ms = grace_ms
+        self.hold_timeout_ms = hold_timeout_ms
+        self.held_client = held_client  # _HELD_FD or _HELD_RELAY
+
+
+def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation, log: _Log) -> int:
     try:
         listeners = _open_listeners(specs, log)
     except LoaderError as exc:
-        log.warn("Failed to get listeners for %s: %s" % (launch.label, exc))
+        log.warn("Failed to get listeners for %s: %s", launch.label, exc)
         _exec_directly(launch, log)
     if not listeners:
-        log.info("All %s inputs are disabled, stopping..." % launch.label)
+        log.info("All %s inputs are disabled, stopping...", launch.label)
         return 0
+    for listener in listeners:
+        log.debug("%s file descriptor is %d", listener.spec.handoff_name or listener.spec.shown_as, listener.fd)
     _release_memory(_memory_steps(launch.env), log)
-    wake = _wait_for_traffic(listeners, grace_ms=grace_ms, log=log, agent_label=launch.label)
-    total = wake.probes["FIN"] + wake.probes["RST"]
-    log.info(
-        "Waking %s: %s; %d probe%s absorbed since start (FIN: %d, RST: %d)"
-        % (launch.label, wake.reason, total, "" if total == 1 else "s", wake.probes["FIN"], wake.probes["RST"])
-    )
-    _exec_with_handoff(launch, listeners, wake, log)
+    probe = _choose_probe_listener(listeners, enabled=activation.probe, only=activation.probe_only)
+    waiter = _Waiter(listeners, probe, grace_ms=activation.grace_ms if probe else 0,
+                     hold_timeout_ms=activation.hold_timeout_ms, log=log, program_label=launch.label)
+    wake = waiter.run()
+    fin, rst = wake.probes[_FIN], wake.probes[_RST]
+    log.info("Waking %s: %s; %d probe%s absorbed since start (FIN: %d, RST: %d)",
+             launch.label, wake.reason, fin + rst, "" if fin + rst == 1 else "s", fin, rst)
+    _exec_with_handoff(launch, listeners, wake, activation.held_client, log)
+
+
+def _program_label(name: str) -> str:
+    return _shown(os.path.basename(name) or name)[1:-1]
 
 
 # ---------------------------------------------------------------------------
@@ -1550,10 +2155,6 @@ _USAGE = """\
 usage: trace_loader.py CONFIG_FILE AGENT [AGENT_ARGS...]
        trace_loader.py [OPTIONS] -- PROGRAM [ARGS...]
        trace_loader.py --help | --version
-
-Drop-in mode reads CONFIG_FILE (datadog.yaml) and the DD_* environment, binds
-the trace-agent's sockets, and execs AGENT with them on the first real traffic.
-Generic mode takes --listen options; 'trace_loader.py --help' lists them.
 """
 
 
@@ -1563,35 +2164,36 @@ def _drop_in_specs(settings: _DropInSettings, log: _Log) -> list[_ListenerSpec]:
         log.info("Activating non-local traffic automatically in containerized environment, "
                  "trace-agent will listen on 0.0.0.0")
     if settings.receiver_port > 0:
-        specs.append(_ListenerSpec(RECEIVER_FD_VAR, "tcp", host=settings.bind_host, port=settings.receiver_port,
-                                  probe=settings.handle_tcp_probe, label="TCP receiver"))
+        specs.append(_ListenerSpec(RECEIVER_FD_VAR, _TCP, host=settings.bind_host, port=settings.receiver_port,
+                                   shown_as="TCP receiver"))
     else:
         log.info("Trace-agent TCP receiver is disabled")
     if settings.receiver_socket:
-        specs.append(_ListenerSpec(UNIX_FD_VAR, "unix", path=settings.receiver_socket, mode=0o722,
-                                  label="unix receiver"))
+        specs.append(_ListenerSpec(UNIX_FD_VAR, _UNIX, path=settings.receiver_socket, mode=0o722,
+                                   shown_as="unix receiver"))
     else:
         log.info("Trace-agent unix receiver is disabled")
     if settings.otlp_enabled:
-        specs.append(_ListenerSpec(OTLP_FD_VAR, "tcp", host=settings.bind_host, port=settings.otlp_port,
-                                  label="OTLP receiver"))
+        specs.append(_ListenerSpec(OTLP_FD_VAR, _TCP, host=settings.bind_host, port=settings.otlp_port,
+                                   shown_as="OTLP receiver"))
     else:
         log.info("Trace-agent OTLP receiver is disabled")
     return specs
 
 
-def _run_drop_in(config_path: str, agent: str, agent_args: list[str], environ: Mapping[str, str], log: _Log) -> int:
+def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str], log: _Log,
+                 inherited_fds: list[int]) -> int:
     try:
-        path = _find_program(agent, environ)
+        path = _find_program(program[0], environ)
     except LoaderError as exc:
-        log.critical("Cannot start the trace-agent: %s" % exc)
+        log.critical("Cannot start the trace-agent: %s", exc)
         return 1
     protocol = _EnvProtocol(_DROP_IN_FD_VARS, CLIENT_FD_VAR)
-    launch = _Launch(path, [agent, *agent_args], dict(environ), "the trace-agent", protocol)
+    launch = _Launch(path, program, dict(environ), "the trace-agent", protocol, inherited_fds=inherited_fds)
     try:
         settings = _load_drop_in_settings(config_path, environ, log)
     except ConfigError as exc:
-        log.warn("Failed to load the configuration: %s" % exc)
+        log.warn("Failed to load the configuration: %s", exc)
         _exec_directly(launch, log)
     log.configure(level=settings.log_level, console=settings.log_to_console, path=settings.log_file)
     if not settings.apm_enabled and not settings.error_tracking:
@@ -1601,8 +2203,11 @@ def _run_drop_in(config_path: str, agent: str, agent_args: list[str], environ: M
         log.info("Socket-activation for the trace-agent is disabled, running the trace-agent directly...")
         _exec_directly(launch, log)
     specs = _drop_in_specs(settings, log)
-    grace = settings.probe_grace_ms if settings.handle_tcp_probe else 0
-    return _serve(launch, specs, grace_ms=grace, log=log)
+    # The probe check watches the TCP receiver only, never the OTLP port.
+    activation = _Activation(probe=settings.handle_tcp_probe, probe_only=RECEIVER_FD_VAR,
+                             grace_ms=settings.probe_grace_ms, hold_timeout_ms=settings.hold_timeout_ms,
+                             held_client=settings.held_client)
+    return _serve(launch, specs, activation, log)
 
 
 # ---------------------------------------------------------------------------
@@ -1622,14 +2227,14 @@ def _valid_env_name(name: str) -> bool:
         all(c.isalnum() or c == "_" for c in name)
 
 
-def _parse_listen(value: str) -> _ListenerSpec:
+def _parse_listen(value: str, index: int) -> _ListenerSpec:
     """`[NAME=]tcp://HOST:PORT | tcp://[V6]:PORT | unix:///PATH[?mode=0660] | systemd:[FDNAME]`."""
     name, sep, address = value.partition("=")
     if not sep or "://" in name or name.startswith("systemd:"):
         name, address = "", value
     if address.startswith("tcp://"):
         host, port = _parse_host_port(address[len("tcp://"):], value)
-        return _ListenerSpec(name, "tcp", host=host, port=port, label=address)
+        return _ListenerSpec(name, _TCP, host=host, port=port, shown_as=name or "TCP listener %d" % index)
     if address.startswith("unix://"):
         path, _, query = address[len("unix://"):].partition("?")
         if not path.startswith("/") and not path.startswith("@"):
@@ -1643,9 +2248,9 @@ def _parse_listen(value: str) -> _ListenerSpec:
                 mode = -1
             if not 0 <= mode <= 0o777:
                 raise ValueError("%s: expected ?mode=OCTAL (e.g. ?mode=0660)" % _shown(value))
-        return _ListenerSpec(name, "unix", path=path, mode=mode, label=address)
+        return _ListenerSpec(name, _UNIX, path=path, mode=mode, shown_as=name or "unix listener %d" % index)
     if address.startswith("systemd:"):
-        return _ListenerSpec(name, "inherited", fdname=address[len("systemd:"):], label=address)
+        return _ListenerSpec(name, _INHERITED, systemd_name=address[len("systemd:"):], shown_as=address)
     raise ValueError("%s: expected tcp://HOST:PORT, tcp://[V6]:PORT, unix:///PATH or systemd:[FDNAME]"
                      % _shown(value))
 
@@ -1664,99 +2269,145 @@ def _parse_host_port(text: str, value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def _milliseconds(text: str, high: int, note: str = "") -> int:
+    if not text.isascii() or not text.isdigit() or int(text) > high:
+        raise ValueError("%s: expected milliseconds from 0 to %d%s" % (_shown(text), high, note))
+    return int(text)
+
+
 def _generic_parser() -> argparse.ArgumentParser:
     import argparse
 
+    listen_count = [0]
+
     def listen(value: str) -> _ListenerSpec:
+        listen_count[0] += 1
         try:
-            return _parse_listen(value)
+            return _parse_listen(value, listen_count[0])
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
-    def grace(value: str) -> int:
-        if not value.isascii() or not value.isdigit() or int(value) > _MAX_PROBE_GRACE_MS:
-            raise argparse.ArgumentTypeError(
-                "%s: expected milliseconds from 0 to %d" % (_shown(value), _MAX_PROBE_GRACE_MS))
-        return int(value)
+    def milliseconds(high: int, note: str = "") -> Callable[[str], int]:
+        def convert(text: str) -> int:
+            try:
+                return _milliseconds(text, high, note)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        return convert
 
     parser = argparse.ArgumentParser(
         prog="trace_loader.py",
-        usage="%(prog)s [OPTIONS] -- PROGRAM [ARGS...]\n       %(prog)s CONFIG_FILE AGENT [AGENT_ARGS...]",
-        description="Hold PROGRAM's sockets and exec it on the first real traffic. "
-                    "With CONFIG_FILE AGENT instead: drop-in mode for the Datadog trace-loader.",
+        usage="%(prog)s [OPTIONS] -- PROGRAM [ARGS...]\n"
+              "       %(prog)s CONFIG_FILE AGENT [AGENT_ARGS...]\n"
+              "       %(prog)s --help | --version",
+        description="Hold PROGRAM's sockets and exec it on the first real traffic (generic mode). "
+                    "With CONFIG_FILE AGENT instead, drop-in mode for the Datadog trace-loader: the sockets "
+                    "and settings come from datadog.yaml and the DD_* environment.",
+        allow_abbrev=False,  # an option is spelt out, never guessed from a prefix
     )
     parser.add_argument("--version", action="version", version="trace-loader %s" % __version__)
-    parser.add_argument("--listen", action="append", type=listen, required=True, metavar="[NAME=]ADDRESS",
+    parser.add_argument("--listen", action="append", type=listen, default=[], metavar="[NAME=]ADDRESS",
                         help="tcp://HOST:PORT, tcp://[V6]:PORT, unix:///PATH[?mode=0660], or systemd:[FDNAME] "
-                             "to adopt sockets this process inherited from systemd (repeatable)")
+                             "to adopt sockets this process inherited from systemd (repeatable; required)")
     parser.add_argument("--protocol", choices=("systemd", "env"), default="systemd",
                         help="hand-off: systemd's LISTEN_FDS (default) or one variable per fd (NAME=)")
-    parser.add_argument("--client-fd-var", default="", metavar="VAR",
-                        help="under --protocol env: the variable that carries the held TCP client")
     parser.add_argument("--handle-tcp-probe", action="store_true",
                         help="absorb TCP probes (connect, then close) on the first TCP listener")
-    parser.add_argument("--probe-grace-period", type=grace, default=_DEFAULT_PROBE_GRACE_MS, metavar="MS",
+    parser.add_argument("--held-client", choices=_HELD_CLIENT_WAYS[::-1], default=_HELD_RELAY,
+                        help="how the first real client reaches PROGRAM: relayed into its listener by a helper "
+                             "process (default; any server), or as an inherited fd (a server written for it)")
+    parser.add_argument("--client-fd-var", default="", metavar="VAR",
+                        help="with --held-client fd under --protocol env: the variable that carries the client")
+    parser.add_argument("--hold-timeout", type=milliseconds(_MAX_HOLD_TIMEOUT_MS, " (0: no limit)"),
+                        default=_GENERIC_HOLD_TIMEOUT_MS, metavar="MS",
+                        help="wake PROGRAM when a held client stays silent this long, for protocols where the "
+                             "server speaks first (default 1000, 0: no limit)")
+    parser.add_argument("--probe-grace-period", type=milliseconds(_MAX_PROBE_GRACE_MS),
+                        default=_DEFAULT_PROBE_GRACE_MS, metavar="MS",
                         help="how long a held silent client may delay a second one (default 250, 0: none)")
     parser.add_argument("--log-level", type=str.lower, default="info", choices=tuple(_LEVELS),
                         help="trace, debug, info, warn, error, critical or off")
     return parser
 
 
-def _run_generic(argv: list[str], environ: Mapping[str, str], log: _Log) -> int:
+def _run_generic(options: list[str], program: list[str], environ: Mapping[str, str], log: _Log,
+                 inherited_fds: list[int]) -> int:
     parser = _generic_parser()
-    if "--" in argv:
-        options, program = argv[: argv.index("--")], argv[argv.index("--") + 1:]
-    else:
-        options, program = argv, []
-    args = parser.parse_args(options)
+    args, unknown = parser.parse_known_args(options)
+    # Checked in this order so that a misspelt option is named as such, and
+    # not reported as a missing --listen.
+    if unknown:
+        parser.error("unrecognized arguments: %s" % " ".join(_shown(word, 40) for word in unknown))
+    if not args.listen:
+        parser.error("the following arguments are required: --listen")
     if not program:
         parser.error("expected '-- PROGRAM [ARGS...]' after the options")
-    specs: list[_ListenerSpec] = args.listen
-    problem = _check_generic_names(specs, args)
+    problem = _check_generic_options(args.listen, args)
     if problem:
         parser.error(problem)
     log.configure(level=args.log_level, console=True, path=None)
-    first_tcp = next((s for s in specs if s.kind == "tcp"), None)
-    if args.handle_tcp_probe and first_tcp is not None:
-        first_tcp.probe = True
+    label = _program_label(program[0])
     try:
         path = _find_program(program[0], environ)
     except LoaderError as exc:
-        log.critical("Cannot start %s: %s" % (_shown(program[0]), exc))
+        log.critical("Cannot start %s: %s", label, exc)
         return 1
-    label = os.path.basename(program[0])
     for_us = environ.get("LISTEN_PID", "") == str(os.getpid())
-    protocol: _HandoffProtocol
-    if args.protocol == "env":
-        # LISTEN_* meant for another process are stale here: drop them too.
-        stale = () if for_us else _SYSTEMD_VARS
-        protocol = _EnvProtocol([s.name for s in specs] + list(stale), args.client_fd_var)
-    else:
-        protocol = _SystemdProtocol(inherited_for_us=for_us)
-    launch = _Launch(path, program, dict(environ), label, protocol)
     try:
-        specs, launch.unselected_fds = _expand_inherited(
-            specs, environ, for_us=for_us, probe=args.handle_tcp_probe and first_tcp is None)
-        _check_unique_names(specs, args.protocol)
+        specs, unselected = _expand_inherited(args.listen, environ, for_us=for_us)
     except ListenerError as exc:
-        log.warn("Failed to get listeners for %s: %s" % (label, exc))
-        _exec_directly(launch, log)
-    return _serve(launch, specs, grace_ms=args.probe_grace_period if args.handle_tcp_probe else 0, log=log)
+        fail_open = _Launch(path, program, dict(environ), label, _generic_protocol(args, [], for_us, []),
+                            inherited_fds=inherited_fds)
+        log.warn("Failed to get listeners for %s: %s", label, exc)
+        _exec_directly(fail_open, log)
+    problem = _check_unique_names(specs, args.protocol)
+    if problem:
+        parser.error(problem)
+    launch = _Launch(path, program, dict(environ), label, _generic_protocol(args, specs, for_us, unselected),
+                     inherited_fds=inherited_fds)
+    activation = _Activation(probe=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
+                             hold_timeout_ms=args.hold_timeout, held_client=args.held_client)
+    return _serve(launch, specs, activation, log)
 
 
-def _check_generic_names(specs: list[_ListenerSpec], args: argparse.Namespace) -> str:
+def _generic_protocol(args: argparse.Namespace, specs: list[_ListenerSpec], for_us: bool,
+                      unselected: list[int]) -> _HandoffProtocol:
+    if args.protocol == "systemd":
+        return _SystemdProtocol(inherited_for_us=for_us)
+    client_var = args.client_fd_var if args.held_client == _HELD_FD else ""
+    # LISTEN_* meant for another process are stale here: always dropped. Ours
+    # stay true until the hand-off describes the same sockets by NAME instead.
+    return _EnvProtocol([s.handoff_name for s in specs] + ([] if for_us else list(_SYSTEMD_VARS)), client_var,
+                        replaced_vars=_SYSTEMD_VARS if for_us else (), unselected_fds=unselected)
+
+
+def _check_generic_options(specs: list[_ListenerSpec], args: argparse.Namespace) -> str:
     protocol = args.protocol
     for spec in specs:
-        if protocol == "env" and not _valid_env_name(spec.name):
+        if protocol == "env" and not _valid_env_name(spec.handoff_name):
             return "argument --listen: %s needs NAME= (the variable that carries its fd) under --protocol env" \
-                % spec.label
-        if protocol == "systemd" and spec.name and not _valid_fdname(spec.name):
-            return "argument --listen: %s is not a valid fd name (printable ASCII, no ':')" % _shown(spec.name)
+                % spec.shown_as
+        if protocol == "systemd" and spec.handoff_name and not _valid_fdname(spec.handoff_name):
+            return "argument --listen: %s is not a valid fd name (printable ASCII, no ':')" \
+                % _shown(spec.handoff_name)
     client_var = args.client_fd_var
     if client_var and not _valid_env_name(client_var):
         return "argument --client-fd-var: %s is not a valid variable name" % _shown(client_var)
-    if protocol == "env" and args.handle_tcp_probe and not client_var:
-        return "--handle-tcp-probe with --protocol env needs --client-fd-var VAR for the held client"
+    if client_var and (protocol != "env" or args.held_client != _HELD_FD):
+        return "argument --client-fd-var: only used with --held-client fd under --protocol env"
+    if protocol == "env" and args.handle_tcp_probe and args.held_client == _HELD_FD and not client_var:
+        return "--handle-tcp-probe --held-client fd with --protocol env needs --client-fd-var VAR for the client"
+    return _check_unique_names(specs, protocol)
+
+
+def _check_unique_names(specs: list[_ListenerSpec], protocol: str) -> str:
+    if protocol != "env":
+        return ""  # LISTEN_FDNAMES may repeat a name; systemd allows it
+    names = [s.handoff_name for s in specs]
+    for name in names:
+        if names.count(name) > 1:
+            return ("argument --listen: %s would carry %d fds; under --protocol env each NAME takes one socket"
+                    % (name, names.count(name)))
     return ""
 
 
@@ -1775,96 +2426,136 @@ def _inherited_fds(environ: Mapping[str, str], *, for_us: bool) -> list[tuple[in
     return [(_SD_LISTEN_FDS_START + i, names[i]) for i in range(count)]
 
 
-def _check_unique_names(specs: list[_ListenerSpec], protocol: str) -> None:
-    if protocol != "env":
-        return  # LISTEN_FDNAMES may repeat a name; systemd allows it
-    names = [s.name for s in specs]
-    for name in names:
-        if names.count(name) > 1:
-            raise ListenerError("%s would carry %d fds; under --protocol env each NAME takes one socket"
-                                % (name, names.count(name)))
-
-
-def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str], *, for_us: bool,
-                      probe: bool) -> tuple[list[_ListenerSpec], list[int]]:
+def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str], *,
+                      for_us: bool) -> tuple[list[_ListenerSpec], list[int]]:
     """Replace each `systemd:[NAME]` spec by one spec per matching inherited fd.
 
     Also returns the inherited fds that no spec asked for.
     """
-    if not any(s.kind == "inherited" for s in specs):
+    if not any(s.kind == _INHERITED for s in specs):
         return specs, []
     inherited = _inherited_fds(environ, for_us=for_us)
     expanded: list[_ListenerSpec] = []
     for spec in specs:
-        if spec.kind != "inherited":
+        if spec.kind != _INHERITED:
             expanded.append(spec)
             continue
-        matches = [(fd, name) for fd, name in inherited if not spec.fdname or name == spec.fdname]
+        matches = [(fd, name) for fd, name in inherited if not spec.systemd_name or name == spec.systemd_name]
         if not matches:
             raise ListenerError("no inherited socket is named %s (LISTEN_FDNAMES: %s)"
-                                % (_shown(spec.fdname), _shown(environ.get("LISTEN_FDNAMES", ""))))
+                                % (_shown(spec.systemd_name), _shown(environ.get("LISTEN_FDNAMES", ""))))
         for fd, name in matches:
-            expanded.append(_ListenerSpec(spec.name or name, "inherited", fd=fd, label="inherited fd %d (%s)"
-                                         % (fd, name)))
-    if probe:
-        first = next((s for s in expanded if s.kind == "inherited" and _is_tcp_listener(s.fd)), None)
-        if first is not None:
-            first.probe = True
-    chosen = {s.fd for s in expanded if s.kind == "inherited"}
+            expanded.append(_ListenerSpec(spec.handoff_name or name, _INHERITED, fd=fd,
+                                          shown_as="inherited fd %d (%s)" % (fd, _shown(name)[1:-1])))
+    chosen = {s.fd for s in expanded if s.kind == _INHERITED}
     return expanded, [fd for fd, _ in inherited if fd not in chosen]
 
 
-def _is_tcp_listener(fd: int) -> bool:
-    try:
-        probe = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return False
-    with probe:
-        return probe.family in (socket.AF_INET, socket.AF_INET6) and probe.type == socket.SOCK_STREAM
-
-
 # ---------------------------------------------------------------------------
-# For agents written in Python: adopt what the loader handed over.
+# For programs written in Python: adopt what the loader handed over.
 # ---------------------------------------------------------------------------
 
 
 class Handoff:
-    """The sockets a drop-in loader handed over, by variable name.
+    """The sockets a loader handed over: listeners by name, and the held client.
 
-    `accept()` returns the held client first (it is an accepted connection
-    that may already carry a request), then accepts from the listener.
+    Names are the fd variables (drop-in mode, generic ``--protocol env``) or
+    the ``LISTEN_FDNAMES`` entries (generic ``--protocol systemd``; a name
+    that repeats is told apart as ``NAME@FD``). ``accept()`` returns the held
+    client first, if one was handed over as an fd: it is an accepted
+    connection that may already carry a request. Then it accepts from the
+    listener. Like ``socketserver.BaseServer``, a ``Handoff`` is a context
+    manager that closes every socket it holds.
     """
 
-    def __init__(self, listeners: dict[str, socket.socket], client: socket.socket | None) -> None:
+    def __init__(self, listeners: dict[str, socket.socket], client: socket.socket | None, *,
+                 client_listener: str = "") -> None:
         self.listeners = listeners
         self.client = client
+        self.client_listener = client_listener  # the listener the held client came from
 
-    def accept(self, *, var: str = RECEIVER_FD_VAR) -> tuple[socket.socket, object]:
-        if var == RECEIVER_FD_VAR and self.client is not None:
+    def accept(self, *, name: str = "") -> tuple[socket.socket, object]:
+        """The held client (once), then the next connection on listener `name` (default: the first)."""
+        if not self.listeners:
+            raise LoaderError("no listener was handed over")
+        key = name or next(iter(self.listeners))
+        if key not in self.listeners:
+            raise LoaderError("no listener named %s was handed over (%s)" % (_shown(key), ", ".join(self.listeners)))
+        if self.client is not None and key == self.client_listener:
             client, self.client = self.client, None
             try:
                 return client, client.getpeername()
             except OSError:
-                return client, None
-        return self.listeners[var].accept()
+                return client, None  # the peer left already; reading it will say so
+        return self.listeners[key].accept()
+
+    def close(self) -> None:
+        """Close every socket still held."""
+        for sock in self.listeners.values():
+            sock.close()
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def __enter__(self) -> Handoff:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def adopt(*, environ: Mapping[str, str] | None = None) -> Handoff:
-    """Wrap the fds named by the DD_*_FD variables; raise LoaderError on garbage."""
+    """Wrap what the loader handed over; raise LoaderError on garbage.
+
+    Reads systemd's protocol when ``LISTEN_PID`` is this process (fds from 3,
+    ``LISTEN_FDS``, ``LISTEN_FDNAMES``, the client named ``connection``),
+    else the drop-in variables (``DD_APM_NET_RECEIVER_FD`` and the others).
+    """
     env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID", "") == str(os.getpid()) and env.get("LISTEN_FDS", ""):
+        return _adopt_systemd(env)
     adopted: dict[str, socket.socket] = {}
     for var in _DROP_IN_FD_VARS:
         text = env.get(var, "")
-        if not text:
-            continue
-        if not text.isascii() or not text.isdigit():
-            raise LoaderError("%s is %s, not a file descriptor number" % (var, _shown(text)))
-        try:
-            adopted[var] = socket.socket(fileno=int(text))
-        except OSError as exc:
-            raise LoaderError("%s=%s is not an open socket: %s" % (var, text, _oserror_text(exc))) from None
+        if text:
+            adopted[var] = _adopt_fd(_fd_number(var, text), var)
     client = adopted.pop(CLIENT_FD_VAR, None)
-    return Handoff(adopted, client)
+    return Handoff(adopted, client, client_listener=RECEIVER_FD_VAR)
+
+
+def _adopt_systemd(env: Mapping[str, str]) -> Handoff:
+    count = _fd_number("LISTEN_FDS", env.get("LISTEN_FDS", ""))
+    names = env.get("LISTEN_FDNAMES", "").split(":")
+    if len(names) != count:
+        names = ["unknown"] * count  # systemd's name when none was set
+    listeners: dict[str, socket.socket] = {}
+    client: socket.socket | None = None
+    for index, name in enumerate(names):
+        fd = _SD_LISTEN_FDS_START + index
+        sock = _adopt_fd(fd, "LISTEN_FDS fd %d" % fd)
+        # sd_listen_fds(3) leaves the fds close-on-exec: they are this
+        # program's, not its children's.
+        sock.set_inheritable(False)
+        if name == "connection" and client is None:
+            client = sock
+            continue
+        listeners[name if names.count(name) == 1 else "%s@%d" % (name, fd)] = sock
+    first_tcp = next((key for key, sock in listeners.items()
+                      if sock.family in (socket.AF_INET, socket.AF_INET6)), "")
+    return Handoff(listeners, client, client_listener=first_tcp)
+
+
+def _fd_number(var: str, text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise LoaderError("%s is %s, not a file descriptor number" % (var, _shown(text)))
+    return int(text)
+
+
+def _adopt_fd(fd: int, what: str) -> socket.socket:
+    try:
+        return socket.socket(fileno=fd)
+    except OSError as exc:
+        raise LoaderError("%s=%d is not an open socket: %s" % (what, fd, _oserror_text(exc))) from None
 
 
 # ---------------------------------------------------------------------------
@@ -1888,51 +2579,60 @@ def _ensure_std_fds() -> None:
             os.set_inheritable(new, True)
 
 
-def _restore_default_interrupt() -> None:
-    # CPython turns SIGINT into KeyboardInterrupt; the default action makes
-    # SIGINT end the waiting loader like SIGTERM and SIGHUP do: at once, no
-    # traceback, the exit status of a process killed by that signal, and no
-    # half-started agent (the signal either lands before execve or the agent
-    # gets it). If our parent ignored SIGINT, CPython kept it ignored: so do we.
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _split_command_line(args: list[str]) -> tuple[bool, list[str], list[str]]:
+    """(generic?, the loader's own arguments, the program's argv), split once for every later use."""
+    if args[0].startswith("-"):
+        if "--" in args:
+            return True, args[: args.index("--")], args[args.index("--") + 1:]
+        return True, args, []
+    return False, args[:1], args[1:]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the loader with `argv` (default: sys.argv[1:]); the exit status, if it does not exec.
+
+    Usage errors raise SystemExit(2), as argparse does.
+    """
     args = sys.argv[1:] if argv is None else list(argv)
     if args in (["-h"], ["--help"]):
-        sys.stdout.write(_USAGE + "\n")
         _generic_parser().print_help()
         return 0
     if args == ["--version"]:
         sys.stdout.write("trace-loader %s\n" % __version__)
         return 0
-    if len(args) < 2:
-        sys.stderr.write(_USAGE)
+    if not args or (len(args) < 2 and not args[0].startswith("-")):
+        sys.stderr.write(_USAGE + "trace_loader.py: error: expected CONFIG_FILE AGENT, or options and "
+                         "'-- PROGRAM'\n")
+        return 2
+    generic, own_args, program = _split_command_line(args)
+    if not generic and program[0].startswith("-"):
+        sys.stderr.write(_USAGE + "trace_loader.py: error: AGENT %s looks like an option; the loader's own "
+                         "options come first, before '--'\n" % _shown(program[0]))
         return 2
     _ensure_std_fds()
-    _restore_default_interrupt()
+    _set_waiting_signal_handlers()
     log = _Log()
     environ = dict(os.environ)
+    inherited_fds = _open_fds()
     try:
-        if args[0].startswith("-"):
-            return _run_generic(args, environ, log)
-        return _run_drop_in(args[0], args[1], args[2:], environ, log)
+        if generic:
+            return _run_generic(own_args, program, environ, log, inherited_fds)
+        return _run_drop_in(own_args[0], program, environ, log, inherited_fds)
     except Exception as exc:  # noqa: BLE001 -- the last guard: an internal error must not cost the agent
-        log.critical("Internal error (%s: %s); starting the program directly" % (type(exc).__name__, exc))
-        return _last_resort_exec(args, environ, log)
+        log.critical("Internal error (%s: %s); starting the program directly", type(exc).__name__, exc)
+        return _last_resort_exec(program, environ, inherited_fds, log)
 
 
-def _last_resort_exec(args: list[str], environ: dict[str, str], log: _Log) -> int:
-    program = args[args.index("--") + 1:] if args[0].startswith("-") and "--" in args else args[1:]
+def _last_resort_exec(program: list[str], environ: dict[str, str], inherited_fds: list[int], log: _Log) -> int:
     try:
         path = _find_program(program[0] if program else "", environ)
     except LoaderError:
         return 1
-    env = dict(environ)
-    for name in _DROP_IN_FD_VARS:
-        env.pop(name, None)
-    _exec_program(_Launch(path, program, env, os.path.basename(program[0]), _EnvProtocol((), "")), env, log)
+    for_us = environ.get("LISTEN_PID", "") == str(os.getpid())
+    scrubbed = _DROP_IN_FD_VARS + (() if for_us else _SYSTEMD_VARS)
+    launch = _Launch(path, program, environ, _program_label(program[0]), _EnvProtocol(scrubbed, ""),
+                     inherited_fds=inherited_fds)
+    _exec_directly(launch, log)
 
 
 def _run_as_script() -> None:
@@ -1946,15 +2646,14 @@ def _run_as_script() -> None:
             stream.flush()
         except (OSError, ValueError, AttributeError):
             pass  # closed or absent: nothing left to say there
-    os._exit(status)  # we are inside atexit: end here, without a second shutdown
+    os._exit(status)  # we may be inside atexit: end here, without a second shutdown
 
 
 if __name__ == "__main__":
     if "defer" in _memory_steps(os.environ):
-        # CPython frees a script's syntax tree only after the script's last
-        # line has run, and the loader would wait (and the agent inherit
-        # nothing of it) while it is still held. Run main() from atexit, the
-        # first thing after that: every module is still loaded there.
+        # The "defer" footprint step (see Footprint above): CPython frees a
+        # script's syntax tree only after the script's last line has run, so
+        # main() runs from atexit, the first thing after that.
         import atexit
 
         atexit.register(_run_as_script)
