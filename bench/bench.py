@@ -14,12 +14,21 @@ Figures (median of --runs runs, with min and max; ratios against the peers):
   5. wake latency: connect+send to first response byte, via the loader, vs.
      the same agent already listening, vs. that agent started at the connect
   6. burst: 1,000 clients within ~100 ms before the agent wakes
+  7. relay throughput: MB/s through the held client relayed by the helper
+     (generic mode, --held-client relay) vs. a direct connection to the
+     same server, both on the same server in the same run
+  8. hold-timeout wake: a silent client of a server-first protocol, from the
+     connect to the banner's first byte, less --hold-timeout, vs. the same
+     server already listening and started at the connect
+  9. YAML reader growth: the config reader's CPU time on N and 2N lines (linear
+     reads ~2.0x)
 
 Linux only (it reads /proc). Usage: bench.py [--runs N] [--json] [--python PATH]
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -30,12 +39,14 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Dict, Sequence
+from types import ModuleType
+from typing import Callable, Dict, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LOADER = os.path.join(ROOT, "trace_loader.py")
 AGENT = os.path.join(ROOT, "examples", "demo_agent.py")
+EXAMPLE_CONFIG = os.path.join(ROOT, "examples", "datadog.yaml")
 BARE = ("import socket, select, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
         "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); p = select.poll(); p.register(s, 1); p.poll()")
 # The least any Python absorber can do per probe: the loader's syscalls
@@ -56,6 +67,56 @@ apm_config:
 log_level: {level}
 disable_file_logging: true
 """
+# The program generic mode starts: any stdlib server that adopts its listener
+# the systemd way (LISTEN_FDS=1, LISTEN_PID, fd 3) and knows nothing of the
+# loader. One thread per connection; a request is 9 bytes, "!cQ" (op, size):
+#   U n  the client uploads n bytes; the server sinks them and answers "K"
+#   D n  the server streams n bytes
+#   P 0  the server answers "P" (a round trip)
+# With argument "banner" it speaks first on each connection, like SMTP.
+SERVER = r"""
+import os, socket, struct, sys, threading
+if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+    sys.exit("server: expected one socket under the systemd protocol")
+listener = socket.socket(fileno=3)
+banner = sys.argv[1:] == ["banner"]
+
+def exact(c, n):
+    data = b""
+    while len(data) < n:
+        more = c.recv(n - len(data))
+        if not more:
+            return b""
+        data += more
+    return data
+
+def serve(c):
+    buf = memoryview(bytearray(1 << 20))
+    with c:
+        if banner:
+            c.sendall(b"220 ready\r\n")
+        while True:
+            head = exact(c, 9)
+            if not head:
+                return
+            op, n = struct.unpack("!cQ", head)
+            while op == b"U" and n:
+                got = c.recv_into(buf, min(n, len(buf)))
+                if not got:
+                    return
+                n -= got
+            while op == b"D" and n:
+                k = min(n, len(buf))
+                c.sendall(buf[:k])
+                n -= k
+            c.sendall(b"K" if op == b"U" else b"P" if op == b"P" else b"")
+
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+PORT_LINE = re.compile(r"at \S+:(\d+)(\.\.\.)?$", re.M)
+HELPER_LINE = re.compile(r"through helper pid (\d+)")
 Stats = Dict[str, float]
 
 
@@ -118,6 +179,22 @@ def compiled_loader(python: str, tmp: str) -> str:
     return target
 
 
+def baseline_loader(tmp: str) -> tuple[str, str] | None:
+    """(revision, path) of trace_loader.py at $BENCH_BASELINE (a git revision), to compare against."""
+    revision = os.environ.get("BENCH_BASELINE", "")
+    if not revision:
+        return None
+    found = subprocess.run(["git", "-C", os.path.dirname(LOADER), "show", "%s:trace_loader.py" % revision],
+                           capture_output=True, check=False)
+    if found.returncode != 0:
+        raise SystemExit("bench: BENCH_BASELINE=%s: %s" % (revision, found.stderr.decode().strip()))
+    target = os.path.join(tmp, "baseline", "trace_loader.py")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "wb") as f:
+        f.write(found.stdout)
+    return revision, target
+
+
 def variants(python: str, tmp: str) -> list[Variant]:
     out = []
     for flags, suffix in (([], ""), (["-I", "-S"], " -I -S")):
@@ -125,6 +202,10 @@ def variants(python: str, tmp: str) -> list[Variant]:
         out.append(Variant("bare" + suffix, [python, *flags, "-c", BARE, "{port}"]))
     out.insert(3, Variant("loader.pyc -I -S", [python, "-I", "-S", compiled_loader(python, tmp), "{config}",
                                                 "/bin/true"], "Polling"))
+    baseline = baseline_loader(tmp)
+    if baseline:
+        out.insert(4, Variant("loader@%s -I -S" % baseline[0][:12],
+                              [python, "-I", "-S", baseline[1], "{config}", "/bin/true"], "Polling"))
     ssa = shutil.which("systemd-socket-activate")
     if ssa:
         out.append(Variant("ssa", [ssa, "-l", "127.0.0.1:{port}", "/bin/true"]))
@@ -161,7 +242,8 @@ def spawn(variant: Variant, tmp: str, env: dict[str, str], *,
     return proc, port, elapsed
 
 
-def wait_line(proc: subprocess.Popen[bytes], text: str, timeout: float = 20.0) -> None:
+def wait_line(proc: subprocess.Popen[bytes], text: str, timeout: float = 20.0) -> str:
+    """Read stderr until `text` shows; what was read (the log so far)."""
     assert proc.stderr is not None
     deadline = time.monotonic() + timeout
     buf = b""
@@ -171,8 +253,9 @@ def wait_line(proc: subprocess.Popen[bytes], text: str, timeout: float = 20.0) -
             raise RuntimeError("no %r from %r" % (text, proc.args))
         chunk = os.read(proc.stderr.fileno(), 65536)
         if not chunk:
-            raise RuntimeError("%r ended before %r" % (proc.args, text))
+            raise RuntimeError("%r ended before %r: %r" % (proc.args, text, buf.decode(errors="replace")))
         buf += chunk
+    return buf.decode(errors="replace")
 
 
 def settle(pid: int) -> None:
@@ -253,7 +336,12 @@ def bench_probes(python: str, tmp: str, runs: int, env: dict[str, str], count: i
     out: dict[str, Stats] = {}
     loader = Variant("loader -I -S", [python, "-I", "-S", LOADER, "{config}", "/bin/true"], "Polling")
     floor = Variant("floor -I -S", [python, "-I", "-S", "-c", FLOOR, "{port}"])
-    for variant in (loader, floor):
+    compared = [loader, floor]
+    baseline = baseline_loader(tmp)
+    if baseline:
+        compared.insert(1, Variant("loader@%s -I -S" % baseline[0][:12],
+                                   [python, "-I", "-S", baseline[1], "{config}", "/bin/true"], "Polling"))
+    for variant in compared:
         cpu, rate = probe_runs(variant, tmp, runs, env, count)
         out["%s: cpu_us_per_probe" % variant.name] = cpu
         out["%s: probes_per_s" % variant.name] = rate
@@ -384,6 +472,222 @@ def bench_burst(python: str, tmp: str, runs: int, env: dict[str, str], clients: 
 
 
 # ---------------------------------------------------------------------------
+# 7: relay throughput; 8: hold-timeout wake
+# ---------------------------------------------------------------------------
+
+MB = 1 << 20  # MB/s below are MiB/s
+
+
+def start_generic(python: str, env: dict[str, str], server_args: list[str], *,
+                  hold_timeout_ms: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """The loader in generic mode in front of SERVER, relaying the held client, waiting: it and its port."""
+    argv = [python, "-I", "-S", LOADER, "--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe",
+            "--held-client", "relay"]
+    if hold_timeout_ms is not None:
+        argv += ["--hold-timeout", str(hold_timeout_ms)]
+    proc = subprocess.Popen([*argv, "--", sys.executable, "-I", "-S", "-c", SERVER, *server_args], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = wait_line(proc, "Polling")
+    found = PORT_LINE.search(log)
+    if not found:
+        stop(proc)
+        raise RuntimeError("no bound port in the loader's log: %r" % log)
+    settle(proc.pid)
+    return proc, int(found.group(1))
+
+
+def start_server(listener: socket.socket, env: dict[str, str], server_args: list[str]) -> subprocess.Popen[bytes]:
+    """SERVER started directly on `listener`, the systemd way: a shell moves it to fd 3 and
+    sets LISTEN_PID to its own pid, which `exec` hands on to the server."""
+    fd = listener.fileno()
+    move = "" if fd == 3 else " 3<&%d %d<&-" % (fd, fd)
+    script = 'LISTEN_FDS=1 LISTEN_PID=$$; export LISTEN_FDS LISTEN_PID; exec "$@"' + move
+    return subprocess.Popen(["/bin/sh", "-c", script, "sh", sys.executable, "-I", "-S", "-c", SERVER, *server_args],
+                            env=env, pass_fds=(fd,), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def call(sock: socket.socket, op: bytes, size: int, buf: memoryview) -> float:
+    """One SERVER request (upload U, download D, ping P): seconds until its last byte is in."""
+    start = time.perf_counter()
+    sock.sendall(struct.pack("!cQ", op, size))
+    left = size
+    while op == b"U" and left:
+        chunk = min(left, len(buf))
+        sock.sendall(buf[:chunk])
+        left -= chunk
+    while op == b"D" and left:
+        got = sock.recv_into(buf, min(left, len(buf)))
+        if not got:
+            raise RuntimeError("the download ended %d bytes short" % left)
+        left -= got
+    if op != b"D" and sock.recv(1) != (b"K" if op == b"U" else b"P"):
+        raise RuntimeError("no answer to %r" % op)
+    return time.perf_counter() - start
+
+
+def process_cpu_ns(pid: int) -> int:
+    """CPU time of all of a process's threads so far."""
+    total = 0
+    for task in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/schedstat" % (pid, task)) as f:
+            total += int(f.read().split()[0])
+    return total
+
+
+def ended(pid: int, timeout: float) -> bool:
+    """The process exits (or is a zombie nobody reaps) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def bench_relay(python: str, runs: int, env: dict[str, str], size: int = 256 * MB) -> dict[str, Stats]:
+    rates: dict[str, list[float]] = {}
+    helper_cpu: list[float] = []
+    buf = memoryview(bytearray(MB))
+    for run in range(runs):
+        proc, port = start_generic(python, env, [])
+        with socket.create_connection(("127.0.0.1", port)) as relayed:
+            relayed.settimeout(60)
+            call(relayed, b"P", 0, buf)  # the data wakes the loader; the server answers through the helper
+            log = wait_line(proc, "through helper pid")
+            found = HELPER_LINE.search(log)
+            if not found:
+                raise RuntimeError("no helper pid in the loader's relay line: %r" % log)
+            helper = int(found.group(1))
+            # After the wake the port is the server's own listener: no helper in between.
+            with socket.create_connection(("127.0.0.1", port)) as direct:
+                direct.settimeout(60)
+                call(direct, b"P", 0, buf)
+                before = process_cpu_ns(helper)
+                for op, what in ((b"U", "upload"), (b"D", "download")):
+                    # Side by side: the two back to back, who goes first alternating per run.
+                    pair = [("relayed", relayed), ("direct", direct)][::-1 if run % 2 else 1]
+                    seconds = {name: call(sock, op, size, buf) for name, sock in pair}
+                    for name, value in seconds.items():
+                        rates.setdefault("%s %s MB/s" % (what, name), []).append(size / MB / value)
+                    rates.setdefault("%s relayed/direct" % what, []).append(seconds["direct"] / seconds["relayed"])
+                helper_cpu.append((process_cpu_ns(helper) - before) / 1e9 / (2 * size / 1e9))
+        if not ended(helper, 5.0):
+            print("note: relay helper pid %d still running 5 s after its client closed" % helper, file=sys.stderr)
+        stop(proc)
+    out = {key: stats(values) for key, values in sorted(rates.items())}
+    out["helper CPU s per GB relayed"] = stats(helper_cpu)
+    return out
+
+
+def first_byte(sock: socket.socket, start: float) -> float:
+    """Seconds from `start` until the server's first byte (it speaks first)."""
+    sock.settimeout(10)
+    if not sock.recv(1):
+        raise RuntimeError("no banner")
+    return time.perf_counter() - start
+
+
+def bench_hold(python: str, runs: int, env: dict[str, str], timeout_ms: int = 200) -> dict[str, Stats]:
+    via_loader: list[float] = []
+    warm: list[float] = []
+    cold: list[float] = []
+    for _ in range(runs):
+        # (a) through the loader: a silent client is held until the timeout, then relayed.
+        proc, port = start_generic(python, env, ["banner"], hold_timeout_ms=timeout_ms)
+        start = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            via_loader.append((first_byte(c, start) - timeout_ms / 1000) * 1000)
+        stop(proc)
+        # (b) the server started directly, already serving; (c) started at the connect.
+        for bucket, started_first in ((warm, True), (cold, False)):
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(128)
+            address = listener.getsockname()
+            if started_first:
+                proc = start_server(listener, env, ["banner"])
+                with socket.create_connection(address) as c:
+                    first_byte(c, 0.0)  # it serves
+                start = time.perf_counter()
+                with socket.create_connection(address) as c:
+                    bucket.append(first_byte(c, start) * 1000)
+            else:
+                start = time.perf_counter()
+                with socket.create_connection(address) as c:
+                    proc = start_server(listener, env, ["banner"])
+                    bucket.append(first_byte(c, start) * 1000)
+            stop(proc)
+            listener.close()
+    return {"via loader, less %d ms: ms" % timeout_ms: stats(via_loader), "server listening: ms": stats(warm),
+            "server started at connect: ms": stats(cold)}
+
+
+# ---------------------------------------------------------------------------
+# 9: YAML reader growth
+# ---------------------------------------------------------------------------
+
+
+def loader_module() -> ModuleType:
+    """trace_loader.py imported from this checkout (importing it only defines things)."""
+    spec = importlib.util.spec_from_file_location("trace_loader", LOADER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def duplicate_keys_yaml(lines: int) -> str:
+    """Every key the loader reads, set again and again: each repeat replaces the one before."""
+    block = ["apm_config:", "  enabled: true", "  receiver_port: 8126", "  socket_activation:", "    enabled: true",
+             "    handle_tcp_probe: true", "bind_host: 127.0.0.1", "log_level: info", "otlp_config:", "  receiver:"]
+    return "\n".join((block * (lines // len(block) + 1))[:lines]) + "\n"
+
+
+def big_datadog_yaml(lines: int) -> str:
+    """examples/datadog.yaml, then copies of it indented under keys the loader does not read."""
+    with open(EXAMPLE_CONFIG) as f:
+        example = f.read().rstrip("\n").split("\n")
+    out = list(example)
+    while len(out) < lines:
+        out.append("unneeded_%d:" % len(out))
+        out.extend("  " + line if line else line for line in example if line != "---")
+    return "\n".join(out[:lines]) + "\n"
+
+
+def bench_yaml(pairs: int = 11) -> dict[str, Stats]:
+    module = loader_module()
+    read: Callable[..., object] = module._read_yaml_subset
+    wanted: object = module._KEYS
+    out: dict[str, Stats] = {}
+    # A duplicate line is a key read in full (~6 us), a skipped line costs a
+    # tenth of that: N is smaller there, for about the same time per read.
+    for name, make, lines in (("duplicate keys", duplicate_keys_yaml, 20_000),
+                              ("datadog.yaml copies", big_datadog_yaml, 100_000)):
+        texts = {n: make(n) for n in (lines, 2 * lines)}
+        times: dict[int, list[float]] = {n: [] for n in texts}
+        for pair in range(pairs):
+            # N and 2N back to back, who goes first alternating.
+            for n in sorted(texts, reverse=bool(pair % 2)):
+                # CPU time, not wall time: the reader is pure CPU in this
+                # process, and time spent waiting for a busy core is not its own.
+                start = time.process_time()
+                read(texts[n], wanted, source="bench-%d.yaml" % n)
+                times[n].append((time.process_time() - start) * 1000)
+        for n, values in times.items():
+            out["%s %dk: CPU ms" % (name, n // 1000)] = stats(values)
+        # The best times: noise from the rest of the machine (other processes'
+        # cache and memory traffic, a preempted vCPU) only ever adds, and many
+        # short reads give each size a quiet moment.
+        out["%s: t(2N)/t(N)" % name] = stats([min(times[2 * lines]) / min(times[lines])])
+    return out
+
+
+# ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
 
@@ -422,19 +726,33 @@ def print_table(result: dict[str, object]) -> None:
             name, *cells, "%.1f [%.1f-%.1f]" % tuple(row["startup_ms"][k] for k in ("median", "min", "max")),
             "%d" % row["idle_wakeups_5s"]["median"] if "idle_wakeups_5s" in row else "-",
             ratio(row["VmRSS"]["median"], bare["VmRSS"]["median"]) if bare else "-"))
-    for section in ("probes", "latency", "burst"):
-        print("\n%s" % {"probes": "4. probe cost (log level info, 5,000 probes FIN/RST alternating; floor: the same "
-                                  "syscalls in a bare Python loop)",
-                        "latency": "5. wake latency: connect+send to first response byte",
-                        "burst": "6. burst: 1,000 clients before the agent wakes"}[section])
+    headings = {
+        "probes": "4. probe cost (log level info, 5,000 probes FIN/RST alternating; floor: the same syscalls in a "
+                  "bare Python loop)",
+        "latency": "5. wake latency: connect+send to first response byte",
+        "burst": "6. burst: 1,000 clients before the agent wakes",
+        "relay": "7. relay throughput, 256 MB each way: the held client relayed by the helper vs. a direct "
+                 "connection to the same server (ratio: per run, back to back)",
+        "hold": "8. hold-timeout wake: a silent client, connect to the server's banner (server-first protocol)",
+        "yaml": "9. YAML reader growth: CPU time on N and 2N lines, 11 reads of each (ratio of the best times; "
+                "linear ~2.0)",
+    }
+    for section, heading in headings.items():
+        print("\n%s" % heading)
         rows = result[section]
         assert isinstance(rows, dict)
         for key, value in rows.items():
-            print("  %-36s %10.2f  [%.2f - %.2f]" % (key, value["median"], value["min"], value["max"]))
-    lat = result["latency"]
-    assert isinstance(lat, dict)
-    print("  via loader - agent started at connect: %+.2f ms" % (
-        lat["via_loader_ms"]["median"] - lat["agent_started_at_connect_ms"]["median"]))
+            if value["n"] == 1:  # one figure (a ratio of two others)
+                print("  %-36s %10.2f" % (key, value["median"]))
+            else:
+                print("  %-36s %10.2f  [%.2f - %.2f]" % (key, value["median"], value["min"], value["max"]))
+        if section == "latency":
+            print("  via loader - agent started at connect: %+.2f ms" % (
+                rows["via_loader_ms"]["median"] - rows["agent_started_at_connect_ms"]["median"]))
+        if section == "hold":
+            overshoot = next(value for key, value in rows.items() if key.startswith("via loader"))
+            print("  overshoot via loader - server started at connect: %+.2f ms" % (
+                overshoot["median"] - rows["server started at connect: ms"]["median"]))
 
 
 def main(argv: list[str]) -> int:
@@ -459,6 +777,9 @@ def main(argv: list[str]) -> int:
         result["probes"] = bench_probes(python, tmp, max(3, runs // 2), env)
         result["latency"] = bench_latency(python, tmp, runs, env)
         result["burst"] = bench_burst(python, tmp, max(3, runs // 2), env)
+        result["relay"] = bench_relay(python, max(3, runs // 2), env)
+        result["hold"] = bench_hold(python, runs, env)
+        result["yaml"] = bench_yaml()
         result["seconds"] = round(time.monotonic() - start, 1)
     if "--json" in argv:
         print(json.dumps(result, indent=2))
