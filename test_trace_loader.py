@@ -144,7 +144,8 @@ def procs():
 
 
 def write_config(tmp_path, text: str = "", *, port: int | None = None, socket_path: str = "",
-                 probe: bool = True, activation: bool = True, level: str = "debug", grace: int | None = None) -> str:
+                 probe: bool = True, activation: bool = True, level: str = "debug", grace: int | None = None,
+                 hold: int | None = None) -> str:
     lines = [
         "apm_config:",
         "  receiver_port: %d" % (port if port is not None else 0),
@@ -155,6 +156,8 @@ def write_config(tmp_path, text: str = "", *, port: int | None = None, socket_pa
     ]
     if grace is not None:
         lines.append("    probe_grace_period: %d" % grace)
+    if hold is not None:
+        lines.append("    hold_timeout: %d" % hold)
     lines += ["log_level: %s" % level, "disable_file_logging: true", text]
     path = tmp_path / "datadog.yaml"
     path.write_text("\n".join(lines) + "\n")
@@ -1696,6 +1699,445 @@ def test_sigterm_racing_the_wake_up_never_leaves_half_of_each(procs, tmp_path):
         assert "Traceback" not in proc.text()
         if report.exists():
             assert "DD_APM_NET_RECEIVER_FD" in read_report(report)["env"]
+
+
+# ---------------------------------------------------------------------------
+# Generic mode: the held client relayed into the program's listener, the hold timeout
+# ---------------------------------------------------------------------------
+
+RELAYED = r"Relaying the held TCP client \S+ to \S+ through helper pid (\d+)"
+
+
+def relay_helper_pid(proc: Proc) -> int:
+    return int(re.search(RELAYED, proc.wait_for(RELAYED)[0]).group(1))
+
+
+def proc_status_of(pid: int) -> dict[str, str]:
+    with open("/proc/%d/status" % pid) as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def wait_gone(pid: int, timeout: float = TIMEOUT) -> bool:
+    """The process has ended (a zombie counts as ended: it runs nothing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc_status_of(pid)["State"].startswith("Z"):
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def start_relaying(procs, tmp_path, *options: str, agent_options: tuple[str, ...] = ()) -> tuple[Proc, int, object]:
+    report = tmp_path / "report.json"
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--log-level", "debug",
+                                 *options], systemd_agent(report) + list(agent_options))
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    return proc, port, report
+
+
+@needs_proc
+def test_relay_is_the_generic_default_and_the_program_gets_only_its_listener(procs, tmp_path):
+    proc, port, report = start_relaying(procs, tmp_path)
+    kubelet_probe(port)
+    rst_probe(port)
+    proc.wait_for(ABSORBED + "|left before it was accepted", count=2)
+    with connect(port) as c:
+        c.sendall(b"POST /first HTTP/1.0\r\nContent-Length: 3\r\n\r\n")
+        proc.wait_for("Accepted connection")
+        c.sendall(b"abc")  # sent in two parts: the relay carries the peeked bytes and the rest
+        answer = answer_json(read_answer(c))
+    # Through the program's own listener, not as a held fd; from the loopback address.
+    assert answer == {"pid": proc.pid, "via": "unknown@3", "path": "/first", "body_bytes": 3}
+    proc.wait_for(r"demo agent: connection on unknown@3 from 127\.0\.0\.1")
+    data = read_report(report)
+    assert (data["listen_fds"], data["listen_fdnames"], data["fds"]) == ("1", "unknown", [0, 1, 2, 3])
+    with connect(port) as c:  # later clients go straight to the program
+        assert answer_json(http_request(c, "/second"))["path"] == "/second"
+    assert proc.count(RELAYED) == 1
+
+
+@needs_proc
+def test_relay_helper_holds_two_sockets_default_signals_and_ends_with_its_client(procs, tmp_path):
+    proc, port, _ = start_relaying(procs, tmp_path)
+    c = connect(port)
+    c.sendall(b"POST /slow HTTP/1.0\r\nContent-Length: 4\r\n\r\n")  # the body comes later: the relay waits
+    helper = relay_helper_pid(proc)
+    proc.wait_for("demo agent: connection on unknown@3")
+    fds = os.listdir("/proc/%d/fd" % helper)
+    kinds = sorted(os.readlink("/proc/%d/fd/%s" % (helper, fd)).split(":")[0] for fd in fds)
+    assert kinds == ["socket", "socket"]  # no listener, no stderr, no log file
+    status = proc_status_of(helper)
+    assert int(status["SigCgt"], 16) == 0 and int(status["SigBlk"], 16) == 0, status
+    assert int(status["PPid"]) != proc.pid  # double fork: never a child the program must reap
+    c.sendall(b"body")
+    assert answer_json(read_answer(c))["body_bytes"] == 4
+    c.close()
+    assert wait_gone(helper)
+
+
+def test_relay_passes_a_half_close_on(procs, tmp_path):
+    proc, port, _ = start_relaying(procs, tmp_path)
+    with connect(port) as c:
+        c.sendall(b"POST /half HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+        c.shutdown(socket.SHUT_WR)  # like `nc -N`: done sending, still reading
+        assert answer_json(read_answer(c))["path"] == "/half"
+    relay_helper_pid(proc)
+
+
+def test_fd_hands_the_client_over_and_no_helper_runs(procs, tmp_path):
+    proc, port, report = start_relaying(procs, tmp_path, "--held-client", "fd")
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "held-client"
+    assert read_report(report)["listen_fdnames"] == "unknown:connection"
+    assert proc.count(RELAYED) == 0
+
+
+@pytest.mark.parametrize("value, way", [("relay", "unknown"), ("fd", "held-client")])
+def test_drop_in_held_client_setting(procs, tmp_path, value, way):
+    port = free_port()
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, port=port)
+    proc = start_drop_in(procs, config, report, base_env(DD_APM_SOCKET_ACTIVATION_HELD_CLIENT=value))
+    proc.wait_for("Polling")
+    with connect(port) as c:
+        via = answer_json(http_request(c))["via"]
+    assert via == ("DD_APM_NET_RECEIVER_FD" if way == "unknown" else "held-client")
+    assert ("DD_APM_NET_RECEIVER_CLIENT_FD" in read_report(report)["env"]) == (value == "fd")
+    assert proc.count(RELAYED) == (value == "relay")
+
+
+@needs_proc
+def test_relay_that_cannot_start_costs_only_that_client(procs, tmp_path):
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    report = tmp_path / "report.json"
+    # 0-2, the listener (3), the held client (4): with a soft limit of 5 the
+    # relay's socket() gets EMFILE. The program starts all the same.
+    agent = ["/bin/sh", "-c", 'ulimit -S -n 1024 && exec "$0" "$@"'] + systemd_agent(report)
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--log-level", "debug"],
+                         agent, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (5, hard)))
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    with connect(port) as lost:
+        lost.sendall(b"POST /lost HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+        proc.wait_for(r"WARN .* Cannot relay the held TCP client \S+ \(Too many open files \(EMFILE\)\); "
+                      r"closing it and starting sh without it")
+        with pytest.raises(ConnectionResetError):
+            lost.settimeout(TIMEOUT)
+            lost.recv(1)
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "unknown@3"
+    assert read_report(report)["fds"] == [0, 1, 2, 3]
+    assert "Internal error" not in proc.text()
+
+
+def test_hold_timeout_wakes_a_server_that_speaks_first(procs, tmp_path):
+    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "300", agent_options=("--banner",))
+    with connect(port) as c:
+        c.settimeout(TIMEOUT)
+        assert c.recv(64) == b"220 demo agent ready\r\n"  # the client said nothing at all
+        proc.wait_for(r"Waking \S+: the held TCP client 127\.0\.0\.1:\d+ sent nothing for 300 ms")
+        assert answer_json(http_request(c, "/after-banner"))["path"] == "/after-banner"
+
+
+def test_hold_timeout_zero_holds_a_silent_client_without_limit(procs, tmp_path):
+    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "0")
+    with hold_one(proc, port):
+        proc.wait_for(r"Polling\.\.\. \(state HOLDING\)")
+        kubelet_probe(port)  # the second client: GRACE, and 250 ms later the wake
+        proc.wait_for(r"Waking \S+: a second TCP client arrived and the held one stayed silent for 250 ms")
+
+
+def test_in_grace_the_hold_timeout_wakes_when_it_comes_first(procs, tmp_path):
+    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "400", "--probe-grace-period", "60000")
+    with hold_one(proc, port), connect(port):
+        proc.wait_for("A second TCP client is waiting")
+        proc.wait_for(r"Waking \S+: the held TCP client \S+ sent nothing for 400 ms")
+
+
+def test_drop_in_hold_timeout_from_the_file(procs, tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, port=port, hold=200)
+    proc = start_drop_in(procs, config, tmp_path / "report.json")
+    proc.wait_for("Polling")
+    with connect(port):
+        proc.wait_for(r"Waking the trace-agent: the held TCP client \S+ sent nothing for 200 ms")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("DD_APM_SOCKET_ACTIVATION_HELD_CLIENT", "pipe", "'pipe' is not one of fd, relay"),
+    ("DD_APM_SOCKET_ACTIVATION_HOLD_TIMEOUT", "-1", "-1 ms is out of range (0-600000)"),
+    ("DD_APM_SOCKET_ACTIVATION_HOLD_TIMEOUT", "600001", "600001 ms is out of range (0-600000)"),
+    ("DD_APM_SOCKET_ACTIVATION_HOLD_TIMEOUT", "1.5", "'1.5' is not an integer"),
+])
+def test_bad_held_client_or_hold_timeout_fails_open_naming_variable_and_value(procs, tmp_path, name, value,
+                                                                               message):
+    config = write_config(tmp_path, port=free_port())
+    proc, data = fails_open(procs, tmp_path, config, base_env(**{name: value}))
+    one_warning(proc, re.escape("%s: %s" % (name, message)))
+    assert data["fds"] == [0, 1, 2]
+
+
+def test_bad_hold_timeout_in_the_file_names_file_line_and_key(procs, tmp_path):
+    proc, _ = fails_open(procs, tmp_path, write_config(tmp_path, port=free_port(), hold=700000))
+    one_warning(proc, r"datadog\.yaml:\d+: apm_config\.socket_activation\.hold_timeout: 700000 ms is out of range")
+
+
+def test_help_is_one_usage_block_and_listener_lines_name_the_address_once(procs, tmp_path):
+    result = run_loader(["--help"])
+    assert result.stdout.count("usage:") == 1 and "--help' lists" not in result.stdout
+    assert "--held-client" in result.stdout and "--hold-timeout" in result.stdout
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--listen", "web=tcp://127.0.0.1:0",
+                                 "--log-level", "debug"], ["/bin/true"])
+    proc.wait_for("Polling")
+    assert re.search(r"\| Listening to TCP listener 1 at 127\.0\.0\.1:\d+$", proc.text(), re.M)
+    assert re.search(r"\| Listening to web at 127\.0\.0\.1:\d+$", proc.text(), re.M)
+    assert re.search(r"\| TCP listener 1 file descriptor is 3$", proc.text(), re.M)
+    assert re.search(r"\| web file descriptor is 4$", proc.text(), re.M)
+
+
+# ---------------------------------------------------------------------------
+# Hardening, second round: PID 1, stray signals, the agent check, log hygiene,
+# secrets, strict integers, clean fail-open without /proc or fds
+# ---------------------------------------------------------------------------
+
+CAN_UNSHARE = LINUX and os.geteuid() == 0 and shutil.which("unshare") is not None
+needs_unshare = pytest.mark.skipif(not CAN_UNSHARE, reason="needs root and unshare(1) for namespaces")
+
+
+def child_pids(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+            found += [int(p) for p in f.read().split()]
+    return found
+
+
+def only_child(pid: int) -> int:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        children = child_pids(pid)
+        if children:
+            return children[0]
+        time.sleep(0.01)
+    raise AssertionError("pid %d started no child" % pid)
+
+
+@needs_unshare
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_as_pid_1_a_stop_signal_ends_the_waiting_loader(procs, tmp_path, signum):
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, port=free_port())
+    proc = procs(["unshare", "--pid", "--fork", "--kill-child", sys.executable, LOADER, config]
+                 + agent_argv(report), base_env(), preexec_fn=signal_dispositions(SIGINT=signal.SIG_DFL))
+    proc.wait_for("Polling")
+    loader = only_child(proc.pid)  # PID 1 inside its namespace
+    os.kill(loader, signum)
+    assert proc.wait_exit() == 128 + signum  # unshare passes its child's status on
+    assert not report.exists() and "Traceback" not in proc.text()
+
+
+_STRAY_SIGNALS = [getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGIO", "SIGPWR",
+                                                    "SIGVTALRM", "SIGPROF", "SIGXCPU") if hasattr(signal, name)]
+_STRAY_SIGNALS += [signal.SIGRTMIN, signal.SIGRTMAX] if hasattr(signal, "SIGRTMIN") else []
+
+
+def test_stray_signals_are_ignored_while_waiting_and_the_agent_gets_defaults(procs, tmp_path):
+    proc, port, report = loader_and_port(procs, tmp_path)
+    for signum in _STRAY_SIGNALS:
+        os.kill(proc.pid, signum)
+    kubelet_probe(port)  # handled after every signal above was delivered
+    proc.wait_for(ABSORBED)
+    assert proc.is_loader() and proc.proc.poll() is None
+    with connect(port) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+    data = read_report(report)
+    # SIGINT is the Python agent's own KeyboardInterrupt handler; every other one arrived at its default.
+    assert {name for name, how in data["signals"].items() if how != "default"} == {"SIGINT"}, data["signals"]
+    assert data["blocked"] == []
+
+
+@pytest.mark.parametrize("head, message", [
+    (b"#!/bin/sh\r\necho hi\n", r"starts with '#!/bin/sh\\r', and that interpreter is missing"),
+    (b"echo no interpreter line\n", r"is neither a binary nor a script starting with '#!' \(execve would fail "
+                                    r"with ENOEXEC\)"),
+    (b"#!\n", r"starts with '#!' but names no interpreter"),
+])
+def test_agent_the_kernel_would_refuse_is_refused_before_binding(tmp_path, head, message):
+    agent = tmp_path / "agent"
+    agent.write_bytes(head)
+    agent.chmod(0o755)
+    port = free_port()
+    result = run_loader([write_config(tmp_path, port=port), str(agent)])
+    assert result.returncode == 1, result.stderr
+    assert re.search(r"CRITICAL .* Cannot start the trace-agent: .*agent " + message, result.stderr), result.stderr
+    assert "Listening" not in result.stderr
+
+
+def test_a_tab_separated_shebang_is_read_like_the_kernel(procs, tmp_path):
+    report = tmp_path / "report.json"
+    agent = tmp_path / "agent"
+    agent.write_text("#!\t%s\t-u\nimport runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], "
+                     "run_name='__main__')\n" % sys.executable)
+    agent.chmod(0o755)
+    port = free_port()
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report, agent=[str(agent), AGENT, "--report",
+                                                                                   str(report)])
+    proc.wait_for("Polling")
+    with connect(port) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+
+
+def loader_lines(*texts: str) -> list[str]:
+    return [line for text in texts for line in text.splitlines() if "TRACE-LOADER" in line]
+
+
+def test_a_forged_line_in_a_value_reaches_the_log_escaped(tmp_path):
+    log_file = tmp_path / "trace-agent.log"
+    forged = "/nonexistent/y\r2099-01-01 00:00:00 UTC | TRACE-LOADER | INFO | all good\x1b[2J"
+    env = base_env(DD_APM_RECEIVER_SOCKET=forged, DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(log_file))
+    result = run_loader([write_config(tmp_path, port=0), "/bin/true"], env)  # TCP off: the socket is all there is
+    assert result.returncode == 0, result.stderr
+    lines = loader_lines(result.stderr, log_file.read_text())
+    assert any(r"does not exist: '/nonexistent/y\r2099-01-01" in line for line in lines), lines
+    assert not any("\r" in line or "\x1b" in line for line in lines)
+    for text in (result.stderr, log_file.read_text()):  # one ERROR line each, which holds the whole value
+        assert [line for line in text.split("\n") if "all good" in line] == \
+            [line for line in text.split("\n") if "| ERROR |" in line and "all good" in line]
+
+
+def test_a_100_kb_value_is_cut_and_no_line_exceeds_2048_bytes(procs, tmp_path):
+    env = base_env(DD_BIND_HOST="h" * 100_000, DD_APM_LOG_FILE="/nonexistent/" + "l" * 100_000,
+                   DD_DISABLE_FILE_LOGGING="false")
+    proc, _ = fails_open(procs, tmp_path, write_config(tmp_path, port=free_port()), env)
+    lines = loader_lines(proc.text())
+    assert max(len(line.encode()) + 1 for line in lines) <= 2048
+    assert re.search(r"cannot resolve bind host 'h{64}'\.\.\. \(100000 characters\)", proc.text())
+    assert re.search(r"Cannot open log file '/nonexistent/l{287}'\.\.\. \(100013 characters\)", proc.text())
+
+
+def test_trace_level_masks_secrets(procs, tmp_path):
+    log_file = tmp_path / "trace-agent.log"
+    env = base_env(DD_API_KEY="s3cr3t-api", DD_APP_KEY="s3cr3t-app", MY_AUTH_HEADER="s3cr3t-auth",
+                   db_password="s3cr3t-pw", DD_LOG_LEVEL="trace", DD_DISABLE_FILE_LOGGING="false",
+                   DD_APM_LOG_FILE=str(log_file))
+    port = free_port()
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report, env)
+    proc.wait_for("Polling")
+    with connect(port) as c:
+        answer_json(http_request(c))
+    line = proc.wait_for("Starting the trace-agent with env")[0]
+    assert "'DD_API_KEY'='********'" in line and "'DD_LOG_LEVEL'='trace'" in line
+    for text in (proc.text(), log_file.read_text()):
+        assert "s3cr3t" not in text
+
+
+# Go's strconv.ParseInt(strings.TrimSpace(s), 0, 64): its answers, value or error.
+GO_PARSEINT = [
+    ("8126", 8126), ("+8126", 8126), ("-8126", -8126), (" 8126\t\n", 8126), ("\u30008126\u2028", 8126),
+    ("\x1c8126", None), ("--8126", None), ("- 8126", None), ("+-8126", None), ("-+8126", None), ("++1", None),
+    ("", None), ("+", None), ("-", None), ("0", 0), ("-0", 0), ("00", 0), ("017", 15), ("08", None),
+    ("0x1fbe", 8126), ("0X1FBE", 8126), ("-0x10", -16), ("0x", None), ("0o17", 15), ("0O17", 15), ("0o", None),
+    ("0b101", 5), ("0B101", 5), ("0b2", None), ("0b", None), ("1_000", 1000), ("1__000", None), ("_1000", None),
+    ("1000_", None), ("0x_1f", 31), ("0_17", 15), ("0_x1f", None), ("1_0x", None), ("1e3", None), ("8126.0", None),
+    ("\u0663", None), ("\uff18", None), ("9223372036854775807", 2**63 - 1), ("9223372036854775808", "range"),
+    ("-9223372036854775808", -(2**63)), ("-9223372036854775809", "range"), ("0x7fffffffffffffff", 2**63 - 1),
+    ("0x8000000000000000", "range"), ("9" * 100_000, "range"),
+]
+
+
+@pytest.mark.parametrize("text, expected", GO_PARSEINT)
+def test_integers_are_exactly_go_parseint(text, expected):
+    if isinstance(expected, int):
+        assert tl._go_int(text, "K") == expected
+    else:
+        with pytest.raises(tl.LoaderError, match="out of range" if expected == "range" else "is not an integer"):
+            tl._go_int(text, "K")
+
+
+@pytest.mark.parametrize("value", ["--8126", "- 8126", "+-8126"])
+def test_a_sign_typo_in_the_port_fails_open_instead_of_turning_the_receiver_off(procs, tmp_path, value):
+    config = write_config(tmp_path, port=free_port())
+    proc, _ = fails_open(procs, tmp_path, config, base_env(DD_APM_RECEIVER_PORT=value))
+    one_warning(proc, r"DD_APM_RECEIVER_PORT: %s is not an integer" % re.escape(repr(value)))
+    assert "inputs are disabled" not in proc.text()
+
+
+def test_a_surrogate_escape_in_yaml_is_a_configuration_error(procs, tmp_path):
+    config = write_config(tmp_path, port=free_port())
+    with open(config) as f:
+        text = f.read().replace("receiver_socket: ''", 'receiver_socket: "/tmp/x\\ud800.sock"')
+    with open(config, "w") as f:
+        f.write(text)
+    proc, _ = fails_open(procs, tmp_path, config)
+    one_warning(proc, r"datadog\.yaml:3: apm_config\.receiver_socket: holds the escape \\ud800, a surrogate")
+    assert "Internal error" not in proc.text()
+
+
+def test_an_urgent_byte_alone_is_data(procs, tmp_path):
+    proc, port, report = loader_and_port(procs, tmp_path)
+    with hold_one(proc, port) as c:
+        c.send(b"!", socket.MSG_OOB)
+        proc.wait_for(r"Waking the trace-agent: the held TCP client \S+ sent urgent \(out-of-band\) data")
+    assert read_report(report)["pid"] == proc.pid
+    assert proc.count(ABSORBED) == 0
+
+
+def without_proc(argv: list[str]) -> list[str]:
+    """argv run in a private mount namespace whose /proc is an empty tmpfs (a chroot without /proc)."""
+    script = 'mount --make-rprivate / && mount -t tmpfs none /proc && exec "$@"'
+    return ["unshare", "--mount", "/bin/sh", "-c", script, "sh"] + argv
+
+
+@needs_unshare
+@pytest.mark.parametrize("held", ["relay", "fd"])
+def test_without_proc_the_loader_still_activates(procs, tmp_path, held):
+    report = tmp_path / "report.json"
+    proc = procs(without_proc([sys.executable, LOADER, "--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe",
+                               "--held-client", held, "--log-level", "debug", "--"] + systemd_agent(report)),
+                 base_env())
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    kubelet_probe(port)
+    proc.wait_for(ABSORBED)
+    with connect(port) as c:
+        answer = answer_json(http_request(c))
+    assert answer["via"] == ("unknown@3" if held == "relay" else "held-client")
+    data = read_report(report)
+    assert data["fds"] == ([0, 1, 2, 3] if held == "relay" else [0, 1, 2, 3, 4])
+    assert "Internal error" not in proc.text() and "Traceback" not in proc.text()
+
+
+@needs_proc
+@pytest.mark.parametrize("limit", [5, 6])
+def test_emfile_in_the_generic_hand_off_fails_open_cleanly(procs, tmp_path, limit):
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    report = tmp_path / "report.json"
+    # 0-2, the listener (3), the held client (4): copying both above the
+    # systemd range needs two more fds than the limit leaves.
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--held-client", "fd",
+                                 "--log-level", "debug"], systemd_agent(report),
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard)))
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    with connect(port) as c:
+        c.sendall(b"POST / HTTP/1.0\r\n\r\n")
+        proc.wait_for(r"WARN .* Failed to hand the sockets over to \S+: cannot copy the sockets into place: "
+                      r"(Too many open files \(EMFILE\)|Invalid argument \(EINVAL\))")
+        c.settimeout(TIMEOUT)
+        with pytest.raises(ConnectionResetError):
+            c.recv(1)  # a reset, never a hang
+    data = read_report(report)
+    assert data["fds"] == [0, 1, 2] and data["listen_fds"] is None  # the program, none of our fds
+    assert "Internal error" not in proc.text()
 
 
 # ---------------------------------------------------------------------------

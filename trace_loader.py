@@ -89,7 +89,7 @@ class ListenerError(LoaderError):
     """A socket could not be set up as asked."""
 
 
-# Named here once: the fd variables of the drop-in hand-off (SPEC "Listeners").
+# Named here once: the fd variables of the drop-in hand-off (README "Hand-off").
 RECEIVER_FD_VAR = "DD_APM_NET_RECEIVER_FD"
 UNIX_FD_VAR = "DD_APM_UNIX_RECEIVER_FD"
 OTLP_FD_VAR = "DD_OTLP_CONFIG_GRPC_FD"
@@ -206,11 +206,11 @@ def _oserror_text(exc: BaseException) -> str:
     return str(exc)
 
 
-def _shown(value: str, limit: int = 64) -> str:
+def _quoted(value: str, limit: int = 64) -> str:
     """A user's value, quoted and cut short, safe for one log line.
 
     repr() escapes every control character (CR, ESC, ...), so no value can
-    forge a line or drive a terminal; README "What a log line may contain".
+    forge a line or drive a terminal; README "Logging".
     """
     if len(value) > limit:
         return repr(value[:limit]) + "... (%d characters)" % len(value)
@@ -219,14 +219,14 @@ def _shown(value: str, limit: int = 64) -> str:
 
 def _path_shown(path: str) -> str:
     """A path (or address) from outside: as it is when plainly printable and short, else escaped and cut."""
-    return _plain(path, _PATH_SHOWN_MAX)
+    return _printable(path, _PATH_SHOWN_MAX)
 
 
-def _plain(value: str, limit: int = 64) -> str:
-    """`value` unquoted when it is printable and short enough; else quoted, escaped and cut (_shown)."""
+def _printable(value: str, limit: int = 64) -> str:
+    """`value` unquoted when it is printable and short enough; else quoted, escaped and cut (_quoted)."""
     if value and len(value) <= limit and value.isprintable():
         return value
-    return _shown(value, limit)
+    return _quoted(value, limit)
 
 
 def _is_secret_name(name: str) -> bool:
@@ -237,7 +237,7 @@ def _is_secret_name(name: str) -> bool:
 def _env_shown(env: Mapping[str, str]) -> str:
     """The environment for a trace line: secrets masked, every value cut."""
     return ", ".join(
-        "%s=%s" % (_shown(name, 64), "'********'" if _is_secret_name(name) else _shown(value))
+        "%s=%s" % (_quoted(name, 64), "'********'" if _is_secret_name(name) else _quoted(value))
         for name, value in sorted(env.items())
     )
 
@@ -372,15 +372,15 @@ class _YamlReader:
         descending = parent == "" or parent in self.prefixes
         if _is_dash_item(body) or body.startswith(("? ", "[", "{", "|", ">", "!", "&", "*", "@", "`")):
             if descending and parent:
-                raise self.error(lineno, "expected 'key: value', found %s" % _shown(body.strip(), 24), parent)
+                raise self.error(lineno, "expected 'key: value', found %s" % _quoted(body.strip(), 24), parent)
             if not parent:
-                raise self.error(lineno, "expected 'key: value' at the top level, found %s" % _shown(body.strip(), 24))
+                raise self.error(lineno, "expected 'key: value' at the top level, found %s" % _quoted(body.strip(), 24))
             self.skip(indent, dashes=True)
             return
         parsed = _split_key(body)
         if parsed is None:
             if descending:
-                raise self.error(lineno, "expected 'key: value', found %s" % _shown(body.strip(), 24), parent)
+                raise self.error(lineno, "expected 'key: value', found %s" % _quoted(body.strip(), 24), parent)
             self.skip(indent)
             return
         key, rest = parsed
@@ -623,7 +623,7 @@ def _read_yaml_subset(text: str, wanted: Iterable[str], *, source: str = "<confi
 
 # ---------------------------------------------------------------------------
 # Configuration, part 2: the settings of the drop-in front door, from the
-# environment over the file over defaults (SPEC "Configuration").
+# environment over the file over defaults (README "Configuration").
 # ---------------------------------------------------------------------------
 
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
@@ -697,7 +697,7 @@ class _Config:
                 return False
             if parent.kind != "mapping":
                 raise ConfigError(
-                    "holds %s where a mapping is expected (looking for %s)" % (_node_what(parent), key),
+                    "holds %s where a mapping is expected (looking for %s)" % (_describe_node(parent), key),
                     source=self.source, line=parent.line, key=".".join(parts[:depth]),
                 )
         return True
@@ -706,11 +706,11 @@ class _Config:
         node = self.nodes.get(key) if self.parents_are_mappings(key) else None
         return None if node is None or node.kind == "null" else node
 
-    def has_key(self, key: str) -> bool:
+    def key_written(self, key: str) -> bool:
         """The key is written in the file, even with nothing after its colon."""
         return self.parents_are_mappings(key) and key in self.nodes
 
-    def is_set(self, key: str) -> bool:
+    def has_value(self, key: str) -> bool:
         return self.from_env(key) is not None or self.from_file(key) is not None
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -725,7 +725,7 @@ class _Config:
         if node.kind == "plain" and node.text.lower() in _YAML11_BOOLS:
             self.log.warn(
                 "%s:%d: %s: %s is read as a boolean (YAML 1.1); write true or false"
-                % (self.source, node.line, key, _shown(node.text))
+                % (self.source, node.line, key, _quoted(node.text))
             )
             return _YAML11_BOOLS[node.text.lower()]
         try:
@@ -770,21 +770,21 @@ class _Config:
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         text = self.string(key, default)
         if text not in choices:
-            raise self.error(key, "%s is not one of %s" % (_shown(text), ", ".join(choices)))
+            raise self.error(key, "%s is not one of %s" % (_quoted(text), ", ".join(choices)))
         return text
 
     def scalar(self, key: str) -> _Node | None:
         node = self.from_file(key)
         if node is not None and not node.is_scalar:
             raise ConfigError(
-                "holds %s; expected a single value" % _node_what(node), source=self.source, line=node.line, key=key
+                "holds %s; expected a single value" % _describe_node(node), source=self.source, line=node.line, key=key
             )
         return node
 
 
-def _node_what(node: _Node) -> str:
+def _describe_node(node: _Node) -> str:
     if node.is_scalar:
-        return "the single value %s" % _shown(node.text)
+        return "the single value %s" % _quoted(node.text)
     return "a mapping" if node.kind == "mapping" else node.kind
 
 
@@ -794,16 +794,16 @@ def _go_bool(text: str, name: str) -> bool:
         return True
     if text in _GO_FALSE:
         return False
-    raise ConfigError("%s is not a boolean (use true or false)" % _shown(text), key=name)
+    raise ConfigError("%s is not a boolean (use true or false)" % _quoted(text), key=name)
 
 
 def _go_int(text: str, name: str) -> int:
     """strconv.ParseInt(strings.TrimSpace(s), 0, 64), exactly: 8126, 0x1fbe, 0o17, 017, 0b1, 1_000."""
     value = _parse_go_int(text.strip(_GO_SPACE))
     if value is None:
-        raise ConfigError("%s is not an integer" % _shown(text), key=name)
+        raise ConfigError("%s is not an integer" % _quoted(text), key=name)
     if not -_INT64 <= value < _INT64:
-        raise ConfigError("%s is out of range for a 64-bit integer" % _shown(text), key=name)
+        raise ConfigError("%s is out of range for a 64-bit integer" % _quoted(text), key=name)
     return value
 
 
@@ -868,8 +868,8 @@ class _DropInSettings:
                                                _MAX_HOLD_TIMEOUT_MS)
         self.receiver_port = config.integer("apm_config.receiver_port", 8126)
         self.receiver_socket = config.string("apm_config.receiver_socket", _DEFAULT_SOCKET)
-        # `receiver:` with nothing under it still turns OTLP on (SPEC).
-        self.otlp_enabled = config.has_key("otlp_config.receiver") or any(
+        # `receiver:` with nothing under it still turns OTLP on, as for the agent.
+        self.otlp_enabled = config.key_written("otlp_config.receiver") or any(
             name.startswith("DD_OTLP_CONFIG_RECEIVER_") and value for name, value in environ.items()
         )
         self.otlp_port = config.integer("otlp_config.traces.internal_port", 5003)
@@ -890,16 +890,16 @@ def _log_level(text: str) -> str:
     level = _LEVEL_ALIASES.get(level, level)
     if level not in _LEVELS:
         raise ConfigError(
-            "%s is not a log level (trace, debug, info, warn, error, critical, off)" % _shown(text), key="log_level"
+            "%s is not a log level (trace, debug, info, warn, error, critical, off)" % _quoted(text), key="log_level"
         )
     return level
 
 
 def _bind_host(config: _Config, environ: Mapping[str, str]) -> tuple[str, str]:
-    """The receiver's host, and why (the agent's own rule, SPEC "Bind host")."""
-    if config.is_set("bind_host") or config.is_set("apm_config.apm_non_local_traffic"):
+    """The receiver's host, and why (the agent's own rule, README "Configuration")."""
+    if config.has_value("bind_host") or config.has_value("apm_config.apm_non_local_traffic"):
         host = config.string("bind_host", "localhost")
-        if config.is_set("apm_config.apm_non_local_traffic") and config.boolean(
+        if config.has_value("apm_config.apm_non_local_traffic") and config.boolean(
             "apm_config.apm_non_local_traffic", False
         ):
             return "0.0.0.0", "apm_non_local_traffic is true"
@@ -989,7 +989,7 @@ def _tcp_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[obje
     try:
         infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
-        raise ListenerError("cannot resolve bind host %s: %s" % (_shown(host), exc)) from None
+        raise ListenerError("cannot resolve bind host %s: %s" % (_quoted(host), exc)) from None
     # Go's Listen takes a name's first IPv4 address, else its first address;
     # tracers connect to 127.0.0.1 when told "localhost".
     ipv4 = [info for info in infos if info[0] == socket.AF_INET]
@@ -1023,7 +1023,7 @@ def _open_tcp_listener(host: str, port: int) -> socket.socket:
         sock.listen(_listen_backlog())
     except OSError as exc:
         sock.close()
-        where = _plain(_join_host_port(host, port))
+        where = _printable(_join_host_port(host, port))
         raise ListenerError("cannot listen on %s: %s" % (where, _oserror_text(exc))) from None
     return sock
 
@@ -1040,10 +1040,10 @@ _SUN_PATH_MAX = (108 if sys.platform.startswith("linux") else 104) - 1
 def _validate_unix_path(path: str) -> None:
     if not os.path.isabs(path):
         # A relative path would depend on the directory we were started in.
-        raise ListenerError("unix socket path %s is not absolute" % _shown(path))
+        raise ListenerError("unix socket path %s is not absolute" % _quoted(path))
     encoded = os.fsencode(path)
     if b"\0" in encoded:
-        raise ListenerError("unix socket path %s contains a NUL byte" % _shown(path))
+        raise ListenerError("unix socket path %s contains a NUL byte" % _quoted(path))
     if len(encoded) > _SUN_PATH_MAX:
         raise ListenerError(
             "unix socket path is %d bytes, longer than the %d the kernel allows (sun_path): %s"
@@ -1135,7 +1135,7 @@ def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
     opened: list[_Listener] = []
     try:
         for spec in specs:
-            sock = _open_one(spec, log)
+            sock = _open_listener(spec, log)
             if sock is not None:
                 opened.append(_Listener(spec, sock))
     except (LoaderError, OSError) as exc:
@@ -1148,7 +1148,7 @@ def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
     return opened
 
 
-def _open_one(spec: _ListenerSpec, log: _Log) -> socket.socket | None:
+def _open_listener(spec: _ListenerSpec, log: _Log) -> socket.socket | None:
     if spec.kind == _TCP:
         sock = _open_tcp_listener(spec.host, spec.port)
         # The bound port, which the kernel chose when the address said 0.
@@ -1612,7 +1612,7 @@ def _close_on_exec_if_open(fd: int) -> None:
 
 # ---------------------------------------------------------------------------
 # The relay: how a held client reaches a program that only takes listeners
-# (README "Handing over the held client"). Just before execve the loader
+# (README "Generic mode"). Just before execve the loader
 # connects to the program's own listener (the kernel completes the connect
 # from the listen backlog, before the program's first accept()) and a helper
 # process copies bytes both ways between that connection and the held client.
@@ -1885,7 +1885,7 @@ def _find_program(name: str, environ: Mapping[str, str]) -> str:
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             _check_runnable(candidate)
             return candidate
-    raise LoaderError("%s was not found in PATH (%s)" % (_shown(name), _shown(search_path, 200)))
+    raise LoaderError("%s was not found in PATH (%s)" % (_quoted(name), _quoted(search_path, 200)))
 
 
 def _check_runnable(path: str) -> None:
@@ -1928,7 +1928,7 @@ def _exec_format_problem(path: str) -> str:
             return "starts with '#!' but names no interpreter"
         name = os.fsdecode(interpreter)
         if not (os.path.isfile(name) and os.access(name, os.X_OK)):
-            return "starts with '#!%s', and that interpreter is missing or not executable" % _shown(name)[1:-1]
+            return "starts with '#!%s', and that interpreter is missing or not executable" % _quoted(name)[1:-1]
         return ""
     if head.startswith(_BINARY_MAGICS) or _binfmt_misc_active():
         return ""  # a binary, or a format binfmt_misc may know: execve will tell
@@ -1969,7 +1969,7 @@ def _exec_program(launch: _Launch, env: dict[str, str], log: _Log) -> NoReturn:
         if hasattr(signal, "SIGPIPE"):
             signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         log.error("Failed to start %s with args %s: %s", launch.label,
-                  _shown(" ".join(launch.argv), 300), _oserror_text(exc))
+                  _quoted(" ".join(launch.argv), 300), _oserror_text(exc))
         sys.exit(1)
 
 
@@ -2144,7 +2144,7 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
 
 
 def _program_label(name: str) -> str:
-    return _shown(os.path.basename(name) or name)[1:-1]
+    return _quoted(os.path.basename(name) or name)[1:-1]
 
 
 # ---------------------------------------------------------------------------
@@ -2238,7 +2238,7 @@ def _parse_listen(value: str, index: int) -> _ListenerSpec:
     if address.startswith("unix://"):
         path, _, query = address[len("unix://"):].partition("?")
         if not path.startswith("/") and not path.startswith("@"):
-            raise ValueError("%s: a unix address needs an absolute path (unix:///run/app.sock)" % _shown(value))
+            raise ValueError("%s: a unix address needs an absolute path (unix:///run/app.sock)" % _quoted(value))
         mode = 0o666  # systemd's SocketMode default
         if query:
             key, _, text = query.partition("=")
@@ -2247,12 +2247,12 @@ def _parse_listen(value: str, index: int) -> _ListenerSpec:
             except ValueError:
                 mode = -1
             if not 0 <= mode <= 0o777:
-                raise ValueError("%s: expected ?mode=OCTAL (e.g. ?mode=0660)" % _shown(value))
+                raise ValueError("%s: expected ?mode=OCTAL (e.g. ?mode=0660)" % _quoted(value))
         return _ListenerSpec(name, _UNIX, path=path, mode=mode, shown_as=name or "unix listener %d" % index)
     if address.startswith("systemd:"):
         return _ListenerSpec(name, _INHERITED, systemd_name=address[len("systemd:"):], shown_as=address)
     raise ValueError("%s: expected tcp://HOST:PORT, tcp://[V6]:PORT, unix:///PATH or systemd:[FDNAME]"
-                     % _shown(value))
+                     % _quoted(value))
 
 
 def _parse_host_port(text: str, value: str) -> tuple[str, int]:
@@ -2262,16 +2262,16 @@ def _parse_host_port(text: str, value: str) -> tuple[str, int]:
     else:
         host, _, port_text = text.rpartition(":")
         if ":" in host:
-            raise ValueError("%s: put an IPv6 address in brackets (tcp://[::1]:8080)" % _shown(value))
+            raise ValueError("%s: put an IPv6 address in brackets (tcp://[::1]:8080)" % _quoted(value))
     # Port 0 asks the kernel for a free port; the log line names the one it chose.
     if not port_text.isdigit() or not port_text.isascii() or not 0 <= int(port_text) <= 65535:
-        raise ValueError("%s: the port must be a number from 0 to 65535" % _shown(value))
+        raise ValueError("%s: the port must be a number from 0 to 65535" % _quoted(value))
     return host, int(port_text)
 
 
 def _milliseconds(text: str, high: int, note: str = "") -> int:
     if not text.isascii() or not text.isdigit() or int(text) > high:
-        raise ValueError("%s: expected milliseconds from 0 to %d%s" % (_shown(text), high, note))
+        raise ValueError("%s: expected milliseconds from 0 to %d%s" % (_quoted(text), high, note))
     return int(text)
 
 
@@ -2337,7 +2337,7 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
     # Checked in this order so that a misspelt option is named as such, and
     # not reported as a missing --listen.
     if unknown:
-        parser.error("unrecognized arguments: %s" % " ".join(_shown(word, 40) for word in unknown))
+        parser.error("unrecognized arguments: %s" % " ".join(_quoted(word, 40) for word in unknown))
     if not args.listen:
         parser.error("the following arguments are required: --listen")
     if not program:
@@ -2389,10 +2389,10 @@ def _check_generic_options(specs: list[_ListenerSpec], args: argparse.Namespace)
                 % spec.shown_as
         if protocol == "systemd" and spec.handoff_name and not _valid_fdname(spec.handoff_name):
             return "argument --listen: %s is not a valid fd name (printable ASCII, no ':')" \
-                % _shown(spec.handoff_name)
+                % _quoted(spec.handoff_name)
     client_var = args.client_fd_var
     if client_var and not _valid_env_name(client_var):
-        return "argument --client-fd-var: %s is not a valid variable name" % _shown(client_var)
+        return "argument --client-fd-var: %s is not a valid variable name" % _quoted(client_var)
     if client_var and (protocol != "env" or args.held_client != _HELD_FD):
         return "argument --client-fd-var: only used with --held-client fd under --protocol env"
     if protocol == "env" and args.handle_tcp_probe and args.held_client == _HELD_FD and not client_var:
@@ -2415,10 +2415,10 @@ def _inherited_fds(environ: Mapping[str, str], *, for_us: bool) -> list[tuple[in
     """sd_listen_fds(3): (fd, name) pairs passed to this very process."""
     if not for_us:
         raise ListenerError("no sockets were passed to this process (LISTEN_PID is %s, our pid is %d)"
-                            % (_shown(environ.get("LISTEN_PID", "")), os.getpid()))
+                            % (_quoted(environ.get("LISTEN_PID", "")), os.getpid()))
     count_text = environ.get("LISTEN_FDS", "")
     if not count_text.isascii() or not count_text.isdigit() or not 0 < int(count_text) <= 4096:
-        raise ListenerError("LISTEN_FDS is %s; expected a count of sockets" % _shown(count_text))
+        raise ListenerError("LISTEN_FDS is %s; expected a count of sockets" % _quoted(count_text))
     count = int(count_text)
     names = environ.get("LISTEN_FDNAMES", "").split(":") if environ.get("LISTEN_FDNAMES") else []
     if len(names) != count:
@@ -2443,10 +2443,10 @@ def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str], *,
         matches = [(fd, name) for fd, name in inherited if not spec.systemd_name or name == spec.systemd_name]
         if not matches:
             raise ListenerError("no inherited socket is named %s (LISTEN_FDNAMES: %s)"
-                                % (_shown(spec.systemd_name), _shown(environ.get("LISTEN_FDNAMES", ""))))
+                                % (_quoted(spec.systemd_name), _quoted(environ.get("LISTEN_FDNAMES", ""))))
         for fd, name in matches:
             expanded.append(_ListenerSpec(spec.handoff_name or name, _INHERITED, fd=fd,
-                                          shown_as="inherited fd %d (%s)" % (fd, _shown(name)[1:-1])))
+                                          shown_as="inherited fd %d (%s)" % (fd, _quoted(name)[1:-1])))
     chosen = {s.fd for s in expanded if s.kind == _INHERITED}
     return expanded, [fd for fd, _ in inherited if fd not in chosen]
 
@@ -2480,7 +2480,7 @@ class Handoff:
             raise LoaderError("no listener was handed over")
         key = name or next(iter(self.listeners))
         if key not in self.listeners:
-            raise LoaderError("no listener named %s was handed over (%s)" % (_shown(key), ", ".join(self.listeners)))
+            raise LoaderError("no listener named %s was handed over (%s)" % (_quoted(key), ", ".join(self.listeners)))
         if self.client is not None and key == self.client_listener:
             client, self.client = self.client, None
             try:
@@ -2547,7 +2547,7 @@ def _adopt_systemd(env: Mapping[str, str]) -> Handoff:
 
 def _fd_number(var: str, text: str) -> int:
     if not text.isascii() or not text.isdigit():
-        raise LoaderError("%s is %s, not a file descriptor number" % (var, _shown(text)))
+        raise LoaderError("%s is %s, not a file descriptor number" % (var, _quoted(text)))
     return int(text)
 
 
@@ -2607,7 +2607,7 @@ def main(argv: list[str] | None = None) -> int:
     generic, own_args, program = _split_command_line(args)
     if not generic and program[0].startswith("-"):
         sys.stderr.write(_USAGE + "trace_loader.py: error: AGENT %s looks like an option; the loader's own "
-                         "options come first, before '--'\n" % _shown(program[0]))
+                         "options come first, before '--'\n" % _quoted(program[0]))
         return 2
     _ensure_std_fds()
     _set_waiting_signal_handlers()

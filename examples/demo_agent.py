@@ -20,6 +20,7 @@ until it is killed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -29,13 +30,20 @@ import threading
 
 DROP_IN_VARS = ["DD_APM_NET_RECEIVER_FD", "DD_APM_UNIX_RECEIVER_FD", "DD_OTLP_CONFIG_GRPC_FD"]
 DROP_IN_CLIENT_VAR = "DD_APM_NET_RECEIVER_CLIENT_FD"
+# Dispositions reported: what the loader sets while waiting must not reach the agent.
+SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGIO", "SIGPWR", "SIGVTALRM",
+           "SIGPROF", "SIGXCPU")
 
 
 def open_fds() -> list[int]:
-    """The fds open right now, without the one used to list them."""
-    directory = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
-    listed = [int(name) for name in os.listdir(directory)]
-    return sorted(fd for fd in listed if _is_open(fd))
+    """The fds open right now, without the one used to list them (a scan where /proc is missing)."""
+    for directory in ("/proc/self/fd", "/dev/fd"):
+        try:
+            listed = [int(name) for name in os.listdir(directory)]
+        except OSError:
+            continue
+        return sorted(fd for fd in listed if _is_open(fd))
+    return [fd for fd in range(1024) if _is_open(fd)]
 
 
 def _is_open(fd: int) -> bool:
@@ -87,12 +95,20 @@ def adopt_systemd() -> tuple[dict[str, socket.socket], socket.socket | None, dic
     return listeners, client, check
 
 
-def answer(conn: socket.socket, via: str) -> None:
-    """Read one HTTP request (headers and Content-Length body), answer it."""
+BANNER = b"220 demo agent ready\r\n"
+
+
+def answer(conn: socket.socket, via: str, banner: bool = False) -> None:
+    """Read one HTTP request (headers and Content-Length body), answer it.
+
+    With `banner`, first greet like a server-first protocol (SMTP) does.
+    """
     with conn:
         conn.settimeout(30)
         data = b""
         try:
+            if banner:
+                conn.sendall(BANNER)
             while b"\r\n\r\n" not in data:
                 chunk = conn.recv(65536)
                 if not chunk:
@@ -120,14 +136,16 @@ def answer(conn: socket.socket, via: str) -> None:
             return
 
 
-def serve_listener(name: str, listener: socket.socket) -> None:
+def serve_listener(name: str, listener: socket.socket, banner: bool) -> None:
     while True:
         try:
-            conn, _ = listener.accept()
+            conn, peer = listener.accept()
         except OSError as exc:
             sys.stderr.write("demo agent: accept on %s failed: %s\n" % (name, exc))
             continue
-        threading.Thread(target=answer, args=(conn, name), daemon=True).start()
+        sys.stderr.write("demo agent: connection on %s from %s\n" % (name, peer[0] if peer else "?"))
+        sys.stderr.flush()
+        threading.Thread(target=answer, args=(conn, name, banner), daemon=True).start()
 
 
 def raise_fd_limit() -> None:
@@ -141,29 +159,34 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="demo_agent.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--report", default="", help="write a JSON report of what was inherited here")
+    parser.add_argument("--fd-var", action="append", default=[], help="a variable naming a listener fd")
+    parser.add_argument("--client-var", default=DROP_IN_CLIENT_VAR, help="the variable naming the held client")
+    parser.add_argument("--systemd", action="store_true", help="adopt with systemd's LISTEN_FDS protocol")
+    parser.add_argument("--banner", action="store_true", help="greet each connection first, as SMTP does")
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str]) -> int:
     fds = open_fds()  # first thing: nothing of ours is open yet
+    blocked = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    args = parse_args(argv)
     raise_fd_limit()
-    args = {"--report": "", "--fd-var": "", "--client-var": DROP_IN_CLIENT_VAR}
-    systemd = "--systemd" in argv
-    rest = [a for a in argv if a != "--systemd"]
-    fd_vars: list[str] = []
-    for flag, value in zip(rest[::2], rest[1::2]):
-        if flag == "--fd-var":
-            fd_vars.append(value)
-        elif flag in args:
-            args[flag] = value
     check: dict[str, object] = {}
-    if systemd:
+    if args.systemd:
         listeners, client, check = adopt_systemd()
     else:
-        listeners, client = adopt_env(fd_vars or DROP_IN_VARS, args["--client-var"])
+        listeners, client = adopt_env(args.fd_var or DROP_IN_VARS, args.client_var)
     report = {
         "pid": os.getpid(),
         "argv0": sys.argv[0],
         "fds": fds,
         "sigpipe": disposition("SIGPIPE"),
         "sigxfsz": disposition("SIGXFSZ"),
+        "signals": {name: disposition(name) for name in SIGNALS if hasattr(signal, name)},
+        "blocked": blocked,
         "env": {k: v for k, v in os.environ.items() if k.startswith(("DD_", "LISTEN_", "DEMO_"))},
         "listeners": {name: [sock.family.name, sock.type.name, repr(sock.getsockname())]
                       for name, sock in listeners.items()},
@@ -174,19 +197,19 @@ def main(argv: list[str]) -> int:
         "client": client is not None,
         **check,
     }
-    if args["--report"]:
-        tmp = args["--report"] + ".tmp"
+    if args.report:
+        tmp = args.report + ".tmp"
         with open(tmp, "w") as f:
             json.dump(report, f)
-        os.rename(tmp, args["--report"])  # appears whole, so a reader never sees half
+        os.rename(tmp, args.report)  # appears whole, so a reader never sees half
     sys.stderr.write("demo agent: pid %d serving %s%s\n"
                      % (os.getpid(), ", ".join(sorted(listeners)) or "nothing",
                         " and a held client" if client is not None else ""))
     sys.stderr.flush()  # before 3.9, stderr to a pipe is block-buffered
     if client is not None:
-        threading.Thread(target=answer, args=(client, "held-client"), daemon=True).start()
+        threading.Thread(target=answer, args=(client, "held-client", args.banner), daemon=True).start()
     for name, listener in listeners.items():
-        threading.Thread(target=serve_listener, args=(name, listener), daemon=True).start()
+        threading.Thread(target=serve_listener, args=(name, listener, args.banner), daemon=True).start()
     threading.Event().wait()
     return 0
 
