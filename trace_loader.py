@@ -17,11 +17,14 @@ Two front doors, one engine::
 
     python3 trace_loader.py [OPTIONS] -- PROGRAM [ARGS...]
         generic mode for any socket-activatable server: --listen addresses,
-        hand-off with systemd's LISTEN_FDS protocol or plain variables.
+        hand-off with systemd's LISTEN_FDS protocol or plain variables; the
+        first real client is relayed into the program's own listener.
 
 Supports CPython 3.8 and newer on Linux (first) and macOS. Needs nothing
-beyond the standard library; copy this one file wherever it is needed.
-Importing it only defines things; the work happens in ``main()``.
+beyond the standard library: copy this one file wherever it is needed, or
+install it (``pip install .``) for a ``trace-loader`` command; ``python3 -m
+trace_loader`` works too. Importing it only defines things; the work happens
+in ``main()``. README.md is the operator's guide; docs/ holds the design.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ import select
 import signal
 import socket
 import stat
-import struct
 import sys
 import time
 
@@ -42,7 +44,7 @@ if TYPE_CHECKING:  # typing costs import time and memory; only mypy needs it
     import ctypes
     from typing import Callable, Iterable, Mapping, NoReturn
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CLIENT_FD_VAR",
@@ -158,7 +160,9 @@ class _Log:
 
     def _emit(self, level: str, message: str, args: tuple[object, ...]) -> None:
         if not self.enabled(level):
-            return  # before formatting the arguments: the wait logs at debug on every event
+            # Before formatting: every log call passes its arguments for this
+            # to format, so a debug line costs nothing at info level.
+            return
         if args:
             message = message % args
         caller = sys._getframe(2)
@@ -257,19 +261,25 @@ _MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a real datadog.yaml is ~200 KB
 _NULLS = frozenset({"", "~", "null", "Null", "NULL"})
 
 
+# What a wanted path holds. Anything else the reader found there is kept as
+# its own description ("a list", "a flow collection ([...)"), for the error
+# that names it if the loader then needs that key.
+_PLAIN, _QUOTED, _NULL, _MAPPING = "plain", "quoted", "null", "mapping"
+
+
 class _Node:
     """A value found at a wanted path: its kind, text and line."""
 
     __slots__ = ("kind", "text", "line")
 
     def __init__(self, kind: str, text: str, line: int) -> None:
-        self.kind = kind  # "plain", "quoted", "null", "mapping" or what it is
+        self.kind = kind  # _PLAIN, _QUOTED, _NULL, _MAPPING, or the description of something else
         self.text = text
         self.line = line
 
     @property
     def is_scalar(self) -> bool:
-        return self.kind in ("plain", "quoted")
+        return self.kind in (_PLAIN, _QUOTED)
 
 
 class _YamlReader:
@@ -352,16 +362,16 @@ class _YamlReader:
             self.skip(key_indent, dashes=indent == key_indent)
             return True
         if indent > key_indent:
-            self.nodes[path] = _Node("mapping", "", key_line)
+            self.nodes[path] = _Node(_MAPPING, "", key_line)
             self.stack.append((indent, path))
             return False
-        self.nodes[path] = _Node("null", "", key_line)
+        self.nodes[path] = _Node(_NULL, "", key_line)
         return False
 
     def close_pending(self) -> None:
         if self.pending is not None:
             _, path, key_line = self.pending
-            self.nodes[path] = _Node("null", "", key_line)
+            self.nodes[path] = _Node(_NULL, "", key_line)
             self.pending = None
 
     def skip(self, indent: int, *, dashes: bool = False) -> None:
@@ -428,7 +438,7 @@ class _YamlReader:
         if anchor and node.is_scalar:
             self.anchors[anchor] = node
         self.nodes[path] = node
-        if node.is_scalar or node.kind == "null":
+        if node.is_scalar or node.kind == _NULL:
             self.scalar_at = (indent, path)
         else:
             self.skip(indent)
@@ -508,13 +518,13 @@ def _scalar_node(rest: str, lineno: int) -> _Node | None:
         tail = rest[end:].strip()
         if tail and not tail.startswith("#"):
             return None
-        return _Node("quoted", text, lineno)
+        return _Node(_QUOTED, text, lineno)
     if rest.startswith(("|", ">", "[", "{", "!", "&", "*", "@", "`", "%")) or _is_dash_item(rest):
         return None
     text = _strip_comment(rest)
     if ": " in text or text.endswith(":"):
         return None
-    return _Node("null" if text in _NULLS else "plain", text, lineno)
+    return _Node(_NULL if text in _NULLS else _PLAIN, text, lineno)
 
 
 _ESCAPES = {
@@ -693,9 +703,9 @@ class _Config:
         parts = key.split(".")
         for depth in range(1, len(parts)):
             parent = self.nodes.get(".".join(parts[:depth]))
-            if parent is None or parent.kind == "null":
+            if parent is None or parent.kind == _NULL:
                 return False
-            if parent.kind != "mapping":
+            if parent.kind != _MAPPING:
                 raise ConfigError(
                     "holds %s where a mapping is expected (looking for %s)" % (_describe_node(parent), key),
                     source=self.source, line=parent.line, key=".".join(parts[:depth]),
@@ -704,7 +714,7 @@ class _Config:
 
     def from_file(self, key: str) -> _Node | None:
         node = self.nodes.get(key) if self.parents_are_mappings(key) else None
-        return None if node is None or node.kind == "null" else node
+        return None if node is None or node.kind == _NULL else node
 
     def key_written(self, key: str) -> bool:
         """The key is written in the file, even with nothing after its colon."""
@@ -720,13 +730,11 @@ class _Config:
         node = self.scalar(key)
         if node is None:
             return default
-        if node.kind == "plain" and node.text.lower() in ("true", "false"):
+        if node.kind == _PLAIN and node.text.lower() in ("true", "false"):
             return node.text.lower() == "true"
-        if node.kind == "plain" and node.text.lower() in _YAML11_BOOLS:
-            self.log.warn(
-                "%s:%d: %s: %s is read as a boolean (YAML 1.1); write true or false"
-                % (self.source, node.line, key, _quoted(node.text))
-            )
+        if node.kind == _PLAIN and node.text.lower() in _YAML11_BOOLS:
+            self.log.warn("%s:%d: %s: %s is read as a boolean (YAML 1.1); write true or false",
+                          self.source, node.line, key, _quoted(node.text))
             return _YAML11_BOOLS[node.text.lower()]
         try:
             return _go_bool(node.text, key)
@@ -785,7 +793,7 @@ class _Config:
 def _describe_node(node: _Node) -> str:
     if node.is_scalar:
         return "the single value %s" % _quoted(node.text)
-    return "a mapping" if node.kind == "mapping" else node.kind
+    return "a mapping" if node.kind == _MAPPING else node.kind
 
 
 def _go_bool(text: str, name: str) -> bool:
@@ -1204,6 +1212,11 @@ _CLIENT_EVENTS = select.POLLIN | select.POLLPRI
 _POLL_EVENT_NAMES = ((select.POLLIN, "POLLIN"), (select.POLLPRI, "POLLPRI"), (select.POLLERR, "POLLERR"),
                      (select.POLLHUP, "POLLHUP"), (select.POLLNVAL, "POLLNVAL"))
 
+# struct linger {int l_onoff = 1; int l_linger = 0}: close() then resets
+# instead of sending a FIN. Built without the struct module, which costs a
+# shared library at start-up and an import (an fd) where EMFILE may reign.
+_LINGER_RESET = (1).to_bytes(4, sys.byteorder) + (0).to_bytes(4, sys.byteorder)
+
 # What a peek at the held client found.
 _SENT, _FIN, _RST, _SILENT = "sent", "FIN", "RST", "silent"
 
@@ -1226,7 +1239,7 @@ class _HeldClient:
         """Close with an RST: the peer sees a reset at once, never a hang."""
         try:
             # SO_LINGER on, 0 s: close() discards and resets instead of a FIN.
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         except OSError:
             pass  # already reset by the peer: a plain close is all there is left to do
         self.sock.close()
@@ -1719,6 +1732,10 @@ def _relay_helper(client: socket.socket, upstream: socket.socket) -> None:
             # when the program exits), never the loader's stderr pipe.
             os.close(fd)
     _default_signal_dispositions()
+    if not _NOSIGNAL and hasattr(signal, "SIGPIPE"):
+        # No MSG_NOSIGNAL (macOS): the one exception to the defaults, or a
+        # write to a peer that just left would kill the helper, not fail.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     _relay_bytes(client, upstream)
 
 
@@ -1787,7 +1804,7 @@ def _relay_bytes(client: socket.socket, upstream: socket.socket) -> None:
         # A reset on either side ends both: pass it on as a reset.
         for sock in (client, upstream):
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             except OSError:
                 pass  # that side is already reset
     client.close()
@@ -2021,7 +2038,7 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake,
 # ---------------------------------------------------------------------------
 # Footprint: while it waits, the loader is the whole cost of an idle agent.
 # Before the wait it gives back what it no longer needs, as the Go loader
-# does. Each step was measured (README, Performance); all are Linux-only.
+# does. Each step was measured (docs/performance.md); all are Linux-only.
 #
 #   defer    run main() only once the script's own module has finished
 #            executing: CPython frees a script's syntax tree (~4 MB for this
@@ -2131,7 +2148,9 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
         log.info("All %s inputs are disabled, stopping...", launch.label)
         return 0
     for listener in listeners:
-        log.debug("%s file descriptor is %d", listener.spec.handoff_name or listener.spec.shown_as, listener.fd)
+        spec = listener.spec
+        named = spec.handoff_name if spec.kind != _INHERITED and spec.handoff_name else spec.shown_as
+        log.debug("%s file descriptor is %d", named, listener.fd)
     _release_memory(_memory_steps(launch.env), log)
     probe = _choose_probe_listener(listeners, enabled=activation.probe, only=activation.probe_only)
     waiter = _Waiter(listeners, probe, grace_ms=activation.grace_ms if probe else 0,
@@ -2446,7 +2465,7 @@ def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str], *,
                                 % (_quoted(spec.systemd_name), _quoted(environ.get("LISTEN_FDNAMES", ""))))
         for fd, name in matches:
             expanded.append(_ListenerSpec(spec.handoff_name or name, _INHERITED, fd=fd,
-                                          shown_as="inherited fd %d (%s)" % (fd, _quoted(name)[1:-1])))
+                                          shown_as="systemd socket %s" % _quoted(name)[1:-1]))
     chosen = {s.fd for s in expanded if s.kind == _INHERITED}
     return expanded, [fd for fd, _ in inherited if fd not in chosen]
 
