@@ -4,8 +4,27 @@
 The loader runs as `[sys.executable, trace_loader.py, ...]` and execs the
 stand-in agent `examples/demo_agent.py`, which adopts the inherited fds,
 writes a JSON report of what it inherited, and answers HTTP requests. Tests
-synchronise on the loader's log lines and on observable state (files, the
-process's cmdline, /proc), never on bare sleeps.
+synchronise on the loader's log lines (`Proc.wait_for`) and on observable
+state (files, the process's cmdline, /proc) through one waiting helper,
+`wait_until`; never on bare sleeps. Sockets and processes belong to the
+`sockets` and `procs` fixtures, which close and kill them however a test ends.
+
+The sections follow the data through the loader, as trace_loader.py does:
+
+     1. Harness: waiting, sockets, processes, the loader in both modes
+     2. Configuration: the YAML subset, the environment, Go's integers
+     3. Listeners
+     4. The wait: the probe check and the hold timeout
+     5. Hand-off: fds, variables, the exec and the relay
+     6. Command line and usage errors
+     7. Drop-in mode: the decision flow
+     8. Generic mode: --listen, the systemd and env protocols
+     9. Signals
+    10. Logging
+    11. Hardening: faults and hostile input
+    12. The Python API for agents
+    13. Footprint
+    14. Packaging: the wheel and its `trace-loader` command
 """
 
 from __future__ import annotations
@@ -22,6 +41,9 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
+from importlib import metadata
+from typing import Callable, TypeVar
 
 import pytest
 
@@ -38,16 +60,136 @@ LOG_LINE = re.compile(
     r"\([\w.]+:\d+ in \w+\) \| .+$"
 )
 
+T = TypeVar("T")
+
 
 # ---------------------------------------------------------------------------
-# Harness
+# 1. Harness: waiting, sockets, processes, the loader in both modes
 # ---------------------------------------------------------------------------
+
+
+def wait_until(observe: Callable[[], T], what: str, *, until: Callable[[T], object] = bool,
+               timeout: float = TIMEOUT, step: float = 0.01) -> T:
+    """Call `observe` until `until` holds for what it returns, and return that.
+
+    In the spirit of CPython's test.support.sleeping_retry: it sleeps `step`
+    between tries, and past `timeout` it fails naming `what` and what it saw
+    last, so a test never runs on to fail later with an unrelated error.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = observe()
+        if until(seen):
+            return seen
+        if time.monotonic() >= deadline:
+            raise AssertionError("timed out after %g s waiting for %s; last seen: %r" % (timeout, what, seen))
+        time.sleep(step)
+
+
+def text_of(path) -> str | None:
+    """The file's text, or None while there is no such file."""
+    try:
+        with open(str(path)) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def free_port() -> int:
+    """A loopback port that was free a moment ago; another process may take it first.
+
+    Only where the loader cannot bind port 0 itself: in drop-in mode
+    `receiver_port: 0` turns the TCP receiver off, so a drop-in test must
+    name a port. Generic mode binds tcp://127.0.0.1:0 and the test reads the
+    port from the log (`bound_port`).
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def connect(port: int, host: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection((host, port), timeout=TIMEOUT)
+
+
+class Sockets:
+    """The sockets a test opened through the `sockets` fixture, closed when it ends, pass or fail."""
+
+    def __init__(self) -> None:
+        self.opened: list[socket.socket] = []
+
+    def keep(self, sock: socket.socket) -> socket.socket:
+        self.opened.append(sock)
+        return sock
+
+    def connect(self, port: int, host: str = "127.0.0.1") -> socket.socket:
+        return self.keep(connect(port, host))
+
+    def tcp_listener(self) -> socket.socket:
+        """A listening TCP socket on a loopback port of its own."""
+        s = self.keep(socket.socket())
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        return s
+
+    def unix_listener(self, path: str) -> socket.socket:
+        s = self.keep(socket.socket(socket.AF_UNIX))
+        s.bind(path)
+        s.listen()
+        return s
+
+    def close_all(self) -> None:
+        for sock in self.opened:
+            sock.close()  # a no-op for one the test closed itself, as part of what it tests
+
+
+@pytest.fixture
+def sockets():
+    made = Sockets()
+    yield made
+    made.close_all()
+
+
+def kubelet_probe(port: int) -> None:
+    """What kubelet's tcpSocket probe does: connect, SO_LINGER 1 s, close (a FIN)."""
+    with connect(port) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 1))
+
+
+def rst_probe(port: int) -> None:
+    """A load balancer's check: connect, SO_LINGER 0 s, close (an RST)."""
+    with connect(port) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    sock.settimeout(TIMEOUT)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def http_request(sock: socket.socket, path: str = "/v0.4/traces", body: bytes = b"") -> bytes:
+    sock.sendall(b"POST %s HTTP/1.0\r\nHost: agent\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(body), body))
+    return read_answer(sock)
+
+
+def answer_json(raw: bytes) -> dict:
+    assert raw.startswith(b"HTTP/1.0 200 OK"), raw
+    return json.loads(raw.partition(b"\r\n\r\n")[2])
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -82,19 +224,23 @@ class Proc:
             self.cond.notify_all()
 
     def wait_for(self, pattern: str, count: int = 1, timeout: float = TIMEOUT) -> list[str]:
+        """The lines matching `pattern`, once there are `count` of them.
+
+        The reader thread notifies on every line, so this sleeps on the
+        condition instead of polling; it fails with the whole output when the
+        process ends first or the time is up.
+        """
         regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
+
+        def found() -> list[str]:
+            return [line for line in self.lines if regex.search(line)]
+
         with self.cond:
-            while True:
-                found = [line for line in self.lines if regex.search(line)]
-                if len(found) >= count:
-                    return found
-                if "<EOF>" in self.lines:
-                    raise AssertionError("process ended before %r x%d; output:\n%s" % (pattern, count, self.text()))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError("timed out waiting for %r x%d; output:\n%s" % (pattern, count, self.text()))
-                self.cond.wait(left)
+            self.cond.wait_for(lambda: len(found()) >= count or "<EOF>" in self.lines, timeout)
+            if len(found()) >= count:
+                return found()
+            why = "process ended before" if "<EOF>" in self.lines else "timed out waiting for"
+            raise AssertionError("%s %r x%d; output:\n%s" % (why, pattern, count, "\n".join(self.lines)))
 
     def count(self, pattern: str) -> int:
         regex = re.compile(pattern)
@@ -143,6 +289,24 @@ def procs():
         proc.stop()
 
 
+def run_loader(args: list[str], env: dict[str, str] | None = None, timeout: float = TIMEOUT,
+               **kw: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, LOADER] + args, env=env or base_env(), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
+
+
+def open_fds_of(pid: int) -> list[int]:
+    return sorted(int(n) for n in os.listdir("/proc/%d/fd" % pid))
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+CAN_UNSHARE = LINUX and os.geteuid() == 0 and shutil.which("unshare") is not None
+needs_unshare = pytest.mark.skipif(not CAN_UNSHARE, reason="needs root and unshare(1) for namespaces")
+
+
+# The loader in drop-in mode: CONFIG_FILE AGENT [AGENT_ARGS...]
+
+
 def write_config(tmp_path, text: str = "", *, port: int | None = None, socket_path: str = "",
                  probe: bool = True, activation: bool = True, level: str = "debug", grace: int | None = None,
                  hold: int | None = None) -> str:
@@ -175,129 +339,84 @@ def start_drop_in(procs, config: str, report, env: dict[str, str] | None = None,
 
 
 def read_report(report, timeout: float = TIMEOUT) -> dict:
-    """The agent writes its report atomically; poll the file system for it."""
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(str(report)):
-        if time.monotonic() > deadline:
-            raise AssertionError("no agent report at %s" % report)
-        time.sleep(0.01)
-    with open(str(report)) as f:
-        return json.load(f)
+    """The agent's report, once it is there: the agent writes it whole (a rename)."""
+    return json.loads(wait_until(lambda: text_of(report), "the agent's report at %s" % report, timeout=timeout))
 
 
-def http_request(sock: socket.socket, path: str = "/v0.4/traces", body: bytes = b"") -> bytes:
-    sock.sendall(b"POST %s HTTP/1.0\r\nHost: agent\r\nContent-Length: %d\r\n\r\n%s"
-                 % (path.encode(), len(body), body))
-    return read_answer(sock)
-
-
-def read_answer(sock: socket.socket) -> bytes:
-    sock.settimeout(TIMEOUT)
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-
-
-def answer_json(raw: bytes) -> dict:
-    assert raw.startswith(b"HTTP/1.0 200 OK"), raw
-    return json.loads(raw.partition(b"\r\n\r\n")[2])
-
-
-def connect(port: int, host: str = "127.0.0.1") -> socket.socket:
-    return socket.create_connection((host, port), timeout=TIMEOUT)
-
-
-def kubelet_probe(port: int) -> None:
-    """What kubelet's tcpSocket probe does: connect, SO_LINGER 1 s, close (a FIN)."""
-    s = connect(port)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 1))
-    s.close()
-
-
-def rst_probe(port: int) -> None:
-    """A load balancer's check: connect, SO_LINGER 0 s, close (an RST)."""
-    s = connect(port)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    s.close()
-
-
-def open_fds_of(pid: int) -> list[int]:
-    return sorted(int(n) for n in os.listdir("/proc/%d/fd" % pid))
-
-
-needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
-
-
-# ---------------------------------------------------------------------------
-# 1. Command line
-# ---------------------------------------------------------------------------
-
-
-def run_loader(args: list[str], env: dict[str, str] | None = None, timeout: float = TIMEOUT,
-               **kw: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, LOADER] + args, env=env or base_env(), capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
-
-
-def test_version_flag_prints_the_module_version():
-    result = run_loader(["--version"])
-    assert result.returncode == 0
-    assert result.stdout.strip() == "trace-loader %s" % tl.__version__
-
-
-def test_help_shows_both_command_lines_and_exits_zero():
-    result = run_loader(["--help"])
-    assert result.returncode == 0
-    assert "CONFIG_FILE AGENT [AGENT_ARGS...]" in result.stdout
-    assert "--listen" in result.stdout
-
-
-@pytest.mark.parametrize("args", [[], ["only-a-config.yaml"]])
-def test_too_few_arguments_is_a_usage_error(args):
-    result = run_loader(args)
-    assert result.returncode == 2
-    assert result.stderr.startswith("usage:")
-
-
-def test_main_is_callable_with_an_argv_list(capsys):
-    assert tl.main(["--version"]) == 0
-    assert capsys.readouterr().out.strip() == "trace-loader %s" % tl.__version__
-
-
-def test_agent_found_in_path_keeps_argv0_and_the_loaders_pid(procs, tmp_path):
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    # The agent is /bin/sh under another name, so the kernel keeps argv as
-    # given (a '#!' script would get its interpreter's argv instead).
-    (bindir / "trace-agent").symlink_to("/bin/sh")
-    pid_file = tmp_path / "pid"
-    config = write_config(tmp_path, activation=False)
-    env = base_env(PATH="%s:%s" % (bindir, os.environ.get("PATH", "")))
-    script = "echo $$ > %s.tmp && mv %s.tmp %s; sleep 60" % (pid_file, pid_file, pid_file)
-    proc = procs([sys.executable, LOADER, config, "trace-agent", "-c", script], env)
-    proc.wait_for("running the trace-agent directly")
-    deadline = time.monotonic() + TIMEOUT
-    while not pid_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert int(pid_file.read_text()) == proc.pid  # execve: the same process
-    assert proc.cmdline().split()[:2] == ["trace-agent", "-c"]  # argv[0] exactly as given
-
-
-def test_missing_agent_is_critical_and_exits_1_before_binding(tmp_path):
+def loader_and_port(procs, tmp_path, **config: object) -> tuple[Proc, int, object]:
+    """A drop-in loader with the probe check, waiting; its port and the agent's report path."""
     port = free_port()
-    config = write_config(tmp_path, port=port)
-    result = run_loader([config, "no-such-trace-agent-binary"])
-    assert result.returncode == 1
-    assert "| CRITICAL |" in result.stderr
-    assert "'no-such-trace-agent-binary' was not found in PATH" in result.stderr
-    assert "Listening" not in result.stderr
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=port, **config), report)  # type: ignore[arg-type]
+    proc.wait_for("Polling")
+    return proc, port, report
+
+
+ABSORBED = r"TCP client closed connection, closing file descriptor \d+ \(peer [^,]+, (FIN|RST)\)"
+
+
+def hold_one(proc: Proc, port: int) -> socket.socket:
+    """Connect a silent client and wait until the loader holds it."""
+    before = proc.count("Accepted connection on TCP listener")
+    client = connect(port)
+    proc.wait_for("Accepted connection on TCP listener", count=before + 1)
+    return client
+
+
+def fails_open(procs, tmp_path, config: str, env: dict[str, str] | None = None) -> tuple[Proc, dict]:
+    """Run the loader; the agent must start directly (no fds) under its pid."""
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, config, report, env)
+    data = read_report(report)
+    assert data["pid"] == proc.pid and data["fds"] == [0, 1, 2], data
+    assert "Traceback" not in proc.text()
+    return proc, data
+
+
+def one_warning(proc: Proc, pattern: str) -> str:
+    proc.wait_for("demo agent: pid")
+    lines = [line for line in proc.text().splitlines() if "| WARN |" in line or "| ERROR |" in line]
+    assert len(lines) == 1, lines
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+def quiet_log() -> tl._Log:
+    log = tl._Log()
+    log.configure(level="off", console=False, path=None)
+    return log
+
+
+# The loader in generic mode: --listen ADDRESS... -- PROGRAM [ARGS...]
+
+
+def start_generic(procs, options: list[str], program: list[str], env: dict[str, str] | None = None,
+                  **popen: object) -> Proc:
+    return procs([sys.executable, LOADER] + options + ["--"] + program, env or base_env(), **popen)
+
+
+def bound_port(proc: Proc, label: str = "") -> int:
+    """The port the loader bound for tcp://...:0, as its log line names it."""
+    line = proc.wait_for(r"Listening to %s.* at \S+:\d+$" % re.escape(label))[0]
+    return int(re.search(r":(\d+)$", line).group(1))
+
+
+def systemd_agent(report) -> list[str]:
+    return [sys.executable, AGENT, "--systemd", "--report", str(report)]
+
+
+def start_relaying(procs, tmp_path, *options: str, agent_options: tuple[str, ...] = ()) -> tuple[Proc, int, object]:
+    """A generic loader on a port of its own with the probe check (and by default the relay), waiting."""
+    report = tmp_path / "report.json"
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--log-level", "debug",
+                                 *options], systemd_agent(report) + list(agent_options))
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    return proc, port, report
 
 
 # ---------------------------------------------------------------------------
-# 2. Configuration
+# 2. Configuration: the YAML subset, the environment, Go's integers
 # ---------------------------------------------------------------------------
 
 
@@ -401,6 +520,35 @@ def test_bad_integers_are_errors_naming_the_value(text):
     assert str(info.value).startswith("DD_APM_RECEIVER_PORT: ")
 
 
+# Go's strconv.ParseInt(strings.TrimSpace(s), 0, 64): its answers, value or error.
+GO_PARSEINT = [
+    ("8126", 8126), ("+8126", 8126), ("-8126", -8126), (" 8126\t\n", 8126), ("\u30008126\u2028", 8126),
+    ("\x1c8126", None), ("--8126", None), ("- 8126", None), ("+-8126", None), ("-+8126", None), ("++1", None),
+    ("", None), ("+", None), ("-", None), ("0", 0), ("-0", 0), ("00", 0), ("017", 15), ("08", None),
+    ("0x1fbe", 8126), ("0X1FBE", 8126), ("-0x10", -16), ("0x", None), ("0o17", 15), ("0O17", 15), ("0o", None),
+    ("0b101", 5), ("0B101", 5), ("0b2", None), ("0b", None), ("1_000", 1000), ("1__000", None), ("_1000", None),
+    ("1000_", None), ("0x_1f", 31), ("0_17", 15), ("0_x1f", None), ("1_0x", None), ("1e3", None), ("8126.0", None),
+    ("\u0663", None), ("\uff18", None), ("9223372036854775807", 2**63 - 1), ("9223372036854775808", "range"),
+    ("-9223372036854775808", -(2**63)), ("-9223372036854775809", "range"), ("0x7fffffffffffffff", 2**63 - 1),
+    ("0x8000000000000000", "range"), ("9" * 100_000, "range"),
+]
+
+
+@pytest.mark.parametrize("text, expected", GO_PARSEINT)
+def test_integers_are_exactly_go_parseint(text, expected):
+    if isinstance(expected, int):
+        assert tl._go_int(text, "K") == expected
+    else:
+        with pytest.raises(tl.LoaderError, match="out of range" if expected == "range" else "is not an integer"):
+            tl._go_int(text, "K")
+
+
+@pytest.mark.parametrize("value, port", [("-1", -1), ("'8126 '", 8126), ("0x1fbe", 8126), ('"0"', 0)])
+def test_port_spellings(tmp_path, value, port):
+    s = settings_of(tmp_path, "apm_config:\n  receiver_port: %s\n" % value)
+    assert s.receiver_port == port
+
+
 @pytest.mark.parametrize("text, expected", [
     ("1", True), ("t", True), ("T", True), ("TRUE", True), ("true", True), ("True", True),
     ("0", False), ("f", False), ("F", False), ("FALSE", False), ("false", False), ("False", False),
@@ -421,6 +569,74 @@ def test_bad_environment_booleans_name_the_variable(tmp_path, text):
 def test_file_booleans(tmp_path, text, expected):
     s = settings_of(tmp_path, "apm_config:\n  socket_activation:\n    enabled: %s\n" % text)
     assert s.socket_activation is expected
+
+
+# Garbage, and how the one line that names it shows it: quoted, escaped, cut short past 64 characters.
+GARBAGE = {"garbage": "%%$#@!", "whitespace": " \t ", "long": "x" * 100_000, "non-ascii": "\u0668\u0661\u00e9\u2603"}
+GARBAGE_SHOWN = {"garbage": "'%%$#@!'", "whitespace": "' \\t '", "long": "'%s'... (100000 characters)" % ("x" * 64),
+                 "non-ascii": "'\u0668\u0661\u00e9\u2603'"}
+
+# Every variable of the README's Configuration table: where the loader stops
+# on garbage in it, and the line that says so ({name}: the variable, {value}:
+# the garbage as shown).
+NOT_A_BOOLEAN = r"{name}: {value} is not a boolean \(use true or false\)"
+NOT_AN_INTEGER = r"{name}: {value} is not an integer"
+GARBAGE_IN_THE_ENVIRONMENT = [
+    ("DD_APM_ENABLED", "settings", NOT_A_BOOLEAN),
+    ("DD_APM_ERROR_TRACKING_STANDALONE_ENABLED", "settings", NOT_A_BOOLEAN),
+    ("DD_APM_LOG_FILE", "nowhere", ""),  # a log file that cannot be opened costs a warning, not the activation
+    ("DD_APM_NON_LOCAL_TRAFFIC", "settings", NOT_A_BOOLEAN),
+    ("DD_APM_RECEIVER_PORT", "settings", NOT_AN_INTEGER),
+    ("DD_APM_RECEIVER_SOCKET", "unix listener", r"unix socket path {value} is not absolute"),
+    ("DD_APM_SOCKET_ACTIVATION_ENABLED", "settings", NOT_A_BOOLEAN),
+    ("DD_APM_SOCKET_ACTIVATION_HANDLE_TCP_PROBE", "settings", NOT_A_BOOLEAN),
+    ("DD_APM_SOCKET_ACTIVATION_PROBE_GRACE_PERIOD", "settings", NOT_AN_INTEGER),
+    ("DD_BIND_HOST", "TCP listener", r"cannot (resolve bind host {value}|listen on .*): .*"),
+    ("DD_DISABLE_FILE_LOGGING", "settings", NOT_A_BOOLEAN),
+    ("DD_LOG_LEVEL", "settings",  # named by its key, as the file's log_level would be
+     r"log_level: {value} is not a log level \(trace, debug, info, warn, error, critical, off\)"),
+    ("DD_LOG_TO_CONSOLE", "settings", NOT_A_BOOLEAN),
+    ("DD_OTLP_CONFIG_RECEIVER_PROTOCOLS_GRPC_ENDPOINT", "nowhere", ""),  # only its presence counts
+    ("DD_OTLP_CONFIG_TRACES_INTERNAL_PORT", "settings", NOT_AN_INTEGER),
+    ("DD_RECEIVER_PORT", "settings", NOT_AN_INTEGER),
+]
+
+
+def where_the_loader_stops(tmp_path, environ: dict[str, str]) -> tuple[str, str]:
+    """Read the settings, then open the listeners they name, as the loader does: where it stops, and why.
+
+    ("nowhere", "") when every step succeeds.
+    """
+    config = tmp_path / "datadog.yaml"
+    config.write_text("apm_config:\n  socket_activation:\n    enabled: true\n  receiver_socket: ''\n"
+                      "otlp_config:\n  traces:\n    internal_port: 1\n")
+    try:
+        s = tl._load_drop_in_settings(str(config), environ, tl._Log())
+    except tl.ConfigError as exc:
+        return "settings", str(exc)
+    try:
+        # '' in the file: only the variable can turn the unix receiver on.
+        unix = tl._open_unix_listener(s.receiver_socket, 0o722, quiet_log()) if s.receiver_socket else None
+    except tl.ListenerError as exc:
+        return "unix listener", str(exc)
+    if unix is not None:  # None: its directory is missing, a skip
+        unix.close()
+    try:
+        tl._open_tcp_listener(s.bind_host, 0).close()
+    except tl.ListenerError as exc:
+        return "TCP listener", str(exc)
+    return "nowhere", ""
+
+
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+@pytest.mark.parametrize("name, stops_at, message", GARBAGE_IN_THE_ENVIRONMENT,
+                         ids=[name for name, _, _ in GARBAGE_IN_THE_ENVIRONMENT])
+def test_garbage_in_each_environment_variable(tmp_path, name, stops_at, message, kind):
+    where, text = where_the_loader_stops(tmp_path, {name: GARBAGE[kind]})
+    assert where == stops_at, text
+    # The one line names the variable and shows the value, cut short.
+    assert re.fullmatch(message.format(name=name, value=re.escape(GARBAGE_SHOWN[kind])), text), text
+    assert len(text) < 200
 
 
 @pytest.mark.parametrize("value, message", [
@@ -494,88 +710,74 @@ def test_invalid_utf8_names_its_line(tmp_path):
         tl._load_drop_in_settings(str(path), {}, tl._Log())
 
 
-# ---------------------------------------------------------------------------
-# 3. Decision flow, end to end
-# ---------------------------------------------------------------------------
+def mutate(data: bytes, rng) -> bytes:
+    lines = data.split(b"\n")
+    for _ in range(rng.randint(1, 4)):
+        choice = rng.randrange(5)
+        if choice == 0 and data:  # flip a byte
+            buf = bytearray(b"\n".join(lines))
+            buf[rng.randrange(len(buf))] = rng.randrange(256)
+            lines = bytes(buf).split(b"\n")
+        elif choice == 1:  # truncate
+            joined = b"\n".join(lines)
+            lines = joined[: rng.randrange(len(joined) + 1)].split(b"\n")
+        elif choice == 2:  # change an indentation
+            i = rng.randrange(len(lines))
+            lines[i] = b" " * rng.randrange(8) + lines[i].lstrip(b" ")
+        elif choice == 3:  # duplicate a line
+            i = rng.randrange(len(lines))
+            lines.insert(rng.randrange(len(lines) + 1), lines[i])
+        else:  # splice in a YAML indicator
+            i = rng.randrange(len(lines))
+            j = rng.randrange(len(lines[i]) + 1)
+            lines[i] = lines[i][:j] + rng.choice([b"&a ", b"*a", b"- ", b"[", b"{", b'"', b"'", b"|", b">",
+                                                   b"#", b": ", b"\t", b"\r", b"? ", b"<<: ", b"!!str "]) + lines[i][j:]
+    return b"\n".join(lines)
 
 
-def test_unreadable_config_fails_open(procs, tmp_path):
-    report = tmp_path / "report.json"
-    env = base_env(DD_APM_NET_RECEIVER_FD="7", DD_APM_NET_RECEIVER_CLIENT_FD="8")
-    proc = start_drop_in(procs, str(tmp_path / "missing.yaml"), report, env)
-    data = read_report(report)
-    assert data["pid"] == proc.pid
-    line = proc.wait_for(r"\| WARN \|.*Failed to load the configuration: .*missing.yaml: cannot open: "
-                         r"No such file or directory \(ENOENT\)")
-    assert LOG_LINE.match(line[0])
-    assert data["env"] == {}  # inherited fd variables are removed on every path
-    assert data["fds"] == [0, 1, 2]
+def test_fuzzed_configs_yield_values_or_config_errors():
+    import random
+
+    with open(FIXTURE, "rb") as f:
+        original = f.read()
+    rng = random.Random(20261126)
+    outcomes = {"values": 0, "errors": 0}
+    for _ in range(3000):
+        data = mutate(original, rng)
+        try:
+            text = tl._decode_config(data, "fuzz.yaml")
+            nodes = tl._read_yaml_subset(text, tl._KEYS, source="fuzz.yaml")
+            tl._DropInSettings(tl._Config(nodes, {}, "fuzz.yaml", quiet_log()), {})
+            outcomes["values"] += 1
+        except tl.ConfigError as exc:
+            assert exc.message and ("fuzz.yaml" in str(exc) or exc.key)
+            outcomes["errors"] += 1
+    assert outcomes["values"] > 300 and outcomes["errors"] > 300, outcomes  # both paths exercised
 
 
-def test_apm_disabled_exits_zero_without_starting_anything(tmp_path):
-    config = write_config(tmp_path, "apm_config.enabled: ignored\n", port=free_port())
-    result = run_loader([config, sys.executable, AGENT], env=base_env(DD_APM_ENABLED="false"))
-    assert result.returncode == 0
-    assert "| INFO | (trace_loader.py" in result.stderr
-    assert "Trace-agent is disabled, stopping..." in result.stderr
-    assert "demo agent" not in result.stderr
-
-
-def test_error_tracking_standalone_keeps_apm_on(procs, tmp_path):
-    report = tmp_path / "report.json"
-    config = write_config(tmp_path, activation=False)
-    env = base_env(DD_APM_ENABLED="false", DD_APM_ERROR_TRACKING_STANDALONE_ENABLED="true")
-    proc = start_drop_in(procs, config, report, env)
-    assert read_report(report)["pid"] == proc.pid
-
-
-def test_socket_activation_disabled_execs_directly(procs, tmp_path):
-    report = tmp_path / "report.json"
-    config = write_config(tmp_path, port=free_port(), activation=False)
-    proc = start_drop_in(procs, config, report)
-    data = read_report(report)
-    proc.wait_for("Socket-activation for the trace-agent is disabled, running the trace-agent directly...")
-    assert data["env"] == {} and data["fds"] == [0, 1, 2]
-
-
-def test_listener_failure_closes_everything_and_fails_open(procs, tmp_path):
-    busy = socket.socket()
-    busy.bind(("127.0.0.1", 0))
-    busy.listen()
-    port = busy.getsockname()[1]
-    report = tmp_path / "report.json"
-    sock_path = str(tmp_path / "apm.sock")
-    config = write_config(tmp_path, port=port, socket_path=sock_path,
-                          text="otlp_config:\n  receiver:\n  traces:\n    internal_port: %d\n" % port)
-    proc = start_drop_in(procs, config, report)
-    data = read_report(report)
-    proc.wait_for(r"Failed to get listeners for the trace-agent: cannot listen on localhost:%d: "
-                  r"Address already in use \(EADDRINUSE\)" % port)
-    assert data["fds"] == [0, 1, 2] and data["env"] == {}
-    busy.close()
-
-
-def test_no_listener_at_all_exits_zero(tmp_path):
-    config = write_config(tmp_path, port=0, socket_path="")
-    result = run_loader([config, sys.executable, AGENT])
-    assert result.returncode == 0
-    assert "All the trace-agent inputs are disabled, stopping..." in result.stderr
-
-
-def test_missing_socket_directory_is_skipped_not_a_failure(procs, tmp_path):
-    port = free_port()
-    report = tmp_path / "report.json"
-    config = write_config(tmp_path, port=port, socket_path=str(tmp_path / "nodir" / "apm.sock"), probe=False)
-    proc = start_drop_in(procs, config, report)
-    proc.wait_for(r"\| ERROR \|.*Could not start UDS listener: socket directory does not exist: .*nodir/apm.sock")
-    proc.wait_for("Polling")
-    with connect(port) as c:
-        assert answer_json(http_request(c))["via"] == "DD_APM_NET_RECEIVER_FD"
-    assert sorted(read_report(report)["listeners"]) == ["DD_APM_NET_RECEIVER_FD"]
+def test_pathological_configs_are_read_within_a_time_limit(tmp_path):
+    # Each in a child with a hard timeout: a reader that went quadratic on one
+    # of these would need hours. How the time grows with the size (2N lines
+    # against N) is measured by `make bench`, not here.
+    cases = {
+        "duplicates": "apm_config:\n" + "  receiver_port: 1\n" * 200_000,
+        "long-line": "apm_config:\n  receiver_socket: \"" + "\\\\" * 1_000_000 + "\"\n",
+        "deep": "".join(" " * i + "k%d:\n" % i for i in range(3000)),
+        "many-keys": "".join("key%d: value\n" % i for i in range(300_000)),
+        "anchors": "".join("a%d: &a%d %d\n" % (i, i, i) for i in range(100_000)),
+    }
+    for name, text in cases.items():
+        path = tmp_path / (name + ".yaml")
+        path.write_text(text)
+        code = ("import sys; sys.path.insert(0, %r); import trace_loader as t\n"
+                "try:\n    t._load_drop_in_settings(%r, {}, t._Log())\nexcept t.ConfigError as e:\n    print(e)\n"
+                % (os.path.dirname(LOADER), str(path)))
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (name, result.stderr[-500:])
 
 
 # ---------------------------------------------------------------------------
-# 4. Listeners
+# 3. Listeners
 # ---------------------------------------------------------------------------
 
 
@@ -624,15 +826,6 @@ def test_wildcard_bind_host_is_dual_stack(procs, tmp_path):
     assert read_report(tmp_path / "report.json")["listeners"]["DD_APM_NET_RECEIVER_FD"][0] == "AF_INET6"
 
 
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 def test_ipv6_literal_bind_host(procs, tmp_path):
     if not has_ipv6_loopback():
         pytest.skip("no ::1 on this host")
@@ -641,9 +834,8 @@ def test_ipv6_literal_bind_host(procs, tmp_path):
 
 def test_stale_unix_socket_is_replaced(procs, tmp_path):
     sock_path = str(tmp_path / "apm.sock")
-    stale = socket.socket(socket.AF_UNIX)
-    stale.bind(sock_path)
-    stale.close()  # the file stays, nobody listens
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(sock_path)  # closed without listening: the file stays, nobody listens
     report = tmp_path / "report.json"
     proc = start_drop_in(procs, write_config(tmp_path, socket_path=sock_path), report)
     proc.wait_for("Polling")
@@ -654,23 +846,19 @@ def test_stale_unix_socket_is_replaced(procs, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["file", "symlink", "live"])
-def test_unix_path_that_is_not_a_stale_socket_is_never_removed(procs, tmp_path, kind):
+def test_unix_path_that_is_not_a_stale_socket_is_never_removed(procs, sockets, tmp_path, kind):
     sock_path = tmp_path / "apm.sock"
-    live = None
     if kind == "file":
         sock_path.write_text("precious")
         expected = "exists and is a regular file, not a socket; refusing to remove it"
     elif kind == "symlink":
         target = tmp_path / "target.sock"
-        t = socket.socket(socket.AF_UNIX)
-        t.bind(str(target))
-        t.close()
+        with socket.socket(socket.AF_UNIX) as t:
+            t.bind(str(target))
         sock_path.symlink_to(target)
         expected = "is a symbolic link; refusing to replace it"
     else:
-        live = socket.socket(socket.AF_UNIX)
-        live.bind(str(sock_path))
-        live.listen()
+        sockets.unix_listener(str(sock_path))
         expected = "is served by a live process; refusing to take it over"
     report = tmp_path / "report.json"
     proc = start_drop_in(procs, write_config(tmp_path, socket_path=str(sock_path)), report)
@@ -681,8 +869,6 @@ def test_unix_path_that_is_not_a_stale_socket_is_never_removed(procs, tmp_path, 
     assert os.path.lexists(str(sock_path))
     if kind == "file":
         assert sock_path.read_text() == "precious"
-    if live is not None:
-        live.close()
 
 
 def test_unix_path_longer_than_sun_path_is_a_failure_that_says_so(procs, tmp_path):
@@ -694,26 +880,29 @@ def test_unix_path_longer_than_sun_path_is_a_failure_that_says_so(procs, tmp_pat
     proc.wait_for(r"unix socket path is \d+ bytes, longer than the 10[37] the kernel allows \(sun_path\)")
 
 
+def test_missing_socket_directory_is_skipped_not_a_failure(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, port=port, socket_path=str(tmp_path / "nodir" / "apm.sock"), probe=False)
+    proc = start_drop_in(procs, config, report)
+    proc.wait_for(r"\| ERROR \|.*Could not start UDS listener: socket directory does not exist: .*nodir/apm.sock")
+    proc.wait_for("Polling")
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "DD_APM_NET_RECEIVER_FD"
+    assert sorted(read_report(report)["listeners"]) == ["DD_APM_NET_RECEIVER_FD"]
+
+
 @pytest.mark.skipif(not shutil.which("strace") or not LINUX, reason="needs strace")
-def test_unix_socket_gets_its_mode_without_a_chmod_window(tmp_path):
+def test_unix_socket_gets_its_mode_without_a_chmod_window(procs, tmp_path):
     sock_path = str(tmp_path / "apm.sock")
     port = free_port()
     config = write_config(tmp_path, port=port, socket_path=sock_path, probe=False)
     trace = tmp_path / "strace.out"
-    proc = subprocess.Popen(
-        ["strace", "-f", "-qq", "-e", "trace=umask,bind,chmod,fchmod,fchmodat", "-o", str(trace),
-         sys.executable, LOADER, config, "/bin/true"],
-        env=base_env(), stderr=subprocess.PIPE)
-    try:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            if b"Polling" in raw:
-                break
-        connect(port).close()  # wakes the loader, which execs /bin/true and ends
-        assert proc.wait(TIMEOUT) == 0
-    finally:
-        proc.kill()
-        proc.wait(TIMEOUT)
+    proc = procs(["strace", "-f", "-qq", "-e", "trace=umask,bind,chmod,fchmod,fchmodat", "-o", str(trace),
+                  sys.executable, LOADER, config, "/bin/true"], base_env())
+    proc.wait_for("Polling")
+    connect(port).close()  # wakes the loader, which execs /bin/true and ends
+    assert proc.wait_exit() == 0
     calls = trace.read_text()
     assert re.search(r"umask\(0?55\)", calls), calls
     assert "bind(" in calls and "chmod" not in calls, calls
@@ -747,7 +936,196 @@ def test_unix_socket_wakes_the_agent_and_is_answered(procs, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# 5. Hand-off
+# 4. The wait: the probe check and the hold timeout
+# ---------------------------------------------------------------------------
+
+
+def syscall_of(pid: int) -> list[str]:
+    """/proc/PID/syscall: the number of the syscall the process sleeps in, then its arguments."""
+    with open("/proc/%d/syscall" % pid) as f:
+        return f.read().split()
+
+
+@pytest.mark.skipif(not LINUX or os.uname().machine != "x86_64", reason="reads x86_64 /proc/PID/syscall")
+def test_idle_loader_sleeps_in_poll_without_a_timeout(procs, tmp_path):
+    proc = start_drop_in(procs, write_config(tmp_path, port=free_port()), tmp_path / "r.json")
+    proc.wait_for("Polling")
+    fields = wait_until(lambda: syscall_of(proc.pid), "the loader asleep in poll(2), syscall 7 on x86_64",
+                        until=lambda fields: fields[0] == "7")
+    assert fields[0] == "7" and int(fields[3], 16) in (0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF), fields
+
+
+def test_kubelet_probes_are_absorbed_then_a_request_is_answered_on_its_connection(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report)
+    proc.wait_for("Polling")
+    for _ in range(100):
+        kubelet_probe(port)
+    proc.wait_for(r"TCP client closed connection, closing file descriptor \d+ \(peer .*, FIN\)", count=100)
+    assert proc.is_loader()
+    assert not report.exists()
+    with connect(port) as c:
+        c.sendall(b"POST /v0.4/traces HTTP/1.0\r\nContent-Length: 4\r\n\r\nabcd")
+        proc.wait_for("TCP client sent data, executing the trace-agent")
+        answer = answer_json(read_answer(c))
+    assert answer == {"pid": proc.pid, "via": "held-client", "path": "/v0.4/traces", "body_bytes": 4}
+    proc.wait_for(r"INFO .*Waking the trace-agent: the held TCP client .* sent data; 100 probes absorbed "
+                  r"since start \(FIN: 100, RST: 0\)")
+    assert not proc.is_loader()
+
+
+def test_rst_probes_are_absorbed_like_fin_probes(procs, tmp_path):
+    proc, port, report = loader_and_port(procs, tmp_path)
+    for _ in range(100):
+        rst_probe(port)
+    for _ in range(100):
+        kubelet_probe(port)
+        rst_probe(port)
+    proc.wait_for(ABSORBED + "|left before it was accepted", count=300)
+    assert proc.is_loader() and not report.exists()
+    assert proc.count(ABSORBED.replace("(FIN|RST)", "RST")) >= 100  # each with its peer and how it closed
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "held-client"
+    proc.wait_for(r"Waking the trace-agent: the held TCP client 127\.0\.0\.1:\d+ sent data; "
+                  r"300 probes absorbed since start \(FIN: 100, RST: 200\)")
+
+
+def test_overlapping_probes_are_absorbed(procs, sockets, tmp_path):
+    # A generous grace, so a slow machine cannot turn the overlap into a wake-up.
+    proc, port, report = loader_and_port(procs, tmp_path, grace=5000)
+    first = sockets.keep(hold_one(proc, port))
+    second = sockets.connect(port)
+    proc.wait_for("A second TCP client is waiting; giving the held one 5000 ms")
+    first.close()  # the held probe ends
+    proc.wait_for(ABSORBED, count=1)
+    second.close()  # and then the one that overlapped it
+    proc.wait_for(ABSORBED, count=2)
+    assert proc.count("Accepted connection on TCP listener") == 2  # the second, only once the first was gone
+    assert proc.is_loader() and not report.exists()
+    assert proc.count("Waking") == 0
+
+
+@needs_proc
+def test_probe_storm_never_wakes_the_agent_nor_leaks_an_fd(procs, tmp_path):
+    proc, port, report = loader_and_port(procs, tmp_path)
+    before = open_fds_of(proc.pid)
+    errors: list[OSError] = []
+
+    def prober(index: int) -> None:
+        try:
+            for i in range(1250):
+                (rst_probe if (i + index) % 2 else kubelet_probe)(port)
+        except OSError as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=prober, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    # The backlog is served in order: once this last probe is absorbed, all were.
+    with connect(port) as last:
+        last_peer = "127.0.0.1:%d" % last.getsockname()[1]
+    proc.wait_for(re.escape("peer %s, FIN" % last_peer))
+    assert proc.count(ABSORBED + "|left before it was accepted") == 5001
+    assert proc.is_loader() and not report.exists()
+    assert open_fds_of(proc.pid) == before
+
+
+def test_an_urgent_byte_alone_is_data(procs, tmp_path):
+    proc, port, report = loader_and_port(procs, tmp_path)
+    with hold_one(proc, port) as c:
+        c.send(b"!", socket.MSG_OOB)
+        proc.wait_for(r"Waking the trace-agent: the held TCP client \S+ sent urgent \(out-of-band\) data")
+    assert read_report(report)["pid"] == proc.pid
+    assert proc.count(ABSORBED) == 0
+
+
+def test_second_client_while_one_is_held_starts_the_agent_and_both_are_answered(procs, sockets, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=port, grace=0), report)
+    proc.wait_for("Polling")
+    first = sockets.keep(hold_one(proc, port))
+    second = sockets.connect(port)
+    second.sendall(b"POST /second HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    proc.wait_for("Waking the trace-agent: a second TCP client arrived while one was held")
+    first.sendall(b"POST /first HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    assert answer_json(read_answer(first))["via"] == "held-client"
+    assert answer_json(read_answer(second))["path"] == "/second"
+
+
+def test_silent_client_held_past_the_grace_wakes_the_agent_and_both_are_answered(procs, sockets, tmp_path):
+    proc, port, _ = loader_and_port(procs, tmp_path)
+    silent = sockets.keep(hold_one(proc, port))
+    second = sockets.connect(port)
+    second.sendall(b"POST /second HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    proc.wait_for(r"Waking the trace-agent: a second TCP client arrived and the held one stayed silent "
+                  r"for 250 ms; 0 probes absorbed")
+    assert proc.count("Accepted connection on TCP listener") == 1  # the second was never accepted by the loader
+    silent.sendall(b"POST /silent HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    assert answer_json(read_answer(silent)) == {"pid": proc.pid, "via": "held-client", "path": "/silent",
+                                                "body_bytes": 0}
+    assert answer_json(read_answer(second))["via"] == "DD_APM_NET_RECEIVER_FD"
+
+
+def test_grace_zero_is_the_reference_behaviour(procs, sockets, tmp_path):
+    proc, port, _ = loader_and_port(procs, tmp_path, grace=0)
+    sockets.keep(hold_one(proc, port))  # held
+    sockets.connect(port)  # and a second one, at once
+    proc.wait_for("Waking the trace-agent: a second TCP client arrived while one was held")
+    assert proc.count("A second TCP client is waiting") == 0
+
+
+def test_without_the_probe_check_the_first_connection_starts_the_agent(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=port, probe=False), report)
+    proc.wait_for("Polling")
+    kubelet_probe(port)  # even a probe wakes it: this is the behaviour without the check
+    proc.wait_for("Waking the trace-agent: traffic on TCP receiver")
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "DD_APM_NET_RECEIVER_FD"
+    assert "DD_APM_NET_RECEIVER_CLIENT_FD" not in read_report(report)["env"]
+
+
+def test_hold_timeout_wakes_a_server_that_speaks_first(procs, tmp_path):
+    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "300", agent_options=("--banner",))
+    with connect(port) as c:
+        c.settimeout(TIMEOUT)
+        assert c.recv(64) == b"220 demo agent ready\r\n"  # the client said nothing at all
+        proc.wait_for(r"Waking \S+: the held TCP client 127\.0\.0\.1:\d+ sent nothing for 300 ms")
+        assert answer_json(http_request(c, "/after-banner"))["path"] == "/after-banner"
+
+
+def test_hold_timeout_zero_holds_a_silent_client_without_limit(procs, tmp_path):
+    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "0")
+    with hold_one(proc, port):
+        proc.wait_for(r"Polling\.\.\. \(state HOLDING\)")
+        kubelet_probe(port)  # the second client: GRACE, and 250 ms later the wake
+        proc.wait_for(r"Waking \S+: a second TCP client arrived and the held one stayed silent for 250 ms")
+
+
+def test_in_grace_the_hold_timeout_wakes_when_it_comes_first(procs, tmp_path):
+    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "400", "--probe-grace-period", "60000")
+    with hold_one(proc, port), connect(port):
+        proc.wait_for("A second TCP client is waiting")
+        proc.wait_for(r"Waking \S+: the held TCP client \S+ sent nothing for 400 ms")
+
+
+def test_drop_in_hold_timeout_from_the_file(procs, tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, port=port, hold=200)
+    proc = start_drop_in(procs, config, tmp_path / "report.json")
+    proc.wait_for("Polling")
+    with connect(port):
+        proc.wait_for(r"Waking the trace-agent: the held TCP client \S+ sent nothing for 200 ms")
+
+
+# ---------------------------------------------------------------------------
+# 5. Hand-off: fds, variables, the exec and the relay
 # ---------------------------------------------------------------------------
 
 
@@ -777,307 +1155,56 @@ def test_agent_inherits_exactly_the_listed_fds_and_replaced_variables(procs, tmp
     assert data["fds"] == [0, 1, 2] + sorted(fd_env.values())
 
 
+def test_agent_found_in_path_keeps_argv0_and_the_loaders_pid(procs, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    # The agent is /bin/sh under another name, so the kernel keeps argv as
+    # given (a '#!' script would get its interpreter's argv instead).
+    (bindir / "trace-agent").symlink_to("/bin/sh")
+    pid_file = tmp_path / "pid"
+    config = write_config(tmp_path, activation=False)
+    env = base_env(PATH="%s:%s" % (bindir, os.environ.get("PATH", "")))
+    script = "echo $$ > %s.tmp && mv %s.tmp %s; sleep 60" % (pid_file, pid_file, pid_file)
+    proc = procs([sys.executable, LOADER, config, "trace-agent", "-c", script], env)
+    proc.wait_for("running the trace-agent directly")
+    pid = wait_until(lambda: text_of(pid_file), "the agent's pid in %s" % pid_file)
+    assert int(pid) == proc.pid  # execve: the same process
+    assert proc.cmdline().split()[:2] == ["trace-agent", "-c"]  # argv[0] exactly as given
+
+
 @pytest.mark.skipif(not LINUX, reason="reads /proc/self/status")
 def test_agent_gets_default_sigpipe_and_sigxfsz(procs, tmp_path):
     status = tmp_path / "status.txt"
-    config = write_config(tmp_path, port=free_port(), probe=False)
+    port = free_port()
+    config = write_config(tmp_path, port=port, probe=False)
     # The agent is a shell: it records its own signal masks, which it
     # inherited through execve, before anything else can change them.
     script = "grep -E '^Sig(Ign|Blk)' /proc/$$/status > %s.tmp && mv %s.tmp %s && exec sleep 60" % (
         status, status, status)
-    port = int(re.search(r"receiver_port: (\d+)", open(config).read()).group(1))
     proc = start_drop_in(procs, config, None, agent=["/bin/sh", "-c", script])
     proc.wait_for("Polling")
     with connect(port):
         proc.wait_for("Starting the trace-agent")
-    deadline = time.monotonic() + TIMEOUT
-    while not status.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    fields = dict(line.split(":") for line in status.read_text().split("\n") if line)
+    masks = wait_until(lambda: text_of(status), "the agent's signal masks in %s" % status)
+    fields = dict(line.split(":") for line in masks.split("\n") if line)
     ignored = int(fields["SigIgn"].strip(), 16)
     assert not ignored & (1 << (signal.SIGPIPE - 1)), fields
     assert not ignored & (1 << (signal.SIGXFSZ - 1)), fields
 
 
-# ---------------------------------------------------------------------------
-# 6. The wait and the probe check
-# ---------------------------------------------------------------------------
-
-
-@pytest.mark.skipif(not LINUX or os.uname().machine != "x86_64", reason="reads x86_64 /proc/PID/syscall")
-def test_idle_loader_sleeps_in_poll_without_a_timeout(procs, tmp_path):
-    proc = start_drop_in(procs, write_config(tmp_path, port=free_port()), tmp_path / "r.json")
-    proc.wait_for("Polling")
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        with open("/proc/%d/syscall" % proc.pid) as f:
-            fields = f.read().split()
-        if fields[0] == "7" or time.monotonic() > deadline:  # poll(2) on x86_64
-            break
-    assert fields[0] == "7" and int(fields[3], 16) in (0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF), fields
-
-
-def test_kubelet_probes_are_absorbed_then_a_request_is_answered_on_its_connection(procs, tmp_path):
-    port = free_port()
-    report = tmp_path / "report.json"
-    proc = start_drop_in(procs, write_config(tmp_path, port=port), report)
-    proc.wait_for("Polling")
-    for _ in range(100):
-        kubelet_probe(port)
-    proc.wait_for(r"TCP client closed connection, closing file descriptor \d+ \(peer .*, FIN\)", count=100)
-    assert proc.is_loader()
-    assert not report.exists()
-    with connect(port) as c:
-        c.sendall(b"POST /v0.4/traces HTTP/1.0\r\nContent-Length: 4\r\n\r\nabcd")
-        proc.wait_for("TCP client sent data, executing the trace-agent")
-        answer = answer_json(read_answer(c))
-    assert answer == {"pid": proc.pid, "via": "held-client", "path": "/v0.4/traces", "body_bytes": 4}
-    proc.wait_for(r"INFO .*Waking the trace-agent: the held TCP client .* sent data; 100 probes absorbed "
-                  r"since start \(FIN: 100, RST: 0\)")
-    assert not proc.is_loader()
-
-
-def test_second_client_while_one_is_held_starts_the_agent_and_both_are_answered(procs, tmp_path):
-    port = free_port()
-    report = tmp_path / "report.json"
-    proc = start_drop_in(procs, write_config(tmp_path, port=port, grace=0), report)
-    proc.wait_for("Polling")
-    first = hold_one(proc, port)
-    second = connect(port)
-    second.sendall(b"POST /second HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
-    proc.wait_for("Waking the trace-agent: a second TCP client arrived while one was held")
-    first.sendall(b"POST /first HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
-    assert answer_json(read_answer(first))["via"] == "held-client"
-    assert answer_json(read_answer(second))["path"] == "/second"
-    first.close()
-    second.close()
-
-
-def test_without_the_probe_check_the_first_connection_starts_the_agent(procs, tmp_path):
-    port = free_port()
-    report = tmp_path / "report.json"
-    proc = start_drop_in(procs, write_config(tmp_path, port=port, probe=False), report)
-    proc.wait_for("Polling")
-    kubelet_probe(port)  # even a probe wakes it: this is the behaviour without the check
-    proc.wait_for("Waking the trace-agent: traffic on TCP receiver")
-    with connect(port) as c:
-        assert answer_json(http_request(c))["via"] == "DD_APM_NET_RECEIVER_FD"
-    assert "DD_APM_NET_RECEIVER_CLIENT_FD" not in read_report(report)["env"]
-
-
 @pytest.mark.parametrize("probe", [False, True])
-def test_300_clients_queued_before_the_agent_wakes_are_all_answered(procs, tmp_path, probe):
+def test_300_clients_queued_before_the_agent_wakes_are_all_answered(procs, sockets, tmp_path, probe):
     port = free_port()
     proc = start_drop_in(procs, write_config(tmp_path, port=port, probe=probe, level="info"),
                          tmp_path / "r.json")
     proc.wait_for("Polling")
     clients = []
     for i in range(300):
-        c = connect(port)
+        c = sockets.connect(port)
         c.sendall(b"POST /c%d HTTP/1.0\r\nContent-Length: 0\r\n\r\n" % i)
         clients.append(c)
-    paths = set()
-    for c in clients:
-        paths.add(answer_json(read_answer(c))["path"])
-        c.close()
+    paths = {answer_json(read_answer(c))["path"] for c in clients}
     assert paths == {"/c%d" % i for i in range(300)}
-
-
-# ---------------------------------------------------------------------------
-# 7. Logging
-# ---------------------------------------------------------------------------
-
-
-def test_log_lines_match_the_agent_format_and_go_to_the_file(procs, tmp_path):
-    log_file = tmp_path / "trace-agent.log"
-    log_file.write_text("earlier line\n")
-    config = write_config(tmp_path, port=0, socket_path="", level="info")
-    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(log_file))
-    result = run_loader([config, sys.executable, AGENT], env=env)
-    assert result.returncode == 0
-    lines = result.stderr.splitlines()
-    assert lines and all(LOG_LINE.match(line) for line in lines), lines
-    assert not any("| DEBUG |" in line for line in lines)
-    content = log_file.read_text().splitlines()
-    assert content[0] == "earlier line"  # appended, never truncated
-    assert content[1:] == lines
-
-
-def test_log_file_that_cannot_be_opened_costs_a_warning_not_the_activation(procs, tmp_path):
-    port = free_port()
-    report = tmp_path / "r.json"
-    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(tmp_path / "no" / "dir.log"))
-    proc = start_drop_in(procs, write_config(tmp_path, port=port), report, env)
-    proc.wait_for(r"\| WARN \|.*Cannot open log file .*no/dir.log \(No such file or directory \(ENOENT\)\)")
-    proc.wait_for("Polling")
-    with connect(port) as c:
-        answer_json(http_request(c))
-
-
-def test_log_level_off_is_silent(tmp_path):
-    config = write_config(tmp_path, port=0, socket_path="", level="off")
-    result = run_loader([config, sys.executable, AGENT])
-    assert result.returncode == 0 and result.stderr == ""
-
-
-# ---------------------------------------------------------------------------
-# 8. Signals while waiting
-# ---------------------------------------------------------------------------
-
-
-def signal_dispositions(**dispositions: object):
-    """preexec_fn: start the loader with these dispositions, whatever ours are.
-
-    A shell's background job, for one, starts with SIGINT ignored.
-    """
-    def apply() -> None:
-        for name, handler in dispositions.items():
-            signal.signal(getattr(signal, name), handler)  # type: ignore[arg-type]
-    return apply
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_signal_while_waiting_ends_the_loader_as_killed_by_it(procs, tmp_path, signum):
-    report = tmp_path / "report.json"
-    defaults = signal_dispositions(SIGTERM=signal.SIG_DFL, SIGINT=signal.SIG_DFL, SIGHUP=signal.SIG_DFL)
-    proc = start_drop_in(procs, write_config(tmp_path, port=free_port()), report, preexec_fn=defaults)
-    proc.wait_for("Polling")
-    os.kill(proc.pid, signum)
-    assert proc.wait_exit() == -signum
-    assert "Traceback" not in proc.text()
-    assert not report.exists()
-
-
-def test_a_signal_ignored_by_the_parent_stays_ignored(procs, tmp_path):
-    port = free_port()
-    report = tmp_path / "report.json"
-    ignore = signal_dispositions(SIGHUP=signal.SIG_IGN, SIGINT=signal.SIG_IGN)
-    proc = start_drop_in(procs, write_config(tmp_path, port=port), report, preexec_fn=ignore)
-    proc.wait_for("Polling")
-    os.kill(proc.pid, signal.SIGHUP)
-    os.kill(proc.pid, signal.SIGINT)
-    kubelet_probe(port)  # handled after both signals were delivered: it is still waiting
-    proc.wait_for(ABSORBED)
-    assert proc.is_loader() and proc.proc.poll() is None
-
-
-# ---------------------------------------------------------------------------
-# 9. The Python API for agents
-# ---------------------------------------------------------------------------
-
-
-def test_adopt_serves_the_held_client_first():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    early = connect(port)
-    held, _ = listener.accept()
-    later = connect(port)
-    env = {"DD_APM_NET_RECEIVER_FD": str(listener.detach()), "DD_APM_NET_RECEIVER_CLIENT_FD": str(held.detach())}
-    handoff = tl.adopt(environ=env)
-    first, _ = handoff.accept()
-    second, _ = handoff.accept()
-    early.sendall(b"1")
-    later.sendall(b"2")
-    assert first.recv(1) == b"1" and second.recv(1) == b"2"
-    for s in (first, second, early, later, handoff.listeners["DD_APM_NET_RECEIVER_FD"]):
-        s.close()
-
-
-@pytest.mark.parametrize("value", ["abc", "-1", "999999"])
-def test_adopt_rejects_garbage(value):
-    with pytest.raises(tl.LoaderError, match="DD_APM_NET_RECEIVER_FD"):
-        tl.adopt(environ={"DD_APM_NET_RECEIVER_FD": value})
-
-
-def test_import_has_no_side_effects():
-    code = ("import os, signal, sys; before = sorted(os.listdir('/dev/fd')); h = signal.getsignal(signal.SIGINT);"
-            "sys.path.insert(0, %r); import trace_loader;"
-            "assert sorted(os.listdir('/dev/fd')) == before; assert signal.getsignal(signal.SIGINT) is h;"
-            "print('ok')" % os.path.dirname(LOADER))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.stdout.strip() == "ok", result.stderr
-
-
-# ---------------------------------------------------------------------------
-# Probe check beyond the reference (issue: RST closes, overlaps, storms)
-# ---------------------------------------------------------------------------
-
-ABSORBED = r"TCP client closed connection, closing file descriptor \d+ \(peer [^,]+, (FIN|RST)\)"
-
-
-def loader_and_port(procs, tmp_path, **config: object) -> tuple[Proc, int, object]:
-    port = free_port()
-    report = tmp_path / "report.json"
-    proc = start_drop_in(procs, write_config(tmp_path, port=port, **config), report)  # type: ignore[arg-type]
-    proc.wait_for("Polling")
-    return proc, port, report
-
-
-def hold_one(proc: Proc, port: int) -> socket.socket:
-    """Connect a silent client and wait until the loader holds it."""
-    before = proc.count("Accepted connection on TCP listener")
-    client = connect(port)
-    proc.wait_for("Accepted connection on TCP listener", count=before + 1)
-    return client
-
-
-def test_rst_probes_are_absorbed_like_fin_probes(procs, tmp_path):
-    proc, port, report = loader_and_port(procs, tmp_path)
-    for _ in range(100):
-        rst_probe(port)
-    for _ in range(100):
-        kubelet_probe(port)
-        rst_probe(port)
-    proc.wait_for(ABSORBED + "|left before it was accepted", count=300)
-    assert proc.is_loader() and not report.exists()
-    assert proc.count(ABSORBED.replace("(FIN|RST)", "RST")) >= 100  # each with its peer and how it closed
-    with connect(port) as c:
-        assert answer_json(http_request(c))["via"] == "held-client"
-    proc.wait_for(r"Waking the trace-agent: the held TCP client 127\.0\.0\.1:\d+ sent data; "
-                  r"300 probes absorbed since start \(FIN: 100, RST: 200\)")
-
-
-def test_overlapping_probes_are_absorbed(procs, tmp_path):
-    # A generous grace, so a slow machine cannot turn the overlap into a wake-up.
-    proc, port, report = loader_and_port(procs, tmp_path, grace=5000)
-    first = hold_one(proc, port)
-    second = connect(port)
-    proc.wait_for("A second TCP client is waiting; giving the held one 5000 ms")
-    first.close()
-    proc.wait_for(ABSORBED, count=1)
-    second.close()
-    proc.wait_for(ABSORBED, count=2)
-    assert proc.count("Accepted connection on TCP listener") == 2  # the second, only once the first was gone
-    assert proc.is_loader() and not report.exists()
-    assert proc.count("Waking") == 0
-
-
-def test_silent_client_held_past_the_grace_wakes_the_agent_and_both_are_answered(procs, tmp_path):
-    proc, port, _ = loader_and_port(procs, tmp_path)
-    silent = hold_one(proc, port)
-    second = connect(port)
-    second.sendall(b"POST /second HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
-    proc.wait_for(r"Waking the trace-agent: a second TCP client arrived and the held one stayed silent "
-                  r"for 250 ms; 0 probes absorbed")
-    assert proc.count("Accepted connection on TCP listener") == 1  # the second was never accepted by the loader
-    silent.sendall(b"POST /silent HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
-    assert answer_json(read_answer(silent)) == {"pid": proc.pid, "via": "held-client", "path": "/silent",
-                                                "body_bytes": 0}
-    assert answer_json(read_answer(second))["via"] == "DD_APM_NET_RECEIVER_FD"
-    silent.close()
-    second.close()
-
-
-def test_grace_zero_is_the_reference_behaviour(procs, tmp_path):
-    proc, port, _ = loader_and_port(procs, tmp_path, grace=0)
-    held = hold_one(proc, port)
-    other = connect(port)
-    proc.wait_for("Waking the trace-agent: a second TCP client arrived while one was held")
-    assert proc.count("A second TCP client is waiting") == 0
-    held.close()
-    other.close()
 
 
 @pytest.mark.parametrize("probe", [True, False])
@@ -1092,618 +1219,7 @@ def test_request_sent_in_two_parts_one_second_apart_is_answered_in_full(procs, t
                                                "DD_APM_NET_RECEIVER_FD", "path": "/split", "body_bytes": 10}
 
 
-@needs_proc
-def test_probe_storm_never_wakes_the_agent_nor_leaks_an_fd(procs, tmp_path):
-    proc, port, report = loader_and_port(procs, tmp_path)
-    before = open_fds_of(proc.pid)
-    errors: list[OSError] = []
-
-    def prober(index: int) -> None:
-        try:
-            for i in range(1250):
-                (rst_probe if (i + index) % 2 else kubelet_probe)(port)
-        except OSError as exc:  # reported below, in the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=prober, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    # The backlog is served in order: once this last probe is absorbed, all were.
-    last = connect(port)
-    last_peer = "127.0.0.1:%d" % last.getsockname()[1]
-    last.close()
-    proc.wait_for(re.escape("peer %s, FIN" % last_peer))
-    assert proc.count(ABSORBED + "|left before it was accepted") == 5001
-    assert proc.is_loader() and not report.exists()
-    assert open_fds_of(proc.pid) == before
-
-
-# ---------------------------------------------------------------------------
-# Generic mode: --listen, the systemd and env protocols, systemd-socket-activate
-# ---------------------------------------------------------------------------
-
-
-def start_generic(procs, options: list[str], program: list[str], env: dict[str, str] | None = None,
-                  **popen: object) -> Proc:
-    return procs([sys.executable, LOADER] + options + ["--"] + program, env or base_env(), **popen)
-
-
-def bound_port(proc: Proc, label: str = "") -> int:
-    line = proc.wait_for(r"Listening to %s.* at \S+:\d+$" % re.escape(label))[0]
-    return int(re.search(r":(\d+)$", line).group(1))
-
-
-def systemd_agent(report) -> list[str]:
-    return [sys.executable, AGENT, "--systemd", "--report", str(report)]
-
-
-def test_systemd_protocol_hands_fds_from_3_with_names(procs, tmp_path):
-    report = tmp_path / "report.json"
-    sock_path = str(tmp_path / "app.sock")
-    proc = start_generic(procs, ["--listen", "web=tcp://127.0.0.1:0", "--listen", "unix://%s?mode=0660" % sock_path,
-                                 "--log-level", "debug"], systemd_agent(report),
-                         env=base_env(LISTEN_PIDFDID="12345", LISTEN_FDS="9", LISTEN_PID="1"))
-    port = bound_port(proc)
-    proc.wait_for("Polling")
-    assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o660
-    with connect(port) as c:
-        assert answer_json(http_request(c))["via"] == "web@3"
-    with socket.socket(socket.AF_UNIX) as u:
-        u.settimeout(TIMEOUT)
-        u.connect(sock_path)
-        assert answer_json(http_request(u))["via"] == "unknown@4"
-    data = read_report(report)
-    assert data["listen_pid_ok"] is True and data["pid"] == proc.pid
-    assert (data["listen_fds"], data["listen_fdnames"]) == ("2", "web:unknown")
-    assert data["fds"] == [0, 1, 2, 3, 4]
-    assert "LISTEN_PIDFDID" not in data["env"]
-
-
-def test_env_protocol_hands_fds_in_named_variables(procs, tmp_path):
-    report = tmp_path / "report.json"
-    proc = start_generic(procs, ["--protocol", "env", "--listen", "APP_FD=tcp://127.0.0.1:0",
-                                 "--handle-tcp-probe", "--held-client", "fd", "--client-fd-var", "APP_CLIENT_FD",
-                                 "--log-level", "debug"],
-                         [sys.executable, AGENT, "--fd-var", "APP_FD", "--client-var", "APP_CLIENT_FD",
-                          "--report", str(report)],
-                         env=base_env(APP_CLIENT_FD="77", LISTEN_FDS="2"))
-    port = bound_port(proc)
-    proc.wait_for("Polling")
-    kubelet_probe(port)
-    proc.wait_for(ABSORBED)
-    with connect(port) as c:
-        assert answer_json(http_request(c))["via"] == "held-client"
-    data = read_report(report)
-    assert sorted(data["env"]) == []  # LISTEN_* not addressed to us are dropped; APP_* not reported
-    assert data["fds"] == [0, 1, 2, 3, 4]
-
-
-def launch_with_fds(socks: list[socket.socket], names: str | None, argv: list[str]) -> list[str]:
-    """A launcher that puts `socks` on fds 3, 4, ... and sets LISTEN_* for the pid it execs as."""
-    fds = [s.fileno() for s in socks]
-    code = (
-        "import os, sys\n"
-        "fds = %r\n"
-        "import fcntl\n"
-        "copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds)) for fd in fds]\n"
-        "for fd in fds: os.set_inheritable(fd, False)\n"
-        "for i, c in enumerate(copies): os.dup2(c, 3 + i); os.close(c)\n"
-        "os.environ['LISTEN_FDS'] = str(len(fds)); os.environ['LISTEN_PID'] = str(os.getpid())\n"
-        "%s"
-        "os.execv(sys.argv[1], sys.argv[1:])\n"
-    ) % (fds, "os.environ['LISTEN_FDNAMES'] = %r\n" % names if names is not None else "")
-    return [sys.executable, "-c", code] + argv
-
-
-def tcp_listener() -> socket.socket:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen()
-    return s
-
-
-def test_inherited_sockets_are_reordered_without_clobbering(procs, tmp_path):
-    report = tmp_path / "report.json"
-    tcp = tcp_listener()
-    sock_path = str(tmp_path / "b.sock")
-    unix = socket.socket(socket.AF_UNIX)
-    unix.bind(sock_path)
-    unix.listen()
-    # Inherited as fd 3 = "a" (TCP) and fd 4 = "b" (unix); asked for in the order b, a.
-    argv = launch_with_fds([tcp, unix], "a:b", [sys.executable, LOADER, "--listen", "systemd:b", "--listen",
-                                                "systemd:a", "--log-level", "debug", "--"] + systemd_agent(report))
-    proc = procs(argv, base_env(), pass_fds=(tcp.fileno(), unix.fileno()))
-    proc.wait_for("Polling")
-    tcp_port = tcp.getsockname()[1]
-    tcp.close()
-    unix.close()
-    with connect(tcp_port) as c:
-        assert answer_json(http_request(c))["via"] == "a@4"
-    data = read_report(report)
-    assert data["listen_fdnames"] == "b:a" and data["fds"] == [0, 1, 2, 3, 4]
-    assert data["listeners"]["b@3"][0] == "AF_UNIX" and data["listeners"]["a@4"][0] == "AF_INET"
-
-
-def test_new_and_inherited_listeners_mix_in_listen_order(procs, tmp_path):
-    report = tmp_path / "report.json"
-    inherited = tcp_listener()
-    argv = launch_with_fds([inherited], None, [sys.executable, LOADER, "--listen", "new=tcp://127.0.0.1:0",
-                                               "--listen", "systemd:", "--"] + systemd_agent(report))
-    proc = procs(argv, base_env(), pass_fds=(inherited.fileno(),))
-    port = bound_port(proc)
-    proc.wait_for("Polling")
-    old_port = inherited.getsockname()[1]
-    inherited.close()
-    with connect(old_port) as c:
-        assert answer_json(http_request(c))["via"] == "unknown@4"
-    with connect(port) as c:
-        assert answer_json(http_request(c))["via"] == "new@3"
-    assert read_report(report)["listen_fdnames"] == "new:unknown"
-
-
-def test_generic_probe_check_hands_the_client_over_as_connection(procs, tmp_path):
-    report = tmp_path / "report.json"
-    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--held-client", "fd",
-                                 "--log-level", "debug"],
-                         systemd_agent(report))
-    port = bound_port(proc)
-    proc.wait_for("Polling")
-    for _ in range(20):
-        kubelet_probe(port)
-        rst_probe(port)
-    proc.wait_for(ABSORBED + "|left before it was accepted", count=40)
-    assert proc.is_loader()
-    with connect(port) as c:
-        assert answer_json(http_request(c))["via"] == "held-client"
-    data = read_report(report)
-    assert (data["listen_fds"], data["listen_fdnames"], data["fds"]) == ("2", "unknown:connection", [0, 1, 2, 3, 4])
-
-
-@pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="systemd-socket-activate is not installed")
-def test_under_systemd_socket_activate(procs, tmp_path):
-    report = tmp_path / "report.json"
-    port = free_port()
-    argv = [shutil.which("systemd-socket-activate"), "-l", "127.0.0.1:%d" % port, sys.executable, LOADER,
-            "--listen", "systemd:", "--handle-tcp-probe", "--held-client", "fd", "--log-level", "debug",
-            "--"] + systemd_agent(report)
-    proc = procs(argv, base_env())
-    proc.wait_for("Listening on 127.0.0.1:%d" % port)
-    kubelet_probe(port)  # systemd-socket-activate starts the loader on this very probe
-    proc.wait_for(ABSORBED)
-    assert proc.is_loader() and not report.exists()
-    with connect(port) as c:
-        assert answer_json(http_request(c))["via"] == "held-client"
-    data = read_report(report)
-    assert data["pid"] == proc.pid and data["listen_pid_ok"] is True
-    assert data["listen_fdnames"] == "unknown:connection"
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--listen", "http://x:1", "--", "true"], "argument --listen: 'http://x:1': expected tcp://HOST:PORT"),
-    (["--listen", "tcp://127.0.0.1:99999", "--", "true"], "the port must be a number from 0 to 65535"),
-    (["--listen", "tcp://::1:80", "--", "true"], "put an IPv6 address in brackets"),
-    (["--listen", "unix://relative.sock", "--", "true"], "a unix address needs an absolute path"),
-    (["--listen", "unix:///x.sock?mode=999", "--", "true"], "expected ?mode=OCTAL"),
-    (["--listen", "tcp://127.0.0.1:1", "--protocol", "inetd", "--", "true"], "argument --protocol: invalid choice"),
-    (["--listen", "tcp://127.0.0.1:1", "--probe-grace-period", "-5", "--", "true"],
-     "argument --probe-grace-period: '-5': expected milliseconds"),
-    (["--listen", "tcp://127.0.0.1:1", "--log-level", "loud", "--", "true"], "argument --log-level: invalid choice"),
-    (["--listen", "tcp://127.0.0.1:1"], "expected '-- PROGRAM [ARGS...]'"),
-    (["--protocol", "env", "--listen", "tcp://127.0.0.1:1", "--", "true"], "needs NAME="),
-    (["--listen", "a:b=tcp://127.0.0.1:1", "--", "true"], "is not a valid fd name"),
-    (["--protocol", "env", "--listen", "X=tcp://127.0.0.1:1", "--handle-tcp-probe", "--held-client", "fd", "--",
-      "true"], "needs --client-fd-var"),
-    (["--protocol", "env", "--listen", "X=tcp://127.0.0.1:1", "--client-fd-var", "1BAD", "--", "true"],
-     "argument --client-fd-var: '1BAD' is not a valid variable name"),
-    (["--bogus", "--", "true"], "unrecognized arguments: '--bogus'"),
-    (["--bogus"], "unrecognized arguments: '--bogus'"),
-    (["--bogus", "x"], "unrecognized arguments: '--bogus' 'x'"),
-    (["--listen", "tcp://127.0.0.1:1", "--handle", "--", "true"], "unrecognized arguments: '--handle'"),
-    (["--listen", "tcp://127.0.0.1:1", "--held-client", "pipe", "--", "true"],
-     "argument --held-client: invalid choice: 'pipe'"),
-    (["--listen", "tcp://127.0.0.1:1", "--hold-timeout", "-1", "--", "true"],
-     "argument --hold-timeout: '-1': expected milliseconds from 0 to 600000"),
-    (["--listen", "tcp://127.0.0.1:1", "--hold-timeout", "600001", "--", "true"],
-     "argument --hold-timeout: '600001': expected milliseconds from 0 to 600000"),
-    (["--listen", "tcp://127.0.0.1:1", "--hold-timeout", "1.5", "--", "true"],
-     "argument --hold-timeout: '1.5': expected milliseconds"),
-    (["--protocol", "env", "--listen", "X=tcp://127.0.0.1:1", "--listen", "X=tcp://127.0.0.1:2", "--", "true"],
-     "argument --listen: X would carry 2 fds"),
-    (["--listen", "tcp://127.0.0.1:1", "--client-fd-var", "C", "--", "true"],
-     "argument --client-fd-var: only used with --held-client fd under --protocol env"),
-    (["config.yaml", "--bogus"], "AGENT '--bogus' looks like an option"),
-])
-def test_generic_usage_errors_exit_2_naming_the_option(args, message):
-    result = run_loader(args)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
-
-
-# ---------------------------------------------------------------------------
-# Hardening: faults and hostile input
-# ---------------------------------------------------------------------------
-
-
-def fails_open(procs, tmp_path, config: str, env: dict[str, str] | None = None) -> tuple[Proc, dict]:
-    """Run the loader; the agent must start directly (no fds) under its pid."""
-    report = tmp_path / "report.json"
-    proc = start_drop_in(procs, config, report, env)
-    data = read_report(report)
-    assert data["pid"] == proc.pid and data["fds"] == [0, 1, 2], data
-    assert "Traceback" not in proc.text()
-    return proc, data
-
-
-def one_warning(proc: Proc, pattern: str) -> str:
-    proc.wait_for("demo agent: pid")
-    lines = [line for line in proc.text().splitlines() if "| WARN |" in line or "| ERROR |" in line]
-    assert len(lines) == 1, lines
-    assert re.search(pattern, lines[0]), lines[0]
-    return lines[0]
-
-
-def test_config_file_that_is_a_directory_fails_open(procs, tmp_path):
-    proc, _ = fails_open(procs, tmp_path, str(tmp_path))
-    one_warning(proc, r"Failed to load the configuration: .*: is not a regular file \(a directory\)")
-
-
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
-def test_config_file_that_is_a_fifo_does_not_block(procs, tmp_path):
-    fifo = tmp_path / "datadog.yaml"
-    os.mkfifo(str(fifo))
-    proc, _ = fails_open(procs, tmp_path, str(fifo))
-    one_warning(proc, r"datadog.yaml: is not a regular file \(a FIFO\)")
-
-
-def test_config_file_of_50_mb_is_refused_without_reading_it(procs, tmp_path):
-    big = tmp_path / "datadog.yaml"
-    with open(str(big), "wb") as f:
-        f.truncate(50 * 1024 * 1024)
-    proc, _ = fails_open(procs, tmp_path, str(big))
-    one_warning(proc, r"datadog.yaml: is 52428800 bytes; this loader reads at most 16777216")
-
-
-@pytest.mark.parametrize("content, pattern", [
-    (bytes(range(256)) * 4, r"datadog.yaml:2: invalid UTF-8 \(byte 128\)"),
-    (b"apm_config:\n  enabled: \xc3\x28\n", r"datadog.yaml:2: invalid UTF-8 \(byte 23\)"),
-    (b"- a list\n- at the top\n", r"datadog.yaml:1: expected 'key: value' at the top level"),
-    (b"\x00\x01: [\napm_config: {\n", r"datadog.yaml:2: apm_config: holds a flow collection"),
-    (b"apm_config:\n  socket_activation:\n    enabled: &x [1]\n",
-     r"datadog.yaml:3: apm_config.socket_activation.enabled: holds a flow collection"),
-])
-def test_garbage_config_fails_open_with_one_line(procs, tmp_path, content, pattern):
-    path = tmp_path / "datadog.yaml"
-    path.write_bytes(content)
-    proc, _ = fails_open(procs, tmp_path, str(path))
-    one_warning(proc, pattern)
-
-
-def test_empty_config_file_means_defaults(procs, tmp_path):
-    path = tmp_path / "datadog.yaml"
-    path.write_bytes(b"")
-    proc, _ = fails_open(procs, tmp_path, str(path))  # socket activation is off by default
-    proc.wait_for("Socket-activation for the trace-agent is disabled")
-
-
-@pytest.mark.parametrize("value, port", [("-1", -1), ("'8126 '", 8126), ("0x1fbe", 8126), ('"0"', 0)])
-def test_port_spellings(tmp_path, value, port):
-    s = settings_of(tmp_path, "apm_config:\n  receiver_port: %s\n" % value)
-    assert s.receiver_port == port
-
-
-def test_negative_port_turns_the_tcp_receiver_off(tmp_path):
-    config = write_config(tmp_path, port=-5, socket_path="")
-    result = run_loader([config, sys.executable, AGENT])
-    assert result.returncode == 0
-    assert "Trace-agent TCP receiver is disabled" in result.stderr
-    assert "All the trace-agent inputs are disabled, stopping..." in result.stderr
-
-
-# Each variable of the SPEC table, with its kind: what garbage does to it.
-ENV_VARS = {
-    "DD_APM_ENABLED": "bool", "DD_APM_ERROR_TRACKING_STANDALONE_ENABLED": "bool",
-    "DD_APM_SOCKET_ACTIVATION_ENABLED": "bool", "DD_APM_SOCKET_ACTIVATION_HANDLE_TCP_PROBE": "bool",
-    "DD_APM_SOCKET_ACTIVATION_PROBE_GRACE_PERIOD": "int", "DD_APM_RECEIVER_PORT": "int", "DD_RECEIVER_PORT": "int",
-    "DD_APM_NON_LOCAL_TRAFFIC": "bool", "DD_OTLP_CONFIG_TRACES_INTERNAL_PORT": "int",
-    "DD_LOG_TO_CONSOLE": "bool", "DD_DISABLE_FILE_LOGGING": "bool", "DD_LOG_LEVEL": "level",
-    "DD_APM_RECEIVER_SOCKET": "path", "DD_BIND_HOST": "host", "DD_APM_LOG_FILE": "file",
-    "DD_OTLP_CONFIG_RECEIVER_PROTOCOLS_GRPC_ENDPOINT": "presence",
-}
-GARBAGE = {"garbage": "%%$#@!", "whitespace": " \t ", "long": "x" * 100_000, "non-ascii": "\u0668\u0661\u00e9\u2603"}
-
-
-@pytest.mark.parametrize("kind", sorted(GARBAGE))
-@pytest.mark.parametrize("name", sorted(ENV_VARS))
-def test_garbage_in_each_environment_variable(tmp_path, name, kind):
-    value = GARBAGE[kind]
-    config = tmp_path / "datadog.yaml"
-    config.write_text("apm_config:\n  socket_activation:\n    enabled: true\n  receiver_socket: ''\n"
-                      "otlp_config:\n  traces:\n    internal_port: 1\n")
-    try:
-        s = tl._load_drop_in_settings(str(config), {name: value}, tl._Log())
-    except tl.ConfigError as exc:
-        # The one line names the variable and shows the value, cut short.
-        assert ENV_VARS[name] in ("bool", "int", "level"), exc
-        assert str(exc).startswith(name + ": ") or str(exc).startswith("log_level: "), exc
-        assert len(str(exc)) < 200
-        return
-    assert ENV_VARS[name] in ("path", "host", "file", "presence"), name
-    if ENV_VARS[name] == "path":
-        with pytest.raises(tl.ListenerError, match="unix socket path"):
-            tl._open_unix_listener(s.receiver_socket, 0o722, quiet_log())
-    if ENV_VARS[name] == "host":
-        with pytest.raises(tl.ListenerError, match=r"cannot (resolve bind host|listen on)"):
-            tl._open_tcp_listener(s.bind_host, 0)
-
-
-@pytest.mark.parametrize("name", ["DD_APM_RECEIVER_PORT", "DD_BIND_HOST", "DD_APM_RECEIVER_SOCKET"])
-def test_environment_garbage_end_to_end_fails_open_with_one_line(procs, tmp_path, name):
-    config = write_config(tmp_path, port=free_port(), socket_path=str(tmp_path / "apm.sock"))
-    proc, _ = fails_open(procs, tmp_path, config, base_env(**{name: GARBAGE["non-ascii"]}))
-    line = one_warning(proc, r"Failed to (load the configuration|get listeners)")
-    assert name in line or "bind host" in line or "unix socket path" in line, line
-
-
-def test_non_utf8_bytes_in_the_environment_are_logged_safely(procs, tmp_path):
-    config = write_config(tmp_path, port=free_port())
-    env = {k.encode(): v.encode() for k, v in base_env().items()}
-    env[b"DD_APM_RECEIVER_PORT"] = b"\xff\xfe"
-    report = tmp_path / "report.json"
-    proc = procs([sys.executable, LOADER, config] + agent_argv(report), env)
-    assert read_report(report)["fds"] == [0, 1, 2]
-    proc.wait_for(r"DD_APM_RECEIVER_PORT: '\\udcff\\udcfe' is not an integer")
-
-
-@pytest.mark.parametrize("path", ["config-failure", "activation-off", "listener-failure", "wake", "internal"])
-def test_inherited_fd_variables_never_reach_the_agent(procs, tmp_path, path):
-    port = free_port()
-    config = write_config(tmp_path, port=port, activation=path != "activation-off", probe=False)
-    if path == "config-failure":
-        config = str(tmp_path / "missing.yaml")
-    env = base_env(**{var: "1" for var in tl._DROP_IN_FD_VARS})
-    busy = tcp_listener() if path == "listener-failure" else None
-    if busy is not None:
-        config = write_config(tmp_path, port=busy.getsockname()[1], probe=False)
-    report = tmp_path / "report.json"
-    if path == "internal":
-        # No input reaches main()'s last guard from outside; run the guard's exec itself.
-        code = ("import sys; sys.path.insert(0, %r); import trace_loader as t, os;"
-                "t._last_resort_exec(sys.argv[2:], dict(os.environ), [0, 1, 2], t._Log())"
-                % os.path.dirname(LOADER))
-        proc = procs([sys.executable, "-c", code, config] + agent_argv(report), env)
-    else:
-        proc = start_drop_in(procs, config, report, env)
-    if path == "wake":
-        proc.wait_for("Polling")
-        connect(port).close()
-    data = read_report(report)
-    expected = {"DD_APM_NET_RECEIVER_FD"} if path == "wake" else set()
-    assert set(data["env"]) == expected, data["env"]
-    if busy is not None:
-        busy.close()
-
-
-@pytest.fixture
-def nobody_dir():
-    """A world-readable directory (pytest's own tmp dirs are 0700)."""
-    import tempfile
-
-    path = tempfile.mkdtemp(prefix="trace-loader-nobody-")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def nobody_python(shared: str) -> tuple[str, str, int, int]:
-    """An interpreter and a copy of the loader that the `nobody` user can run."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to nobody")
-    import pwd
-
-    try:
-        entry = pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("no nobody user")
-    for src in (LOADER, AGENT):
-        shutil.copy(src, shared)
-    for python in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-        try:
-            probe = subprocess.run([python, "-c", "import socket, json"], capture_output=True, timeout=TIMEOUT,
-                                   preexec_fn=as_user(entry.pw_uid, entry.pw_gid))
-        except OSError:
-            continue  # not there, or not reachable for nobody (e.g. under /root)
-        if probe.returncode == 0:
-            return python, shared, entry.pw_uid, entry.pw_gid
-    pytest.skip("no Python that nobody may run")
-
-
-def as_user(uid: int, gid: int):
-    def switch() -> None:
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-    return switch
-
-
-def run_as_nobody(shared: str, config_text: str, *, mode: int = 0o644) -> tuple[int, str, dict | None]:
-    python, shared, uid, gid = nobody_python(shared)
-    config = os.path.join(shared, "datadog.yaml")
-    with open(config, "w") as f:
-        f.write(config_text)
-    os.chmod(config, mode)
-    report = os.path.join(shared, "report.json")
-    rdir = os.path.join(shared, "out")
-    os.mkdir(rdir)
-    os.chown(rdir, uid, gid)
-    report = os.path.join(rdir, "report.json")
-    proc = subprocess.Popen([python, os.path.join(shared, "trace_loader.py"), config, python,
-                             os.path.join(shared, "demo_agent.py"), "--report", report],
-                            env=base_env(), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            preexec_fn=as_user(uid, gid), start_new_session=True)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not os.path.exists(report) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        data = json.load(open(report)) if os.path.exists(report) else None
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # already ended: its output says why
-        _, err = proc.communicate(timeout=TIMEOUT)
-    return proc.pid, err.decode(), data
-
-
-def test_unreadable_config_as_nobody_fails_open(nobody_dir):
-    pid, err, data = run_as_nobody(nobody_dir, "apm_config:\n  enabled: true\n", mode=0o600)
-    assert data is not None and data["pid"] == pid and data["fds"] == [0, 1, 2]
-    assert re.search(r"datadog.yaml: cannot open: Permission denied \(EACCES\)", err), err
-
-
-def test_privileged_port_as_nobody_fails_open(nobody_dir):
-    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") if LINUX else open(os.devnull) as f:
-        start = int(f.read() or 1024)
-    if start <= 80:
-        pytest.skip("unprivileged users may bind port 80 here")
-    _, err, data = run_as_nobody(nobody_dir, "apm_config:\n  receiver_port: 80\n  receiver_socket: ''\n"
-                                   "  socket_activation:\n    enabled: true\n")
-    assert data is not None and data["fds"] == [0, 1, 2]
-    assert "cannot listen on localhost:80: Permission denied (EACCES)" in err, err
-
-
-def test_unwritable_socket_directory_as_nobody_fails_open(nobody_dir):
-    locked = os.path.join(nobody_dir, "locked")
-    os.mkdir(locked, 0o755)  # root's, so nobody may not create the socket there
-    _, err, data = run_as_nobody(nobody_dir, "apm_config:\n  receiver_port: 0\n  receiver_socket: '%s'\n"
-                                   "  socket_activation:\n    enabled: true\n" % os.path.join(locked, "apm.sock"))
-    assert data is not None and data["fds"] == [0, 1, 2]
-    assert re.search(r"cannot listen on unix socket .*apm.sock: Permission denied \(EACCES\)", err), err
-
-
-def test_unresolvable_bind_host_fails_open(procs, tmp_path):
-    config = write_config(tmp_path, "bind_host: no-such-host.invalid\n", port=free_port())
-    proc, _ = fails_open(procs, tmp_path, config)
-    one_warning(proc, r"cannot resolve bind host 'no-such-host.invalid'")
-
-
-def test_ipv6_literal_without_ipv6_fails_open(procs, tmp_path):
-    if has_ipv6_loopback():
-        pytest.skip("this host has IPv6")
-    config = write_config(tmp_path, "bind_host: '::1'\n", port=free_port())
-    proc, _ = fails_open(procs, tmp_path, config)
-    one_warning(proc, r"cannot (listen on \[::1\]|resolve bind host)")
-
-
-@pytest.mark.skipif(not LINUX, reason="RLIMIT_NOFILE arithmetic below is for Linux")
-def test_emfile_on_accept_still_starts_the_agent_and_queued_clients_are_answered(procs, tmp_path):
-    import resource
-
-    port = free_port()
-    log_file = tmp_path / "trace-agent.log"
-    config = write_config(tmp_path, "bind_host: 127.0.0.1\n", port=port)
-    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(log_file))
-    # The loader holds 0-2, its log file (3) and the listener (4): with a soft
-    # limit of 5, accept() has no fd left. The agent does not inherit the log
-    # fd, so its shell can start, lift the soft limit as Go programs do, and
-    # serve.
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    agent = ["/bin/sh", "-c", 'ulimit -S -n 1024 && exec "$0" "$@"', sys.executable, AGENT,
-             "--report", str(tmp_path / "report.json")]
-    proc = start_drop_in(procs, config, None, env, agent=agent,
-                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (5, hard)))
-    proc.wait_for("Polling")
-    clients = [connect(port) for _ in range(3)]
-    for i, c in enumerate(clients):
-        c.sendall(b"POST /q%d HTTP/1.0\r\nContent-Length: 0\r\n\r\n" % i)
-    proc.wait_for(r"Waking the trace-agent: accept\(\) on the TCP listener failed: Too many open files \(EMFILE\)")
-    assert sorted(answer_json(read_answer(c))["path"] for c in clients) == ["/q0", "/q1", "/q2"]
-    for c in clients:
-        c.close()
-
-
-@pytest.mark.parametrize("closed", [0, 1, 2])
-def test_closed_standard_fd_never_receives_a_socket(procs, tmp_path, closed):
-    port = free_port()
-    report = tmp_path / "report.json"
-    log_file = tmp_path / "loader.log"  # fd 2 may be the closed one: sync on the file
-    config = write_config(tmp_path, port=port, probe=False)
-    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(log_file))
-    start_drop_in(procs, config, report, env, preexec_fn=lambda: os.close(closed))
-    deadline = time.monotonic() + TIMEOUT
-    while not (log_file.exists() and "Polling" in log_file.read_text()):
-        assert time.monotonic() < deadline, "the loader never polled"
-        time.sleep(0.01)
-    with connect(port) as c:
-        assert answer_json(http_request(c))["via"] == "DD_APM_NET_RECEIVER_FD"
-    data = read_report(report)
-    assert int(data["env"]["DD_APM_NET_RECEIVER_FD"]) > 2
-    assert data["fds"][:3] == [0, 1, 2]
-
-
-@pytest.mark.parametrize("kind, message", [
-    ("missing", "No such file or directory (ENOENT)"),
-    ("not-executable", "is not executable"),
-    ("directory", "is a directory"),
-    ("bad-interpreter", "starts with '#!/nonexistent/python', and that interpreter is missing or not executable"),
-])
-def test_broken_agent_binary_exits_1_naming_it(tmp_path, kind, message):
-    agent = tmp_path / "trace-agent"
-    if kind == "not-executable":
-        agent.write_text("#!/bin/sh\n")
-    elif kind == "directory":
-        agent.mkdir()
-    elif kind == "bad-interpreter":
-        agent.write_text("#!/nonexistent/python\nprint('hi')\n")
-        agent.chmod(0o755)
-    config = write_config(tmp_path, port=free_port())
-    result = run_loader([config, str(agent)])
-    assert result.returncode == 1
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and "| CRITICAL |" in lines[0], lines
-    assert "Cannot start the trace-agent: " in lines[0] and message in lines[0] and str(agent) in lines[0]
-
-
-def test_sigstop_and_sigcont_while_waiting_cause_no_exec(procs, tmp_path):
-    proc, port, report = loader_and_port(procs, tmp_path)
-    os.kill(proc.pid, signal.SIGSTOP)
-    os.kill(proc.pid, signal.SIGCONT)
-    kubelet_probe(port)  # still absorbing probes afterwards: the wait went on
-    proc.wait_for(ABSORBED)
-    assert proc.is_loader() and not report.exists()
-    assert proc.count("Waking") == 0
-    with connect(port) as c:
-        assert answer_json(http_request(c))["pid"] == proc.pid
-
-
-def test_sigterm_racing_the_wake_up_never_leaves_half_of_each(procs, tmp_path):
-    for round_ in range(10):
-        workdir = tmp_path / str(round_)
-        workdir.mkdir()
-        port = free_port()
-        report = workdir / "report.json"
-        proc = start_drop_in(procs, write_config(workdir, port=port, probe=False, level="info"), report,
-                             preexec_fn=signal_dispositions(SIGTERM=signal.SIG_DFL))
-        proc.wait_for("Polling")
-        c = connect(port)
-        c.sendall(b"POST / HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
-        os.kill(proc.pid, signal.SIGTERM)
-        code = proc.wait_exit()
-        c.close()
-        # Killed by the signal, as the loader or as the agent: never an exit
-        # code of its own, never a traceback, never an agent without its fds.
-        assert code == -signal.SIGTERM, (code, proc.text())
-        assert "Traceback" not in proc.text()
-        if report.exists():
-            assert "DD_APM_NET_RECEIVER_FD" in read_report(report)["env"]
-
-
-# ---------------------------------------------------------------------------
-# Generic mode: the held client relayed into the program's listener, the hold timeout
-# ---------------------------------------------------------------------------
+# The held client relayed into the program's own listener (generic mode's default)
 
 RELAYED = r"Relaying the held TCP client \S+ to \S+ through helper pid (\d+)"
 
@@ -1717,26 +1233,17 @@ def proc_status_of(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
-def wait_gone(pid: int, timeout: float = TIMEOUT) -> bool:
-    """The process has ended (a zombie counts as ended: it runs nothing)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if proc_status_of(pid)["State"].startswith("Z"):
-                return True
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        time.sleep(0.01)
-    return False
+def state_of(pid: int) -> str:
+    """The process's state as /proc shows it ("S (sleeping)", "Z (zombie)", ...), or "gone"."""
+    try:
+        return proc_status_of(pid)["State"]
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
 
 
-def start_relaying(procs, tmp_path, *options: str, agent_options: tuple[str, ...] = ()) -> tuple[Proc, int, object]:
-    report = tmp_path / "report.json"
-    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--log-level", "debug",
-                                 *options], systemd_agent(report) + list(agent_options))
-    port = bound_port(proc)
-    proc.wait_for("Polling")
-    return proc, port, report
+def wait_gone(pid: int) -> None:
+    """Wait until the process has ended (a zombie counts as ended: it runs nothing)."""
+    wait_until(lambda: state_of(pid), "pid %d to end" % pid, until=lambda state: state == "gone" or state[0] == "Z")
 
 
 @needs_proc
@@ -1761,9 +1268,9 @@ def test_relay_is_the_generic_default_and_the_program_gets_only_its_listener(pro
 
 
 @needs_proc
-def test_relay_helper_holds_two_sockets_default_signals_and_ends_with_its_client(procs, tmp_path):
+def test_relay_helper_holds_two_sockets_default_signals_and_ends_with_its_client(procs, sockets, tmp_path):
     proc, port, _ = start_relaying(procs, tmp_path)
-    c = connect(port)
+    c = sockets.connect(port)
     c.sendall(b"POST /slow HTTP/1.0\r\nContent-Length: 4\r\n\r\n")  # the body comes later: the relay waits
     helper = relay_helper_pid(proc)
     proc.wait_for("demo agent: connection on unknown@3")
@@ -1775,8 +1282,8 @@ def test_relay_helper_holds_two_sockets_default_signals_and_ends_with_its_client
     assert int(status["PPid"]) != proc.pid  # double fork: never a child the program must reap
     c.sendall(b"body")
     assert answer_json(read_answer(c))["body_bytes"] == 4
-    c.close()
-    assert wait_gone(helper)
+    c.close()  # the client leaves: its helper must end with it
+    wait_gone(helper)
 
 
 def test_relay_passes_a_half_close_on(procs, tmp_path):
@@ -1836,56 +1343,22 @@ def test_relay_that_cannot_start_costs_only_that_client(procs, tmp_path):
     assert "Internal error" not in proc.text()
 
 
-def test_hold_timeout_wakes_a_server_that_speaks_first(procs, tmp_path):
-    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "300", agent_options=("--banner",))
-    with connect(port) as c:
-        c.settimeout(TIMEOUT)
-        assert c.recv(64) == b"220 demo agent ready\r\n"  # the client said nothing at all
-        proc.wait_for(r"Waking \S+: the held TCP client 127\.0\.0\.1:\d+ sent nothing for 300 ms")
-        assert answer_json(http_request(c, "/after-banner"))["path"] == "/after-banner"
+# ---------------------------------------------------------------------------
+# 6. Command line and usage errors
+# ---------------------------------------------------------------------------
 
 
-def test_hold_timeout_zero_holds_a_silent_client_without_limit(procs, tmp_path):
-    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "0")
-    with hold_one(proc, port):
-        proc.wait_for(r"Polling\.\.\. \(state HOLDING\)")
-        kubelet_probe(port)  # the second client: GRACE, and 250 ms later the wake
-        proc.wait_for(r"Waking \S+: a second TCP client arrived and the held one stayed silent for 250 ms")
+def test_version_flag_prints_the_module_version():
+    result = run_loader(["--version"])
+    assert result.returncode == 0
+    assert result.stdout.strip() == "trace-loader %s" % tl.__version__
 
 
-def test_in_grace_the_hold_timeout_wakes_when_it_comes_first(procs, tmp_path):
-    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "400", "--probe-grace-period", "60000")
-    with hold_one(proc, port), connect(port):
-        proc.wait_for("A second TCP client is waiting")
-        proc.wait_for(r"Waking \S+: the held TCP client \S+ sent nothing for 400 ms")
-
-
-def test_drop_in_hold_timeout_from_the_file(procs, tmp_path):
-    port = free_port()
-    config = write_config(tmp_path, port=port, hold=200)
-    proc = start_drop_in(procs, config, tmp_path / "report.json")
-    proc.wait_for("Polling")
-    with connect(port):
-        proc.wait_for(r"Waking the trace-agent: the held TCP client \S+ sent nothing for 200 ms")
-
-
-@pytest.mark.parametrize("name, value, message", [
-    ("DD_APM_SOCKET_ACTIVATION_HELD_CLIENT", "pipe", "'pipe' is not one of fd, relay"),
-    ("DD_APM_SOCKET_ACTIVATION_HOLD_TIMEOUT", "-1", "-1 ms is out of range (0-600000)"),
-    ("DD_APM_SOCKET_ACTIVATION_HOLD_TIMEOUT", "600001", "600001 ms is out of range (0-600000)"),
-    ("DD_APM_SOCKET_ACTIVATION_HOLD_TIMEOUT", "1.5", "'1.5' is not an integer"),
-])
-def test_bad_held_client_or_hold_timeout_fails_open_naming_variable_and_value(procs, tmp_path, name, value,
-                                                                               message):
-    config = write_config(tmp_path, port=free_port())
-    proc, data = fails_open(procs, tmp_path, config, base_env(**{name: value}))
-    one_warning(proc, re.escape("%s: %s" % (name, message)))
-    assert data["fds"] == [0, 1, 2]
-
-
-def test_bad_hold_timeout_in_the_file_names_file_line_and_key(procs, tmp_path):
-    proc, _ = fails_open(procs, tmp_path, write_config(tmp_path, port=free_port(), hold=700000))
-    one_warning(proc, r"datadog\.yaml:\d+: apm_config\.socket_activation\.hold_timeout: 700000 ms is out of range")
+def test_help_shows_both_command_lines_and_exits_zero():
+    result = run_loader(["--help"])
+    assert result.returncode == 0
+    assert "CONFIG_FILE AGENT [AGENT_ARGS...]" in result.stdout
+    assert "--listen" in result.stdout
 
 
 def test_help_is_one_usage_block_and_listener_lines_name_the_address_once(procs, tmp_path):
@@ -1901,65 +1374,91 @@ def test_help_is_one_usage_block_and_listener_lines_name_the_address_once(procs,
     assert re.search(r"\| web file descriptor is 4$", proc.text(), re.M)
 
 
-# ---------------------------------------------------------------------------
-# Hardening, second round: PID 1, stray signals, the agent check, log hygiene,
-# secrets, strict integers, clean fail-open without /proc or fds
-# ---------------------------------------------------------------------------
-
-CAN_UNSHARE = LINUX and os.geteuid() == 0 and shutil.which("unshare") is not None
-needs_unshare = pytest.mark.skipif(not CAN_UNSHARE, reason="needs root and unshare(1) for namespaces")
+@pytest.mark.parametrize("args", [[], ["only-a-config.yaml"]])
+def test_too_few_arguments_is_a_usage_error(args):
+    result = run_loader(args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage:")
 
 
-def child_pids(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in os.listdir("/proc/%d/task" % pid):
-        with open("/proc/%d/task/%s/children" % (pid, task)) as f:
-            found += [int(p) for p in f.read().split()]
-    return found
+def test_main_is_callable_with_an_argv_list(capsys):
+    assert tl.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == "trace-loader %s" % tl.__version__
 
 
-def only_child(pid: int) -> int:
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        children = child_pids(pid)
-        if children:
-            return children[0]
-        time.sleep(0.01)
-    raise AssertionError("pid %d started no child" % pid)
+@pytest.mark.parametrize("args, message", [
+    (["--listen", "http://x:1", "--", "true"], "argument --listen: 'http://x:1': expected tcp://HOST:PORT"),
+    (["--listen", "tcp://127.0.0.1:99999", "--", "true"], "the port must be a number from 0 to 65535"),
+    (["--listen", "tcp://::1:80", "--", "true"], "put an IPv6 address in brackets"),
+    (["--listen", "unix://relative.sock", "--", "true"], "a unix address needs an absolute path"),
+    (["--listen", "unix:///x.sock?mode=999", "--", "true"], "expected ?mode=OCTAL"),
+    (["--listen", "tcp://127.0.0.1:1", "--protocol", "inetd", "--", "true"], "argument --protocol: invalid choice"),
+    (["--listen", "tcp://127.0.0.1:1", "--probe-grace-period", "-5", "--", "true"],
+     "argument --probe-grace-period: '-5': expected milliseconds"),
+    (["--listen", "tcp://127.0.0.1:1", "--log-level", "loud", "--", "true"], "argument --log-level: invalid choice"),
+    (["--listen", "tcp://127.0.0.1:1"], "expected '-- PROGRAM [ARGS...]'"),
+    (["--protocol", "env", "--listen", "tcp://127.0.0.1:1", "--", "true"], "needs NAME="),
+    (["--listen", "a:b=tcp://127.0.0.1:1", "--", "true"], "is not a valid fd name"),
+    (["--protocol", "env", "--listen", "X=tcp://127.0.0.1:1", "--handle-tcp-probe", "--held-client", "fd", "--",
+      "true"], "needs --client-fd-var"),
+    (["--protocol", "env", "--listen", "X=tcp://127.0.0.1:1", "--client-fd-var", "1BAD", "--", "true"],
+     "argument --client-fd-var: '1BAD' is not a valid variable name"),
+    (["--bogus", "--", "true"], "unrecognized arguments: '--bogus'"),
+    (["--bogus"], "unrecognized arguments: '--bogus'"),
+    (["--bogus", "x"], "unrecognized arguments: '--bogus' 'x'"),
+    (["--listen", "tcp://127.0.0.1:1", "--handle", "--", "true"], "unrecognized arguments: '--handle'"),
+    (["--listen", "tcp://127.0.0.1:1", "--held-client", "pipe", "--", "true"],
+     "argument --held-client: invalid choice: 'pipe'"),
+    (["--listen", "tcp://127.0.0.1:1", "--hold-timeout", "-1", "--", "true"],
+     "argument --hold-timeout: '-1': expected milliseconds from 0 to 600000"),
+    (["--listen", "tcp://127.0.0.1:1", "--hold-timeout", "600001", "--", "true"],
+     "argument --hold-timeout: '600001': expected milliseconds from 0 to 600000"),
+    (["--listen", "tcp://127.0.0.1:1", "--hold-timeout", "1.5", "--", "true"],
+     "argument --hold-timeout: '1.5': expected milliseconds"),
+    (["--protocol", "env", "--listen", "X=tcp://127.0.0.1:1", "--listen", "X=tcp://127.0.0.1:2", "--", "true"],
+     "argument --listen: X would carry 2 fds"),
+    (["--listen", "tcp://127.0.0.1:1", "--client-fd-var", "C", "--", "true"],
+     "argument --client-fd-var: only used with --held-client fd under --protocol env"),
+    (["config.yaml", "--bogus"], "AGENT '--bogus' looks like an option"),
+])
+def test_generic_usage_errors_exit_2_naming_the_option(args, message):
+    result = run_loader(args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
-@needs_unshare
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_as_pid_1_a_stop_signal_ends_the_waiting_loader(procs, tmp_path, signum):
-    report = tmp_path / "report.json"
+def test_missing_agent_is_critical_and_exits_1_before_binding(tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, port=port)
+    result = run_loader([config, "no-such-trace-agent-binary"])
+    assert result.returncode == 1
+    assert "| CRITICAL |" in result.stderr
+    assert "'no-such-trace-agent-binary' was not found in PATH" in result.stderr
+    assert "Listening" not in result.stderr
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "No such file or directory (ENOENT)"),
+    ("not-executable", "is not executable"),
+    ("directory", "is a directory"),
+    ("bad-interpreter", "starts with '#!/nonexistent/python', and that interpreter is missing or not executable"),
+])
+def test_broken_agent_binary_exits_1_naming_it(tmp_path, kind, message):
+    agent = tmp_path / "trace-agent"
+    if kind == "not-executable":
+        agent.write_text("#!/bin/sh\n")
+    elif kind == "directory":
+        agent.mkdir()
+    elif kind == "bad-interpreter":
+        agent.write_text("#!/nonexistent/python\nprint('hi')\n")
+        agent.chmod(0o755)
     config = write_config(tmp_path, port=free_port())
-    proc = procs(["unshare", "--pid", "--fork", "--kill-child", sys.executable, LOADER, config]
-                 + agent_argv(report), base_env(), preexec_fn=signal_dispositions(SIGINT=signal.SIG_DFL))
-    proc.wait_for("Polling")
-    loader = only_child(proc.pid)  # PID 1 inside its namespace
-    os.kill(loader, signum)
-    assert proc.wait_exit() == 128 + signum  # unshare passes its child's status on
-    assert not report.exists() and "Traceback" not in proc.text()
-
-
-_STRAY_SIGNALS = [getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGIO", "SIGPWR",
-                                                    "SIGVTALRM", "SIGPROF", "SIGXCPU") if hasattr(signal, name)]
-_STRAY_SIGNALS += [signal.SIGRTMIN, signal.SIGRTMAX] if hasattr(signal, "SIGRTMIN") else []
-
-
-def test_stray_signals_are_ignored_while_waiting_and_the_agent_gets_defaults(procs, tmp_path):
-    proc, port, report = loader_and_port(procs, tmp_path)
-    for signum in _STRAY_SIGNALS:
-        os.kill(proc.pid, signum)
-    kubelet_probe(port)  # handled after every signal above was delivered
-    proc.wait_for(ABSORBED)
-    assert proc.is_loader() and proc.proc.poll() is None
-    with connect(port) as c:
-        assert answer_json(http_request(c))["pid"] == proc.pid
-    data = read_report(report)
-    # SIGINT is the Python agent's own KeyboardInterrupt handler; every other one arrived at its default.
-    assert {name for name, how in data["signals"].items() if how != "default"} == {"SIGINT"}, data["signals"]
-    assert data["blocked"] == []
+    result = run_loader([config, str(agent)])
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "| CRITICAL |" in lines[0], lines
+    assert "Cannot start the trace-agent: " in lines[0] and message in lines[0] and str(agent) in lines[0]
 
 
 @pytest.mark.parametrize("head, message", [
@@ -1991,6 +1490,447 @@ def test_a_tab_separated_shebang_is_read_like_the_kernel(procs, tmp_path):
     proc.wait_for("Polling")
     with connect(port) as c:
         assert answer_json(http_request(c))["pid"] == proc.pid
+
+
+# ---------------------------------------------------------------------------
+# 7. Drop-in mode: the decision flow
+# ---------------------------------------------------------------------------
+
+
+def test_unreadable_config_fails_open(procs, tmp_path):
+    report = tmp_path / "report.json"
+    env = base_env(DD_APM_NET_RECEIVER_FD="7", DD_APM_NET_RECEIVER_CLIENT_FD="8")
+    proc = start_drop_in(procs, str(tmp_path / "missing.yaml"), report, env)
+    data = read_report(report)
+    assert data["pid"] == proc.pid
+    line = proc.wait_for(r"\| WARN \|.*Failed to load the configuration: .*missing.yaml: cannot open: "
+                         r"No such file or directory \(ENOENT\)")
+    assert LOG_LINE.match(line[0])
+    assert data["env"] == {}  # inherited fd variables are removed on every path
+    assert data["fds"] == [0, 1, 2]
+
+
+def test_empty_config_file_means_defaults(procs, tmp_path):
+    path = tmp_path / "datadog.yaml"
+    path.write_bytes(b"")
+    proc, _ = fails_open(procs, tmp_path, str(path))  # socket activation is off by default
+    proc.wait_for("Socket-activation for the trace-agent is disabled")
+
+
+def test_apm_disabled_exits_zero_without_starting_anything(tmp_path):
+    config = write_config(tmp_path, "apm_config.enabled: ignored\n", port=free_port())
+    result = run_loader([config, sys.executable, AGENT], env=base_env(DD_APM_ENABLED="false"))
+    assert result.returncode == 0
+    assert "| INFO | (trace_loader.py" in result.stderr
+    assert "Trace-agent is disabled, stopping..." in result.stderr
+    assert "demo agent" not in result.stderr
+
+
+def test_error_tracking_standalone_keeps_apm_on(procs, tmp_path):
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, activation=False)
+    env = base_env(DD_APM_ENABLED="false", DD_APM_ERROR_TRACKING_STANDALONE_ENABLED="true")
+    proc = start_drop_in(procs, config, report, env)
+    assert read_report(report)["pid"] == proc.pid
+
+
+def test_socket_activation_disabled_execs_directly(procs, tmp_path):
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, port=free_port(), activation=False)
+    proc = start_drop_in(procs, config, report)
+    data = read_report(report)
+    proc.wait_for("Socket-activation for the trace-agent is disabled, running the trace-agent directly...")
+    assert data["env"] == {} and data["fds"] == [0, 1, 2]
+
+
+def test_listener_failure_closes_everything_and_fails_open(procs, sockets, tmp_path):
+    port = sockets.tcp_listener().getsockname()[1]  # taken
+    report = tmp_path / "report.json"
+    sock_path = str(tmp_path / "apm.sock")
+    config = write_config(tmp_path, port=port, socket_path=sock_path,
+                          text="otlp_config:\n  receiver:\n  traces:\n    internal_port: %d\n" % port)
+    proc = start_drop_in(procs, config, report)
+    data = read_report(report)
+    proc.wait_for(r"Failed to get listeners for the trace-agent: cannot listen on localhost:%d: "
+                  r"Address already in use \(EADDRINUSE\)" % port)
+    assert data["fds"] == [0, 1, 2] and data["env"] == {}
+
+
+def test_no_listener_at_all_exits_zero(tmp_path):
+    config = write_config(tmp_path, port=0, socket_path="")
+    result = run_loader([config, sys.executable, AGENT])
+    assert result.returncode == 0
+    assert "All the trace-agent inputs are disabled, stopping..." in result.stderr
+
+
+def test_negative_port_turns_the_tcp_receiver_off(tmp_path):
+    config = write_config(tmp_path, port=-5, socket_path="")
+    result = run_loader([config, sys.executable, AGENT])
+    assert result.returncode == 0
+    assert "Trace-agent TCP receiver is disabled" in result.stderr
+    assert "All the trace-agent inputs are disabled, stopping..." in result.stderr
+
+
+@pytest.mark.parametrize("path", ["config-failure", "activation-off", "listener-failure", "wake", "internal"])
+def test_inherited_fd_variables_never_reach_the_agent(procs, sockets, tmp_path, path):
+    port = free_port()
+    if path == "config-failure":
+        config = str(tmp_path / "missing.yaml")
+    elif path == "listener-failure":
+        config = write_config(tmp_path, port=sockets.tcp_listener().getsockname()[1], probe=False)
+    else:
+        config = write_config(tmp_path, port=port, activation=path != "activation-off", probe=False)
+    env = base_env(**{var: "1" for var in tl._DROP_IN_FD_VARS})
+    report = tmp_path / "report.json"
+    if path == "internal":
+        # No input reaches main()'s last guard from outside; run the guard's exec itself.
+        code = ("import sys; sys.path.insert(0, %r); import trace_loader as t, os;"
+                "t._last_resort_exec(sys.argv[2:], dict(os.environ), [0, 1, 2], t._Log())"
+                % os.path.dirname(LOADER))
+        proc = procs([sys.executable, "-c", code, config] + agent_argv(report), env)
+    else:
+        proc = start_drop_in(procs, config, report, env)
+    if path == "wake":
+        proc.wait_for("Polling")
+        connect(port).close()
+    data = read_report(report)
+    expected = {"DD_APM_NET_RECEIVER_FD"} if path == "wake" else set()
+    assert set(data["env"]) == expected, data["env"]
+
+
+# ---------------------------------------------------------------------------
+# 8. Generic mode: --listen, the systemd and env protocols
+# ---------------------------------------------------------------------------
+
+
+def test_systemd_protocol_hands_fds_from_3_with_names(procs, tmp_path):
+    report = tmp_path / "report.json"
+    sock_path = str(tmp_path / "app.sock")
+    proc = start_generic(procs, ["--listen", "web=tcp://127.0.0.1:0", "--listen", "unix://%s?mode=0660" % sock_path,
+                                 "--log-level", "debug"], systemd_agent(report),
+                         env=base_env(LISTEN_PIDFDID="12345", LISTEN_FDS="9", LISTEN_PID="1"))
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o660
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "web@3"
+    with socket.socket(socket.AF_UNIX) as u:
+        u.settimeout(TIMEOUT)
+        u.connect(sock_path)
+        assert answer_json(http_request(u))["via"] == "unknown@4"
+    data = read_report(report)
+    assert data["listen_pid_ok"] is True and data["pid"] == proc.pid
+    assert (data["listen_fds"], data["listen_fdnames"]) == ("2", "web:unknown")
+    assert data["fds"] == [0, 1, 2, 3, 4]
+    assert "LISTEN_PIDFDID" not in data["env"]
+
+
+def test_env_protocol_hands_fds_in_named_variables(procs, tmp_path):
+    report = tmp_path / "report.json"
+    proc = start_generic(procs, ["--protocol", "env", "--listen", "APP_FD=tcp://127.0.0.1:0",
+                                 "--handle-tcp-probe", "--held-client", "fd", "--client-fd-var", "APP_CLIENT_FD",
+                                 "--log-level", "debug"],
+                         [sys.executable, AGENT, "--fd-var", "APP_FD", "--client-var", "APP_CLIENT_FD",
+                          "--report", str(report)],
+                         env=base_env(APP_CLIENT_FD="77", LISTEN_FDS="2"))
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    kubelet_probe(port)
+    proc.wait_for(ABSORBED)
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "held-client"
+    data = read_report(report)
+    assert sorted(data["env"]) == []  # LISTEN_* not addressed to us are dropped; APP_* not reported
+    assert data["fds"] == [0, 1, 2, 3, 4]
+
+
+def test_generic_probe_check_hands_the_client_over_as_connection(procs, tmp_path):
+    report = tmp_path / "report.json"
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--held-client", "fd",
+                                 "--log-level", "debug"],
+                         systemd_agent(report))
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    for _ in range(20):
+        kubelet_probe(port)
+        rst_probe(port)
+    proc.wait_for(ABSORBED + "|left before it was accepted", count=40)
+    assert proc.is_loader()
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "held-client"
+    data = read_report(report)
+    assert (data["listen_fds"], data["listen_fdnames"], data["fds"]) == ("2", "unknown:connection", [0, 1, 2, 3, 4])
+
+
+def launch_with_fds(socks: list[socket.socket], names: str | None, argv: list[str]) -> list[str]:
+    """A launcher that puts `socks` on fds 3, 4, ... and sets LISTEN_* for the pid it execs as."""
+    fds = [s.fileno() for s in socks]
+    code = (
+        "import os, sys\n"
+        "fds = %r\n"
+        "import fcntl\n"
+        "copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds)) for fd in fds]\n"
+        "for fd in fds: os.set_inheritable(fd, False)\n"
+        "for i, c in enumerate(copies): os.dup2(c, 3 + i); os.close(c)\n"
+        "os.environ['LISTEN_FDS'] = str(len(fds)); os.environ['LISTEN_PID'] = str(os.getpid())\n"
+        "%s"
+        "os.execv(sys.argv[1], sys.argv[1:])\n"
+    ) % (fds, "os.environ['LISTEN_FDNAMES'] = %r\n" % names if names is not None else "")
+    return [sys.executable, "-c", code] + argv
+
+
+def test_inherited_sockets_are_reordered_without_clobbering(procs, sockets, tmp_path):
+    report = tmp_path / "report.json"
+    tcp = sockets.tcp_listener()
+    unix = sockets.unix_listener(str(tmp_path / "b.sock"))
+    # Inherited as fd 3 = "a" (TCP) and fd 4 = "b" (unix); asked for in the order b, a.
+    argv = launch_with_fds([tcp, unix], "a:b", [sys.executable, LOADER, "--listen", "systemd:b", "--listen",
+                                                "systemd:a", "--log-level", "debug", "--"] + systemd_agent(report))
+    proc = procs(argv, base_env(), pass_fds=(tcp.fileno(), unix.fileno()))
+    proc.wait_for("Polling")
+    tcp_port = tcp.getsockname()[1]
+    tcp.close()  # from here on, only the copies the loader was handed
+    unix.close()
+    with connect(tcp_port) as c:
+        assert answer_json(http_request(c))["via"] == "a@4"
+    data = read_report(report)
+    assert data["listen_fdnames"] == "b:a" and data["fds"] == [0, 1, 2, 3, 4]
+    assert data["listeners"]["b@3"][0] == "AF_UNIX" and data["listeners"]["a@4"][0] == "AF_INET"
+
+
+def test_new_and_inherited_listeners_mix_in_listen_order(procs, sockets, tmp_path):
+    report = tmp_path / "report.json"
+    inherited = sockets.tcp_listener()
+    argv = launch_with_fds([inherited], None, [sys.executable, LOADER, "--listen", "new=tcp://127.0.0.1:0",
+                                               "--listen", "systemd:", "--"] + systemd_agent(report))
+    proc = procs(argv, base_env(), pass_fds=(inherited.fileno(),))
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    old_port = inherited.getsockname()[1]
+    inherited.close()  # from here on, only the copy the loader was handed
+    with connect(old_port) as c:
+        assert answer_json(http_request(c))["via"] == "unknown@4"
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "new@3"
+    assert read_report(report)["listen_fdnames"] == "new:unknown"
+
+
+def test_systemd_protocol_passes_only_the_chosen_sockets(procs, sockets, tmp_path, request):
+    report = tmp_path / "report.json"
+    first, second = sockets.tcp_listener(), sockets.tcp_listener()
+    stray_r, stray_w = os.pipe()  # an fd the loader inherits and nobody asked for
+    request.addfinalizer(lambda: (os.close(stray_r), os.close(stray_w)))
+    os.set_inheritable(stray_r, True)
+    argv = launch_with_fds([first, second], "a:b", [sys.executable, LOADER, "--listen", "systemd:b", "--"]
+                           + systemd_agent(report))
+    proc = procs(argv, base_env(), pass_fds=(first.fileno(), second.fileno(), stray_r))
+    proc.wait_for("Polling")
+    with connect(second.getsockname()[1]) as c:
+        assert answer_json(http_request(c))["via"] == "b@3"
+    data = read_report(report)
+    assert (data["listen_fds"], data["listen_fdnames"], data["fds"]) == ("1", "b", [0, 1, 2, 3])
+
+
+def test_generic_systemd_listen_without_passed_sockets_fails_open(procs, tmp_path):
+    report = tmp_path / "report.json"
+    proc = start_generic(procs, ["--listen", "systemd:"], systemd_agent(report),
+                         env=base_env(LISTEN_FDS="1", LISTEN_PID="1", LISTEN_FDNAMES="x"))
+    data = read_report(report)
+    assert data["pid"] == proc.pid and data["fds"] == [0, 1, 2]
+    assert data["listen_fds"] is None and data["listen_fdnames"] is None  # stale LISTEN_* removed
+    proc.wait_for(r"WARN .*Failed to get listeners for \S+: no sockets were passed to this process "
+                  r"\(LISTEN_PID is '1', our pid is %d\)" % proc.pid)
+
+
+def test_generic_systemd_name_not_found_passes_the_sockets_through(procs, sockets, tmp_path):
+    report = tmp_path / "report.json"
+    inherited = sockets.tcp_listener()
+    argv = launch_with_fds([inherited], "web", [sys.executable, LOADER, "--listen", "systemd:api", "--"]
+                           + systemd_agent(report))
+    proc = procs(argv, base_env(), pass_fds=(inherited.fileno(),))
+    data = read_report(report)
+    # Failing open under systemd: the program gets what systemd gave this pid, untouched.
+    assert (data["listen_pid_ok"], data["listen_fds"], data["listen_fdnames"]) == (True, "1", "web")
+    assert data["fds"] == [0, 1, 2, 3]
+    proc.wait_for(r"no inherited socket is named 'api' \(LISTEN_FDNAMES: 'web'\)")
+
+
+@pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="systemd-socket-activate is not installed")
+def test_under_systemd_socket_activate(procs, tmp_path):
+    report = tmp_path / "report.json"
+    # systemd-socket-activate binds the -l address itself, refuses port 0 and
+    # takes no socket from us: a port that was free a moment ago.
+    port = free_port()
+    argv = [shutil.which("systemd-socket-activate"), "-l", "127.0.0.1:%d" % port, sys.executable, LOADER,
+            "--listen", "systemd:", "--handle-tcp-probe", "--held-client", "fd", "--log-level", "debug",
+            "--"] + systemd_agent(report)
+    proc = procs(argv, base_env())
+    proc.wait_for("Listening on 127.0.0.1:%d" % port)
+    kubelet_probe(port)  # systemd-socket-activate starts the loader on this very probe
+    proc.wait_for(ABSORBED)
+    assert proc.is_loader() and not report.exists()
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "held-client"
+    data = read_report(report)
+    assert data["pid"] == proc.pid and data["listen_pid_ok"] is True
+    assert data["listen_fdnames"] == "unknown:connection"
+
+
+# ---------------------------------------------------------------------------
+# 9. Signals
+# ---------------------------------------------------------------------------
+
+
+def signal_dispositions(**dispositions: object):
+    """preexec_fn: start the loader with these dispositions, whatever ours are.
+
+    A shell's background job, for one, starts with SIGINT ignored.
+    """
+    def apply() -> None:
+        for name, handler in dispositions.items():
+            signal.signal(getattr(signal, name), handler)  # type: ignore[arg-type]
+    return apply
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signal_while_waiting_ends_the_loader_as_killed_by_it(procs, tmp_path, signum):
+    report = tmp_path / "report.json"
+    defaults = signal_dispositions(SIGTERM=signal.SIG_DFL, SIGINT=signal.SIG_DFL, SIGHUP=signal.SIG_DFL)
+    proc = start_drop_in(procs, write_config(tmp_path, port=free_port()), report, preexec_fn=defaults)
+    proc.wait_for("Polling")
+    os.kill(proc.pid, signum)
+    assert proc.wait_exit() == -signum
+    assert "Traceback" not in proc.text()
+    assert not report.exists()
+
+
+def test_a_signal_ignored_by_the_parent_stays_ignored(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    ignore = signal_dispositions(SIGHUP=signal.SIG_IGN, SIGINT=signal.SIG_IGN)
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report, preexec_fn=ignore)
+    proc.wait_for("Polling")
+    os.kill(proc.pid, signal.SIGHUP)
+    os.kill(proc.pid, signal.SIGINT)
+    kubelet_probe(port)  # handled after both signals were delivered: it is still waiting
+    proc.wait_for(ABSORBED)
+    assert proc.is_loader() and proc.proc.poll() is None
+
+
+_STRAY_SIGNALS = [getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGIO", "SIGPWR",
+                                                    "SIGVTALRM", "SIGPROF", "SIGXCPU") if hasattr(signal, name)]
+_STRAY_SIGNALS += [signal.SIGRTMIN, signal.SIGRTMAX] if hasattr(signal, "SIGRTMIN") else []
+
+
+def test_stray_signals_are_ignored_while_waiting_and_the_agent_gets_defaults(procs, tmp_path):
+    proc, port, report = loader_and_port(procs, tmp_path)
+    for signum in _STRAY_SIGNALS:
+        os.kill(proc.pid, signum)
+    kubelet_probe(port)  # handled after every signal above was delivered
+    proc.wait_for(ABSORBED)
+    assert proc.is_loader() and proc.proc.poll() is None
+    with connect(port) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+    data = read_report(report)
+    # SIGINT is the Python agent's own KeyboardInterrupt handler; every other one arrived at its default.
+    assert {name for name, how in data["signals"].items() if how != "default"} == {"SIGINT"}, data["signals"]
+    assert data["blocked"] == []
+
+
+def test_sigstop_and_sigcont_while_waiting_cause_no_exec(procs, tmp_path):
+    proc, port, report = loader_and_port(procs, tmp_path)
+    os.kill(proc.pid, signal.SIGSTOP)
+    os.kill(proc.pid, signal.SIGCONT)
+    kubelet_probe(port)  # still absorbing probes afterwards: the wait went on
+    proc.wait_for(ABSORBED)
+    assert proc.is_loader() and not report.exists()
+    assert proc.count("Waking") == 0
+    with connect(port) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+
+
+def test_sigterm_racing_the_wake_up_never_leaves_half_of_each(procs, sockets, tmp_path):
+    for round_ in range(10):
+        workdir = tmp_path / str(round_)
+        workdir.mkdir()
+        port = free_port()
+        report = workdir / "report.json"
+        proc = start_drop_in(procs, write_config(workdir, port=port, probe=False, level="info"), report,
+                             preexec_fn=signal_dispositions(SIGTERM=signal.SIG_DFL))
+        proc.wait_for("Polling")
+        c = sockets.connect(port)
+        c.sendall(b"POST / HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait_exit()
+        # Killed by the signal, as the loader or as the agent: never an exit
+        # code of its own, never a traceback, never an agent without its fds.
+        assert code == -signal.SIGTERM, (code, proc.text())
+        assert "Traceback" not in proc.text()
+        if report.exists():
+            assert "DD_APM_NET_RECEIVER_FD" in read_report(report)["env"]
+
+
+def child_pids(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+            found += [int(p) for p in f.read().split()]
+    return found
+
+
+def only_child(pid: int) -> int:
+    return wait_until(lambda: child_pids(pid), "a child of pid %d" % pid)[0]
+
+
+@needs_unshare
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_as_pid_1_a_stop_signal_ends_the_waiting_loader(procs, tmp_path, signum):
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, port=free_port())
+    proc = procs(["unshare", "--pid", "--fork", "--kill-child", sys.executable, LOADER, config]
+                 + agent_argv(report), base_env(), preexec_fn=signal_dispositions(SIGINT=signal.SIG_DFL))
+    proc.wait_for("Polling")
+    loader = only_child(proc.pid)  # PID 1 inside its namespace
+    os.kill(loader, signum)
+    assert proc.wait_exit() == 128 + signum  # unshare passes its child's status on
+    assert not report.exists() and "Traceback" not in proc.text()
+
+
+# ---------------------------------------------------------------------------
+# 10. Logging
+# ---------------------------------------------------------------------------
+
+
+def test_log_lines_match_the_agent_format_and_go_to_the_file(procs, tmp_path):
+    log_file = tmp_path / "trace-agent.log"
+    log_file.write_text("earlier line\n")
+    config = write_config(tmp_path, port=0, socket_path="", level="info")
+    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(log_file))
+    result = run_loader([config, sys.executable, AGENT], env=env)
+    assert result.returncode == 0
+    lines = result.stderr.splitlines()
+    assert lines and all(LOG_LINE.match(line) for line in lines), lines
+    assert not any("| DEBUG |" in line for line in lines)
+    content = log_file.read_text().splitlines()
+    assert content[0] == "earlier line"  # appended, never truncated
+    assert content[1:] == lines
+
+
+def test_log_file_that_cannot_be_opened_costs_a_warning_not_the_activation(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "r.json"
+    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(tmp_path / "no" / "dir.log"))
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report, env)
+    proc.wait_for(r"\| WARN \|.*Cannot open log file .*no/dir.log \(No such file or directory \(ENOENT\)\)")
+    proc.wait_for("Polling")
+    with connect(port) as c:
+        answer_json(http_request(c))
+
+
+def test_log_level_off_is_silent(tmp_path):
+    config = write_config(tmp_path, port=0, socket_path="", level="off")
+    result = run_loader([config, sys.executable, AGENT])
+    assert result.returncode == 0 and result.stderr == ""
 
 
 def loader_lines(*texts: str) -> list[str]:
@@ -2038,35 +1978,45 @@ def test_trace_level_masks_secrets(procs, tmp_path):
         assert "s3cr3t" not in text
 
 
-# Go's strconv.ParseInt(strings.TrimSpace(s), 0, 64): its answers, value or error.
-GO_PARSEINT = [
-    ("8126", 8126), ("+8126", 8126), ("-8126", -8126), (" 8126\t\n", 8126), ("\u30008126\u2028", 8126),
-    ("\x1c8126", None), ("--8126", None), ("- 8126", None), ("+-8126", None), ("-+8126", None), ("++1", None),
-    ("", None), ("+", None), ("-", None), ("0", 0), ("-0", 0), ("00", 0), ("017", 15), ("08", None),
-    ("0x1fbe", 8126), ("0X1FBE", 8126), ("-0x10", -16), ("0x", None), ("0o17", 15), ("0O17", 15), ("0o", None),
-    ("0b101", 5), ("0B101", 5), ("0b2", None), ("0b", None), ("1_000", 1000), ("1__000", None), ("_1000", None),
-    ("1000_", None), ("0x_1f", 31), ("0_17", 15), ("0_x1f", None), ("1_0x", None), ("1e3", None), ("8126.0", None),
-    ("\u0663", None), ("\uff18", None), ("9223372036854775807", 2**63 - 1), ("9223372036854775808", "range"),
-    ("-9223372036854775808", -(2**63)), ("-9223372036854775809", "range"), ("0x7fffffffffffffff", 2**63 - 1),
-    ("0x8000000000000000", "range"), ("9" * 100_000, "range"),
-]
+# ---------------------------------------------------------------------------
+# 11. Hardening: faults and hostile input
+# ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", GO_PARSEINT)
-def test_integers_are_exactly_go_parseint(text, expected):
-    if isinstance(expected, int):
-        assert tl._go_int(text, "K") == expected
-    else:
-        with pytest.raises(tl.LoaderError, match="out of range" if expected == "range" else "is not an integer"):
-            tl._go_int(text, "K")
+def test_config_file_that_is_a_directory_fails_open(procs, tmp_path):
+    proc, _ = fails_open(procs, tmp_path, str(tmp_path))
+    one_warning(proc, r"Failed to load the configuration: .*: is not a regular file \(a directory\)")
 
 
-@pytest.mark.parametrize("value", ["--8126", "- 8126", "+-8126"])
-def test_a_sign_typo_in_the_port_fails_open_instead_of_turning_the_receiver_off(procs, tmp_path, value):
-    config = write_config(tmp_path, port=free_port())
-    proc, _ = fails_open(procs, tmp_path, config, base_env(DD_APM_RECEIVER_PORT=value))
-    one_warning(proc, r"DD_APM_RECEIVER_PORT: %s is not an integer" % re.escape(repr(value)))
-    assert "inputs are disabled" not in proc.text()
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_config_file_that_is_a_fifo_does_not_block(procs, tmp_path):
+    fifo = tmp_path / "datadog.yaml"
+    os.mkfifo(str(fifo))
+    proc, _ = fails_open(procs, tmp_path, str(fifo))
+    one_warning(proc, r"datadog.yaml: is not a regular file \(a FIFO\)")
+
+
+def test_config_file_of_50_mb_is_refused_without_reading_it(procs, tmp_path):
+    big = tmp_path / "datadog.yaml"
+    with open(str(big), "wb") as f:
+        f.truncate(50 * 1024 * 1024)
+    proc, _ = fails_open(procs, tmp_path, str(big))
+    one_warning(proc, r"datadog.yaml: is 52428800 bytes; this loader reads at most 16777216")
+
+
+@pytest.mark.parametrize("content, pattern", [
+    (bytes(range(256)) * 4, r"datadog.yaml:2: invalid UTF-8 \(byte 128\)"),
+    (b"apm_config:\n  enabled: \xc3\x28\n", r"datadog.yaml:2: invalid UTF-8 \(byte 23\)"),
+    (b"- a list\n- at the top\n", r"datadog.yaml:1: expected 'key: value' at the top level"),
+    (b"\x00\x01: [\napm_config: {\n", r"datadog.yaml:2: apm_config: holds a flow collection"),
+    (b"apm_config:\n  socket_activation:\n    enabled: &x [1]\n",
+     r"datadog.yaml:3: apm_config.socket_activation.enabled: holds a flow collection"),
+])
+def test_garbage_config_fails_open_with_one_line(procs, tmp_path, content, pattern):
+    path = tmp_path / "datadog.yaml"
+    path.write_bytes(content)
+    proc, _ = fails_open(procs, tmp_path, str(path))
+    one_warning(proc, pattern)
 
 
 def test_a_surrogate_escape_in_yaml_is_a_configuration_error(procs, tmp_path):
@@ -2080,38 +2030,192 @@ def test_a_surrogate_escape_in_yaml_is_a_configuration_error(procs, tmp_path):
     assert "Internal error" not in proc.text()
 
 
-def test_an_urgent_byte_alone_is_data(procs, tmp_path):
-    proc, port, report = loader_and_port(procs, tmp_path)
-    with hold_one(proc, port) as c:
-        c.send(b"!", socket.MSG_OOB)
-        proc.wait_for(r"Waking the trace-agent: the held TCP client \S+ sent urgent \(out-of-band\) data")
-    assert read_report(report)["pid"] == proc.pid
-    assert proc.count(ABSORBED) == 0
+@pytest.mark.parametrize("name, value, message", [
+    ("DD_APM_SOCKET_ACTIVATION_HELD_CLIENT", "pipe", "'pipe' is not one of fd, relay"),
+    ("DD_APM_SOCKET_ACTIVATION_HOLD_TIMEOUT", "-1", "-1 ms is out of range (0-600000)"),
+    ("DD_APM_SOCKET_ACTIVATION_HOLD_TIMEOUT", "600001", "600001 ms is out of range (0-600000)"),
+    ("DD_APM_SOCKET_ACTIVATION_HOLD_TIMEOUT", "1.5", "'1.5' is not an integer"),
+])
+def test_bad_held_client_or_hold_timeout_fails_open_naming_variable_and_value(procs, tmp_path, name, value,
+                                                                               message):
+    config = write_config(tmp_path, port=free_port())
+    proc, data = fails_open(procs, tmp_path, config, base_env(**{name: value}))
+    one_warning(proc, re.escape("%s: %s" % (name, message)))
+    assert data["fds"] == [0, 1, 2]
 
 
-def without_proc(argv: list[str]) -> list[str]:
-    """argv run in a private mount namespace whose /proc is an empty tmpfs (a chroot without /proc)."""
-    script = 'mount --make-rprivate / && mount -t tmpfs none /proc && exec "$@"'
-    return ["unshare", "--mount", "/bin/sh", "-c", script, "sh"] + argv
+def test_bad_hold_timeout_in_the_file_names_file_line_and_key(procs, tmp_path):
+    proc, _ = fails_open(procs, tmp_path, write_config(tmp_path, port=free_port(), hold=700000))
+    one_warning(proc, r"datadog\.yaml:\d+: apm_config\.socket_activation\.hold_timeout: 700000 ms is out of range")
 
 
-@needs_unshare
-@pytest.mark.parametrize("held", ["relay", "fd"])
-def test_without_proc_the_loader_still_activates(procs, tmp_path, held):
+@pytest.mark.parametrize("value", ["--8126", "- 8126", "+-8126"])
+def test_a_sign_typo_in_the_port_fails_open_instead_of_turning_the_receiver_off(procs, tmp_path, value):
+    config = write_config(tmp_path, port=free_port())
+    proc, _ = fails_open(procs, tmp_path, config, base_env(DD_APM_RECEIVER_PORT=value))
+    one_warning(proc, r"DD_APM_RECEIVER_PORT: %s is not an integer" % re.escape(repr(value)))
+    assert "inputs are disabled" not in proc.text()
+
+
+@pytest.mark.parametrize("name", ["DD_APM_RECEIVER_PORT", "DD_BIND_HOST", "DD_APM_RECEIVER_SOCKET"])
+def test_environment_garbage_end_to_end_fails_open_with_one_line(procs, tmp_path, name):
+    config = write_config(tmp_path, port=free_port(), socket_path=str(tmp_path / "apm.sock"))
+    proc, _ = fails_open(procs, tmp_path, config, base_env(**{name: GARBAGE["non-ascii"]}))
+    line = one_warning(proc, r"Failed to (load the configuration|get listeners)")
+    assert name in line or "bind host" in line or "unix socket path" in line, line
+
+
+def test_non_utf8_bytes_in_the_environment_are_logged_safely(procs, tmp_path):
+    config = write_config(tmp_path, port=free_port())
+    env = {k.encode(): v.encode() for k, v in base_env().items()}
+    env[b"DD_APM_RECEIVER_PORT"] = b"\xff\xfe"
     report = tmp_path / "report.json"
-    proc = procs(without_proc([sys.executable, LOADER, "--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe",
-                               "--held-client", held, "--log-level", "debug", "--"] + systemd_agent(report)),
-                 base_env())
-    port = bound_port(proc)
+    proc = procs([sys.executable, LOADER, config] + agent_argv(report), env)
+    assert read_report(report)["fds"] == [0, 1, 2]
+    proc.wait_for(r"DD_APM_RECEIVER_PORT: '\\udcff\\udcfe' is not an integer")
+
+
+def test_unresolvable_bind_host_fails_open(procs, tmp_path):
+    config = write_config(tmp_path, "bind_host: no-such-host.invalid\n", port=free_port())
+    proc, _ = fails_open(procs, tmp_path, config)
+    one_warning(proc, r"cannot resolve bind host 'no-such-host.invalid'")
+
+
+def test_ipv6_literal_without_ipv6_fails_open(procs, tmp_path):
+    if has_ipv6_loopback():
+        pytest.skip("this host has IPv6")
+    config = write_config(tmp_path, "bind_host: '::1'\n", port=free_port())
+    proc, _ = fails_open(procs, tmp_path, config)
+    one_warning(proc, r"cannot (listen on \[::1\]|resolve bind host)")
+
+
+@pytest.fixture
+def nobody_dir():
+    """A world-readable directory (pytest's own tmp dirs are 0700)."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="trace-loader-nobody-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_user(uid: int, gid: int):
+    def switch() -> None:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    return switch
+
+
+def nobody_python(shared: str) -> tuple[str, int, int]:
+    """An interpreter the `nobody` user can run, with copies of the loader and the agent in `shared`."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to nobody")
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no nobody user")
+    for src in (LOADER, AGENT):
+        shutil.copy(src, shared)
+    for python in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        try:
+            probe = subprocess.run([python, "-c", "import socket, json"], capture_output=True, timeout=TIMEOUT,
+                                   preexec_fn=as_user(entry.pw_uid, entry.pw_gid))
+        except OSError:
+            continue  # not there, or not reachable for nobody (e.g. under /root)
+        if probe.returncode == 0:
+            return python, entry.pw_uid, entry.pw_gid
+    pytest.skip("no Python that nobody may run")
+
+
+def run_as_nobody(procs, shared: str, config_text: str, *, mode: int = 0o644) -> tuple[int, str, dict | None]:
+    """The loader as `nobody`: its pid, its output, and the agent's report (None if the agent never started)."""
+    python, uid, gid = nobody_python(shared)
+    config = os.path.join(shared, "datadog.yaml")
+    with open(config, "w") as f:
+        f.write(config_text)
+    os.chmod(config, mode)
+    out = os.path.join(shared, "out")  # nobody's, for the agent's report
+    os.mkdir(out)
+    os.chown(out, uid, gid)
+    report = os.path.join(out, "report.json")
+    proc = procs([python, os.path.join(shared, "trace_loader.py"), config, python,
+                  os.path.join(shared, "demo_agent.py"), "--report", report], base_env(), preexec_fn=as_user(uid, gid))
+    wait_until(lambda: os.path.exists(report) or proc.proc.poll() is not None,
+               "the agent's report at %s, or the loader's end" % report)
+    text = text_of(report)
+    proc.stop()  # the agent serves until killed; then its output is complete
+    return proc.pid, proc.text(), json.loads(text) if text is not None else None
+
+
+def test_unreadable_config_as_nobody_fails_open(procs, nobody_dir):
+    pid, err, data = run_as_nobody(procs, nobody_dir, "apm_config:\n  enabled: true\n", mode=0o600)
+    assert data is not None and data["pid"] == pid and data["fds"] == [0, 1, 2]
+    assert re.search(r"datadog.yaml: cannot open: Permission denied \(EACCES\)", err), err
+
+
+def test_privileged_port_as_nobody_fails_open(procs, nobody_dir):
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") if LINUX else open(os.devnull) as f:
+        start = int(f.read() or 1024)
+    if start <= 80:
+        pytest.skip("unprivileged users may bind port 80 here")
+    _, err, data = run_as_nobody(procs, nobody_dir, "apm_config:\n  receiver_port: 80\n  receiver_socket: ''\n"
+                                 "  socket_activation:\n    enabled: true\n")
+    assert data is not None and data["fds"] == [0, 1, 2]
+    assert "cannot listen on localhost:80: Permission denied (EACCES)" in err, err
+
+
+def test_unwritable_socket_directory_as_nobody_fails_open(procs, nobody_dir):
+    locked = os.path.join(nobody_dir, "locked")
+    os.mkdir(locked, 0o755)  # root's, so nobody may not create the socket there
+    _, err, data = run_as_nobody(procs, nobody_dir, "apm_config:\n  receiver_port: 0\n  receiver_socket: '%s'\n"
+                                 "  socket_activation:\n    enabled: true\n" % os.path.join(locked, "apm.sock"))
+    assert data is not None and data["fds"] == [0, 1, 2]
+    assert re.search(r"cannot listen on unix socket .*apm.sock: Permission denied \(EACCES\)", err), err
+
+
+@pytest.mark.skipif(not LINUX, reason="RLIMIT_NOFILE arithmetic below is for Linux")
+def test_emfile_on_accept_still_starts_the_agent_and_queued_clients_are_answered(procs, sockets, tmp_path):
+    import resource
+
+    port = free_port()
+    log_file = tmp_path / "trace-agent.log"
+    config = write_config(tmp_path, "bind_host: 127.0.0.1\n", port=port)
+    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(log_file))
+    # The loader holds 0-2, its log file (3) and the listener (4): with a soft
+    # limit of 5, accept() has no fd left. The agent does not inherit the log
+    # fd, so its shell can start, lift the soft limit as Go programs do, and
+    # serve.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    agent = ["/bin/sh", "-c", 'ulimit -S -n 1024 && exec "$0" "$@"', sys.executable, AGENT,
+             "--report", str(tmp_path / "report.json")]
+    proc = start_drop_in(procs, config, None, env, agent=agent,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (5, hard)))
     proc.wait_for("Polling")
-    kubelet_probe(port)
-    proc.wait_for(ABSORBED)
+    clients = [sockets.connect(port) for _ in range(3)]
+    for i, c in enumerate(clients):
+        c.sendall(b"POST /q%d HTTP/1.0\r\nContent-Length: 0\r\n\r\n" % i)
+    proc.wait_for(r"Waking the trace-agent: accept\(\) on the TCP listener failed: Too many open files \(EMFILE\)")
+    assert sorted(answer_json(read_answer(c))["path"] for c in clients) == ["/q0", "/q1", "/q2"]
+
+
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_closed_standard_fd_never_receives_a_socket(procs, tmp_path, closed):
+    port = free_port()
+    report = tmp_path / "report.json"
+    log_file = tmp_path / "loader.log"  # fd 2 may be the closed one: sync on the file
+    config = write_config(tmp_path, port=port, probe=False)
+    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(log_file))
+    start_drop_in(procs, config, report, env, preexec_fn=lambda: os.close(closed))
+    wait_until(lambda: text_of(log_file) or "", "'Polling' in %s" % log_file, until=lambda text: "Polling" in text)
     with connect(port) as c:
-        answer = answer_json(http_request(c))
-    assert answer["via"] == ("unknown@3" if held == "relay" else "held-client")
+        assert answer_json(http_request(c))["via"] == "DD_APM_NET_RECEIVER_FD"
     data = read_report(report)
-    assert data["fds"] == ([0, 1, 2, 3] if held == "relay" else [0, 1, 2, 3, 4])
-    assert "Internal error" not in proc.text() and "Traceback" not in proc.text()
+    assert int(data["env"]["DD_APM_NET_RECEIVER_FD"]) > 2
+    assert data["fds"][:3] == [0, 1, 2]
 
 
 @needs_proc
@@ -2140,84 +2244,71 @@ def test_emfile_in_the_generic_hand_off_fails_open_cleanly(procs, tmp_path, limi
     assert "Internal error" not in proc.text()
 
 
-# ---------------------------------------------------------------------------
-# Fuzzing the YAML-subset reader
-# ---------------------------------------------------------------------------
+def without_proc(argv: list[str]) -> list[str]:
+    """argv run in a private mount namespace whose /proc is an empty tmpfs (a chroot without /proc)."""
+    script = 'mount --make-rprivate / && mount -t tmpfs none /proc && exec "$@"'
+    return ["unshare", "--mount", "/bin/sh", "-c", script, "sh"] + argv
 
 
-def mutate(data: bytes, rng) -> bytes:
-    lines = data.split(b"\n")
-    for _ in range(rng.randint(1, 4)):
-        choice = rng.randrange(5)
-        if choice == 0 and data:  # flip a byte
-            buf = bytearray(b"\n".join(lines))
-            buf[rng.randrange(len(buf))] = rng.randrange(256)
-            lines = bytes(buf).split(b"\n")
-        elif choice == 1:  # truncate
-            joined = b"\n".join(lines)
-            lines = joined[: rng.randrange(len(joined) + 1)].split(b"\n")
-        elif choice == 2:  # change an indentation
-            i = rng.randrange(len(lines))
-            lines[i] = b" " * rng.randrange(8) + lines[i].lstrip(b" ")
-        elif choice == 3:  # duplicate a line
-            i = rng.randrange(len(lines))
-            lines.insert(rng.randrange(len(lines) + 1), lines[i])
-        else:  # splice in a YAML indicator
-            i = rng.randrange(len(lines))
-            j = rng.randrange(len(lines[i]) + 1)
-            lines[i] = lines[i][:j] + rng.choice([b"&a ", b"*a", b"- ", b"[", b"{", b'"', b"'", b"|", b">",
-                                                   b"#", b": ", b"\t", b"\r", b"? ", b"<<: ", b"!!str "]) + lines[i][j:]
-    return b"\n".join(lines)
-
-
-def test_fuzzed_configs_yield_values_or_config_errors():
-    import random
-
-    with open(FIXTURE, "rb") as f:
-        original = f.read()
-    rng = random.Random(20261126)
-    outcomes = {"values": 0, "errors": 0}
-    for _ in range(3000):
-        data = mutate(original, rng)
-        try:
-            text = tl._decode_config(data, "fuzz.yaml")
-            nodes = tl._read_yaml_subset(text, tl._KEYS, source="fuzz.yaml")
-            tl._DropInSettings(tl._Config(nodes, {}, "fuzz.yaml", quiet_log()), {})
-            outcomes["values"] += 1
-        except tl.ConfigError as exc:
-            assert exc.message and ("fuzz.yaml" in str(exc) or exc.key)
-            outcomes["errors"] += 1
-    assert outcomes["values"] > 300 and outcomes["errors"] > 300, outcomes  # both paths exercised
-
-
-def quiet_log() -> tl._Log:
-    log = tl._Log()
-    log.configure(level="off", console=False, path=None)
-    return log
-
-
-def test_pathological_configs_are_read_in_linear_time(tmp_path):
-    # Run in a child with a hard timeout: a quadratic reader would need hours here.
-    cases = {
-        "duplicates": "apm_config:\n" + "  receiver_port: 1\n" * 200_000,
-        "long-line": "apm_config:\n  receiver_socket: \"" + "\\\\" * 1_000_000 + "\"\n",
-        "deep": "".join(" " * i + "k%d:\n" % i for i in range(3000)),
-        "many-keys": "".join("key%d: value\n" % i for i in range(300_000)),
-        "anchors": "".join("a%d: &a%d %d\n" % (i, i, i) for i in range(100_000)),
-    }
-    for name, text in cases.items():
-        path = tmp_path / (name + ".yaml")
-        path.write_text(text)
-        code = ("import sys; sys.path.insert(0, %r); import trace_loader as t\n"
-                "try:\n    t._load_drop_in_settings(%r, {}, t._Log())\nexcept t.ConfigError as e:\n    print(e)\n"
-                % (os.path.dirname(LOADER), str(path)))
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0 and "Traceback" not in result.stderr, (name, result.stderr[-500:])
+@needs_unshare
+@pytest.mark.parametrize("held", ["relay", "fd"])
+def test_without_proc_the_loader_still_activates(procs, tmp_path, held):
+    report = tmp_path / "report.json"
+    proc = procs(without_proc([sys.executable, LOADER, "--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe",
+                               "--held-client", held, "--log-level", "debug", "--"] + systemd_agent(report)),
+                 base_env())
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    kubelet_probe(port)
+    proc.wait_for(ABSORBED)
+    with connect(port) as c:
+        answer = answer_json(http_request(c))
+    assert answer["via"] == ("unknown@3" if held == "relay" else "held-client")
+    data = read_report(report)
+    assert data["fds"] == ([0, 1, 2, 3] if held == "relay" else [0, 1, 2, 3, 4])
+    assert "Internal error" not in proc.text() and "Traceback" not in proc.text()
 
 
 # ---------------------------------------------------------------------------
-# Footprint steps (measured by `make bench`; here only: they run, and can be turned off)
+# 12. The Python API for agents
 # ---------------------------------------------------------------------------
+
+
+def test_adopt_serves_the_held_client_first(sockets):
+    listener = sockets.tcp_listener()
+    port = listener.getsockname()[1]
+    early = sockets.connect(port)
+    held = sockets.keep(listener.accept()[0])
+    later = sockets.connect(port)
+    env = {"DD_APM_NET_RECEIVER_FD": str(listener.detach()), "DD_APM_NET_RECEIVER_CLIENT_FD": str(held.detach())}
+    with tl.adopt(environ=env) as handoff:  # closes the listener it adopted, however the test ends
+        first = sockets.keep(handoff.accept()[0])
+        second = sockets.keep(handoff.accept()[0])
+        early.sendall(b"1")
+        later.sendall(b"2")
+        assert first.recv(1) == b"1" and second.recv(1) == b"2"
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "999999"])
+def test_adopt_rejects_garbage(value):
+    with pytest.raises(tl.LoaderError, match="DD_APM_NET_RECEIVER_FD"):
+        tl.adopt(environ={"DD_APM_NET_RECEIVER_FD": value})
+
+
+def test_import_has_no_side_effects():
+    code = ("import os, signal, sys; before = sorted(os.listdir('/dev/fd')); h = signal.getsignal(signal.SIGINT);"
+            "sys.path.insert(0, %r); import trace_loader;"
+            "assert sorted(os.listdir('/dev/fd')) == before; assert signal.getsignal(signal.SIGINT) is h;"
+            "print('ok')" % os.path.dirname(LOADER))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+# ---------------------------------------------------------------------------
+# 13. Footprint
+# ---------------------------------------------------------------------------
+
+# `make bench` measures the memory-release steps; here only: they run, and can be turned off.
 
 
 @pytest.mark.parametrize("steps", ["", "none", "defer", "trim,pageout"])
@@ -2245,43 +2336,75 @@ def test_exit_statuses_are_the_same_with_and_without_deferral(tmp_path, steps):
     assert run_loader([write_config(tmp_path), sys.executable], env=env).returncode == 0
 
 
-def test_generic_systemd_listen_without_passed_sockets_fails_open(procs, tmp_path):
+# ---------------------------------------------------------------------------
+# 14. Packaging: the wheel and its `trace-loader` command
+# ---------------------------------------------------------------------------
+
+CHECKOUT = os.path.dirname(LOADER)
+
+
+def wheel_tooling_missing() -> str:
+    """Why this interpreter cannot build and install the wheel offline; "" when it can."""
+
+    def version_of(dist: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(part) for part in re.findall(r"\d+", metadata.version(dist))[:3])
+        except metadata.PackageNotFoundError:
+            return ()
+
+    if version_of("setuptools") < (61,):  # the first to read [project] from pyproject.toml
+        return "building the wheel needs setuptools>=61 (python -m pip install 'setuptools>=61' wheel)"
+    if version_of("setuptools") < (70, 1) and not version_of("wheel"):  # 70.1 took bdist_wheel in
+        return "building the wheel with setuptools<70.1 needs wheel (python -m pip install wheel)"
+    if version_of("pip") < (22, 3):  # pip --python
+        return "installing into a venv without pip needs pip>=22.3 (python -m pip install -U pip)"
+    return ""
+
+
+def run_to_completion(argv: list[str], **kw: object) -> str:
+    """Run a build or install step; its whole output is the failure message."""
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                            **kw)  # type: ignore[call-overload]
+    assert result.returncode == 0, "%s exited %d:\n%s%s" % (argv, result.returncode, result.stdout, result.stderr)
+    return str(result.stdout)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(CHECKOUT, "pyproject.toml")),
+                    reason="not a checkout: no pyproject.toml beside the module")
+def test_the_installed_command_activates_like_the_file(procs, tmp_path):
+    missing = wheel_tooling_missing()
+    if missing:
+        pytest.skip(missing)
+    wheels, venv = tmp_path / "wheels", tmp_path / "venv"
+    # Built from the checkout as a user would, but offline: with this
+    # interpreter's setuptools instead of a fresh one from an index.
+    run_to_completion([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                       "--disable-pip-version-check", "-w", str(wheels), CHECKOUT])
+    (wheel,) = wheels.iterdir()
+    assert wheel.name == "trace_loader-%s-py3-none-any.whl" % tl.__version__  # the version is __version__
+    with zipfile.ZipFile(str(wheel)) as archive:
+        assert [name for name in archive.namelist() if ".dist-info/" not in name] == ["trace_loader.py"]
+    # A venv without pip of its own (ensurepip costs seconds); this pip fills it.
+    run_to_completion([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = str(venv / "bin" / "python")
+    run_to_completion([sys.executable, "-m", "pip", "--python", python, "install", "--no-index", "--no-deps",
+                       "--disable-pip-version-check", str(wheel)])
+
+    # From tmp_path with the tests' bare environment, neither the checkout nor a
+    # PYTHONPATH is on the venv's path: what runs is what pip installed.
+    located = run_to_completion([python, "-c", "import trace_loader; print(trace_loader.__file__)"],
+                                cwd=str(tmp_path), env=base_env())
+    assert os.path.realpath(located.strip()).startswith(os.path.realpath(str(venv)) + os.sep), located
+    version = run_to_completion([python, "-m", "trace_loader", "--version"], cwd=str(tmp_path), env=base_env())
+    assert version == "trace-loader %s\n" % tl.__version__
+
     report = tmp_path / "report.json"
-    proc = start_generic(procs, ["--listen", "systemd:"], systemd_agent(report),
-                         env=base_env(LISTEN_FDS="1", LISTEN_PID="1", LISTEN_FDNAMES="x"))
-    data = read_report(report)
-    assert data["pid"] == proc.pid and data["fds"] == [0, 1, 2]
-    assert data["listen_fds"] is None and data["listen_fdnames"] is None  # stale LISTEN_* removed
-    proc.wait_for(r"WARN .*Failed to get listeners for \S+: no sockets were passed to this process "
-                  r"\(LISTEN_PID is '1', our pid is %d\)" % proc.pid)
-
-
-def test_generic_systemd_name_not_found_passes_the_sockets_through(procs, tmp_path):
-    report = tmp_path / "report.json"
-    inherited = tcp_listener()
-    argv = launch_with_fds([inherited], "web", [sys.executable, LOADER, "--listen", "systemd:api", "--"]
-                           + systemd_agent(report))
-    proc = procs(argv, base_env(), pass_fds=(inherited.fileno(),))
-    data = read_report(report)
-    # Failing open under systemd: the program gets what systemd gave this pid, untouched.
-    assert (data["listen_pid_ok"], data["listen_fds"], data["listen_fdnames"]) == (True, "1", "web")
-    assert data["fds"] == [0, 1, 2, 3]
-    proc.wait_for(r"no inherited socket is named 'api' \(LISTEN_FDNAMES: 'web'\)")
-    inherited.close()
-
-
-def test_systemd_protocol_passes_only_the_chosen_sockets(procs, tmp_path):
-    report = tmp_path / "report.json"
-    first, second = tcp_listener(), tcp_listener()
-    stray_r, stray_w = os.pipe()  # an fd the loader inherits and nobody asked for
-    os.set_inheritable(stray_r, True)
-    argv = launch_with_fds([first, second], "a:b", [sys.executable, LOADER, "--listen", "systemd:b", "--"]
-                           + systemd_agent(report))
-    proc = procs(argv, base_env(), pass_fds=(first.fileno(), second.fileno(), stray_r))
+    proc = procs([str(venv / "bin" / "trace-loader"), "--listen", "tcp://127.0.0.1:0", "--log-level", "debug",
+                  "--"] + systemd_agent(report), base_env(), cwd=str(tmp_path))
+    port = bound_port(proc)
     proc.wait_for("Polling")
-    with connect(second.getsockname()[1]) as c:
-        assert answer_json(http_request(c))["via"] == "b@3"
-    data = read_report(report)
-    assert (data["listen_fds"], data["listen_fdnames"], data["fds"]) == ("1", "b", [0, 1, 2, 3])
-    for fd in (first.fileno(), second.fileno(), stray_r, stray_w):
-        os.close(fd)
+    with connect(port) as c:
+        answer = answer_json(http_request(c))
+    # The console script's process became the agent: same pid, the socket as fd 3.
+    assert answer["pid"] == proc.pid and answer["via"].endswith("@3"), answer
+    assert read_report(report)["listen_pid_ok"] is True

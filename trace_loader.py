@@ -2013,7 +2013,7 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake,
     if client is not None and held_client == _HELD_RELAY:
         try:
             _start_relay(client, log)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a fork refused by the interpreter
             # The program starts all the same; only this one client is lost.
             log.warn("Cannot relay the held TCP client %s (%s); closing it and starting %s without it",
                      client.peer, _oserror_text(exc), launch.label)
@@ -2669,7 +2669,8 @@ def _run_as_script() -> None:
 
 
 if __name__ == "__main__":
-    if "defer" in _memory_steps(os.environ):
+    # CPython 3.12 refuses os.fork() from atexit (the relay forks): no defer there.
+    if "defer" in _memory_steps(os.environ) and sys.version_info[:2] != (3, 12):
         # The "defer" footprint step (see Footprint above): CPython frees a
         # script's syntax tree only after the script's last line has run, so
         # main() runs from atexit, the first thing after that.
