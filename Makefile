@@ -48,10 +48,12 @@ demo:
 	$(PYTHON) examples/demo.py
 
 ## bench: footprint and speed, side by side with a bare interpreter, systemd-socket-activate and
-## the loader at $(BENCH_BASELINE) (a git revision; empty: no baseline)
-BENCH_BASELINE ?= 9aa27d9
+## the loader at each revision in $(BENCH_BASELINE) (git revisions, spaces or commas between; empty: no baseline)
+# 9aa27d9: the revision before the relay and the hold timeout (the code as it was when issue 11 was filed);
+# db24234: the one with them, but before issue 11's code-reading changes.
+BENCH_BASELINE ?= 9aa27d9 db24234
 bench:
-	BENCH_BASELINE=$(BENCH_BASELINE) $(PYTHON) bench/bench.py
+	BENCH_BASELINE='$(BENCH_BASELINE)' $(PYTHON) bench/bench.py
 
 ## version: the loader's version
 version:

@@ -23,7 +23,10 @@ Figures (median of --runs runs, with min and max; ratios against the peers):
   9. YAML reader growth: the config reader's CPU time on N and 2N lines (linear
      reads ~2.0x)
 
-Linux only (it reads /proc). Usage: bench.py [--runs N] [--json] [--python PATH]
+With BENCH_BASELINE set to one or more git revisions (spaces or commas between),
+trace_loader.py at each of them runs too, as "loader@<rev> -I -S", in figures 1-4.
+
+Linux only (it reads /proc). Usage: bench.py [--runs N] [--json] [--python PATH] [--help]
 """
 
 from __future__ import annotations
@@ -179,20 +182,45 @@ def compiled_loader(python: str, tmp: str) -> str:
     return target
 
 
-def baseline_loader(tmp: str) -> tuple[str, str] | None:
-    """(revision, path) of trace_loader.py at $BENCH_BASELINE (a git revision), to compare against."""
-    revision = os.environ.get("BENCH_BASELINE", "")
-    if not revision:
-        return None
-    found = subprocess.run(["git", "-C", os.path.dirname(LOADER), "show", "%s:trace_loader.py" % revision],
-                           capture_output=True, check=False)
-    if found.returncode != 0:
-        raise SystemExit("bench: BENCH_BASELINE=%s: %s" % (revision, found.stderr.decode().strip()))
-    target = os.path.join(tmp, "baseline", "trace_loader.py")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    with open(target, "wb") as f:
-        f.write(found.stdout)
-    return revision, target
+def baseline_revisions() -> list[str]:
+    """The git revisions in $BENCH_BASELINE (spaces or commas between), in the order given, each once."""
+    out: list[str] = []
+    for revision in re.split(r"[\s,]+", os.environ.get("BENCH_BASELINE", "")):
+        if revision and revision not in out:
+            out.append(revision)
+    return out
+
+
+def baseline_loaders(tmp: str) -> list[tuple[str, str]]:
+    """(name, path) of trace_loader.py at each $BENCH_BASELINE revision, to compare against, each in a
+    directory of its own. The name is the revision's first 12 characters, or all of it where two share those."""
+    given = os.environ.get("BENCH_BASELINE", "").strip()
+    revisions = baseline_revisions()
+    out: list[tuple[str, str]] = []
+    for index, revision in enumerate(revisions):
+        content, error = b"", "not a revision"  # a leading "-" would be an option to git show
+        if not revision.startswith("-"):
+            found = subprocess.run(["git", "-C", ROOT, "show", "%s:trace_loader.py" % revision],
+                                   capture_output=True, check=False)
+            content, error = found.stdout, ""
+            if found.returncode:
+                error = found.stderr.decode().strip() or "git show exited with %d" % found.returncode
+        if error:
+            which = "" if given == revision else "%s: " % revision
+            raise SystemExit("bench: BENCH_BASELINE=%s: %s%s" % (given, which, error))
+        target = os.path.join(tmp, "baseline-%d" % index, "trace_loader.py")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(content)
+        shared = sum(other[:12] == revision[:12] for other in revisions) > 1
+        out.append((revision if shared else revision[:12], target))
+    return out
+
+
+def baseline_variants(python: str, tmp: str) -> list[Variant]:
+    """The loader at each $BENCH_BASELINE revision, with -I -S, in the order given."""
+    return [Variant("loader@%s -I -S" % name, [python, "-I", "-S", path, "{config}", "/bin/true"], "Polling")
+            for name, path in baseline_loaders(tmp)]
 
 
 def variants(python: str, tmp: str) -> list[Variant]:
@@ -202,10 +230,7 @@ def variants(python: str, tmp: str) -> list[Variant]:
         out.append(Variant("bare" + suffix, [python, *flags, "-c", BARE, "{port}"]))
     out.insert(3, Variant("loader.pyc -I -S", [python, "-I", "-S", compiled_loader(python, tmp), "{config}",
                                                 "/bin/true"], "Polling"))
-    baseline = baseline_loader(tmp)
-    if baseline:
-        out.insert(4, Variant("loader@%s -I -S" % baseline[0][:12],
-                              [python, "-I", "-S", baseline[1], "{config}", "/bin/true"], "Polling"))
+    out[4:4] = baseline_variants(python, tmp)
     ssa = shutil.which("systemd-socket-activate")
     if ssa:
         out.append(Variant("ssa", [ssa, "-l", "127.0.0.1:{port}", "/bin/true"]))
@@ -336,12 +361,7 @@ def bench_probes(python: str, tmp: str, runs: int, env: dict[str, str], count: i
     out: dict[str, Stats] = {}
     loader = Variant("loader -I -S", [python, "-I", "-S", LOADER, "{config}", "/bin/true"], "Polling")
     floor = Variant("floor -I -S", [python, "-I", "-S", "-c", FLOOR, "{port}"])
-    compared = [loader, floor]
-    baseline = baseline_loader(tmp)
-    if baseline:
-        compared.insert(1, Variant("loader@%s -I -S" % baseline[0][:12],
-                                   [python, "-I", "-S", baseline[1], "{config}", "/bin/true"], "Polling"))
-    for variant in compared:
+    for variant in [loader, *baseline_variants(python, tmp), floor]:
         cpu, rate = probe_runs(variant, tmp, runs, env, count)
         out["%s: cpu_us_per_probe" % variant.name] = cpu
         out["%s: probes_per_s" % variant.name] = rate
@@ -716,14 +736,16 @@ def print_table(result: dict[str, object]) -> None:
     assert isinstance(idle, dict)
     print("\nmachine: %s; %s %s" % (result["machine"], result["python"], result["python_version"]))
     print("\n1-3. idle footprint (median [min-max] of %s runs)" % result["runs"])
-    print("%-16s %22s %20s %20s %16s %12s %14s" % ("", "VmRSS kB", "RssAnon kB", "RssFile kB", "start-up ms",
-                                                   "wake-ups/5s", "RSS vs bare"))
+    # Wide enough for the longest name (loader@<rev> -I -S for a baseline).
+    width = max([16, *map(len, idle)])
+    line = "%-*s %22s %20s %20s %16s %12s %14s"
+    print(line % (width, "", "VmRSS kB", "RssAnon kB", "RssFile kB", "start-up ms", "wake-ups/5s", "RSS vs bare"))
     for name, row in idle.items():
         bare = idle.get("bare -I -S" if "-I -S" in name else "bare", {})
         cells = ["%6d [%d-%d]" % (row[k]["median"], row[k]["min"], row[k]["max"])
                  for k in ("VmRSS", "RssAnon", "RssFile")]
-        print("%-16s %22s %20s %20s %16s %12s %14s" % (
-            name, *cells, "%.1f [%.1f-%.1f]" % tuple(row["startup_ms"][k] for k in ("median", "min", "max")),
+        print(line % (
+            width, name, *cells, "%.1f [%.1f-%.1f]" % tuple(row["startup_ms"][k] for k in ("median", "min", "max")),
             "%d" % row["idle_wakeups_5s"]["median"] if "idle_wakeups_5s" in row else "-",
             ratio(row["VmRSS"]["median"], bare["VmRSS"]["median"]) if bare else "-"))
     headings = {
@@ -741,11 +763,12 @@ def print_table(result: dict[str, object]) -> None:
         print("\n%s" % heading)
         rows = result[section]
         assert isinstance(rows, dict)
+        width = max([36, *map(len, rows)])
         for key, value in rows.items():
             if value["n"] == 1:  # one figure (a ratio of two others)
-                print("  %-36s %10.2f" % (key, value["median"]))
+                print("  %-*s %10.2f" % (width, key, value["median"]))
             else:
-                print("  %-36s %10.2f  [%.2f - %.2f]" % (key, value["median"], value["min"], value["max"]))
+                print("  %-*s %10.2f  [%.2f - %.2f]" % (width, key, value["median"], value["min"], value["max"]))
         if section == "latency":
             print("  via loader - agent started at connect: %+.2f ms" % (
                 rows["via_loader_ms"]["median"] - rows["agent_started_at_connect_ms"]["median"]))
@@ -756,6 +779,9 @@ def print_table(result: dict[str, object]) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        print(__doc__)
+        return 0
     if not os.path.isdir("/proc/self/fd"):
         print("bench: needs Linux /proc", file=sys.stderr)
         return 1
@@ -770,7 +796,7 @@ def main(argv: list[str]) -> int:
             "python": python, "python_why": why,
             "python_version": subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
                                              capture_output=True, text=True, check=False).stdout.strip(),
-            "runs": runs,
+            "runs": runs, "baselines": baseline_revisions(),
         }
         start = time.monotonic()
         result["idle"] = bench_idle(python, tmp, runs, env)
