@@ -289,6 +289,17 @@ def procs():
         proc.stop()
 
 
+def signal_dispositions(**dispositions: object):
+    """preexec_fn: start the loader with these dispositions, whatever ours are.
+
+    A shell's background job, for one, starts with SIGINT ignored.
+    """
+    def apply() -> None:
+        for name, handler in dispositions.items():
+            signal.signal(getattr(signal, name), handler)  # type: ignore[arg-type]
+    return apply
+
+
 def run_loader(args: list[str], env: dict[str, str] | None = None, timeout: float = TIMEOUT,
                **kw: object) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, LOADER] + args, env=env or base_env(), capture_output=True,
@@ -405,6 +416,23 @@ def systemd_agent(report) -> list[str]:
     return [sys.executable, AGENT, "--systemd", "--report", str(report)]
 
 
+def launch_with_fds(socks: list[socket.socket], names: str | None, argv: list[str]) -> list[str]:
+    """A launcher that puts `socks` on fds 3, 4, ... and sets LISTEN_* for the pid it execs as."""
+    fds = [s.fileno() for s in socks]
+    code = (
+        "import os, sys\n"
+        "fds = %r\n"
+        "import fcntl\n"
+        "copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds)) for fd in fds]\n"
+        "for fd in fds: os.set_inheritable(fd, False)\n"
+        "for i, c in enumerate(copies): os.dup2(c, 3 + i); os.close(c)\n"
+        "os.environ['LISTEN_FDS'] = str(len(fds)); os.environ['LISTEN_PID'] = str(os.getpid())\n"
+        "%s"
+        "os.execv(sys.argv[1], sys.argv[1:])\n"
+    ) % (fds, "os.environ['LISTEN_FDNAMES'] = %r\n" % names if names is not None else "")
+    return [sys.executable, "-c", code] + argv
+
+
 def start_relaying(procs, tmp_path, *options: str, agent_options: tuple[str, ...] = ()) -> tuple[Proc, int, object]:
     """A generic loader on a port of its own with the probe check (and by default the relay), waiting."""
     report = tmp_path / "report.json"
@@ -515,7 +543,7 @@ def test_integers_read_like_go_parseint(text, expected):
 @pytest.mark.parametrize("text", ["", " ", "8126.0", "1e3", "0x", "eighty", "8126a", "\u0668\u0661", "_1",
                                   "99999999999999999999", "0x" + "f" * 100])
 def test_bad_integers_are_errors_naming_the_value(text):
-    with pytest.raises(tl.ConfigError) as info:
+    with pytest.raises(tl._ConfigError) as info:
         tl._go_int(text, "DD_APM_RECEIVER_PORT")
     assert str(info.value).startswith("DD_APM_RECEIVER_PORT: ")
 
@@ -559,7 +587,7 @@ def test_environment_booleans_read_like_go_parsebool(tmp_path, text, expected):
 
 @pytest.mark.parametrize("text", ["yes", "on", "TrUe", " true", "2", "enabled"])
 def test_bad_environment_booleans_name_the_variable(tmp_path, text):
-    with pytest.raises(tl.ConfigError) as info:
+    with pytest.raises(tl._ConfigError) as info:
         settings_of(tmp_path, "", {"DD_APM_SOCKET_ACTIVATION_ENABLED": text})
     assert str(info.value) == "DD_APM_SOCKET_ACTIVATION_ENABLED: %r is not a boolean (use true or false)" % text
 
@@ -612,18 +640,18 @@ def where_the_loader_stops(tmp_path, environ: dict[str, str]) -> tuple[str, str]
                       "otlp_config:\n  traces:\n    internal_port: 1\n")
     try:
         s = tl._load_drop_in_settings(str(config), environ, tl._Log())
-    except tl.ConfigError as exc:
+    except tl._ConfigError as exc:
         return "settings", str(exc)
     try:
         # '' in the file: only the variable can turn the unix receiver on.
         unix = tl._open_unix_listener(s.receiver_socket, 0o722, quiet_log()) if s.receiver_socket else None
-    except tl.ListenerError as exc:
+    except tl._ListenerError as exc:
         return "unix listener", str(exc)
     if unix is not None:  # None: its directory is missing, a skip
         unix.close()
     try:
         tl._open_tcp_listener(s.bind_host, 0).close()
-    except tl.ListenerError as exc:
+    except tl._ListenerError as exc:
         return "TCP listener", str(exc)
     return "nowhere", ""
 
@@ -654,7 +682,7 @@ def test_garbage_in_each_environment_variable(tmp_path, name, stops_at, message,
     ("70000", "port 70000 is out of range (1-65535)"),
 ])
 def test_a_needed_key_holding_something_unreadable_names_line_and_key(tmp_path, value, message):
-    with pytest.raises(tl.ConfigError) as info:
+    with pytest.raises(tl._ConfigError) as info:
         settings_of(tmp_path, "# comment\napm_config:\n  receiver_port: %s\n" % value)
     text = str(info.value)
     assert text.endswith("apm_config.receiver_port: " + message), text
@@ -694,19 +722,19 @@ def test_only_the_first_document_counts(tmp_path):
 
 
 def test_bad_indentation_names_its_line(tmp_path):
-    with pytest.raises(tl.ConfigError, match=r"cfg.yaml:3: indentation of 1 spaces matches no enclosing key"):
+    with pytest.raises(tl._ConfigError, match=r"cfg.yaml:3: indentation of 1 spaces matches no enclosing key"):
         settings_of(tmp_path, "apm_config:\n   enabled: true\n receiver_port: 5\n")
 
 
 def test_merge_key_where_settings_are_read_is_an_error(tmp_path):
-    with pytest.raises(tl.ConfigError, match=r":4: apm_config: merge keys"):
+    with pytest.raises(tl._ConfigError, match=r":4: apm_config: merge keys"):
         settings_of(tmp_path, "base: &b\n  enabled: false\napm_config:\n  <<: *b\n")
 
 
 def test_invalid_utf8_names_its_line(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_bytes(b"a: 1\nb: \xff\xfe\n")
-    with pytest.raises(tl.ConfigError, match=r"cfg.yaml:2: invalid UTF-8"):
+    with pytest.raises(tl._ConfigError, match=r"cfg.yaml:2: invalid UTF-8"):
         tl._load_drop_in_settings(str(path), {}, tl._Log())
 
 
@@ -749,7 +777,7 @@ def test_fuzzed_configs_yield_values_or_config_errors():
             nodes = tl._read_yaml_subset(text, tl._KEYS, source="fuzz.yaml")
             tl._DropInSettings(tl._Config(nodes, {}, "fuzz.yaml", quiet_log()), {})
             outcomes["values"] += 1
-        except tl.ConfigError as exc:
+        except tl._ConfigError as exc:
             assert exc.message and ("fuzz.yaml" in str(exc) or exc.key)
             outcomes["errors"] += 1
     assert outcomes["values"] > 300 and outcomes["errors"] > 300, outcomes  # both paths exercised
@@ -770,7 +798,7 @@ def test_pathological_configs_are_read_within_a_time_limit(tmp_path):
         path = tmp_path / (name + ".yaml")
         path.write_text(text)
         code = ("import sys; sys.path.insert(0, %r); import trace_loader as t\n"
-                "try:\n    t._load_drop_in_settings(%r, {}, t._Log())\nexcept t.ConfigError as e:\n    print(e)\n"
+                "try:\n    t._load_drop_in_settings(%r, {}, t._Log())\nexcept t._ConfigError as e:\n    print(e)\n"
                 % (os.path.dirname(LOADER), str(path)))
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "Traceback" not in result.stderr, (name, result.stderr[-500:])
@@ -1303,7 +1331,8 @@ def test_fd_hands_the_client_over_and_no_helper_runs(procs, tmp_path):
     assert proc.count(RELAYED) == 0
 
 
-@pytest.mark.parametrize("value, way", [("relay", "unknown"), ("fd", "held-client")])
+@pytest.mark.parametrize("value, way", [("relay", "unknown"), ("fd", "held-client"), ("Relay", "unknown"),
+                                        ("FD", "held-client")])
 def test_drop_in_held_client_setting(procs, tmp_path, value, way):
     port = free_port()
     report = tmp_path / "report.json"
@@ -1313,8 +1342,8 @@ def test_drop_in_held_client_setting(procs, tmp_path, value, way):
     with connect(port) as c:
         via = answer_json(http_request(c))["via"]
     assert via == ("DD_APM_NET_RECEIVER_FD" if way == "unknown" else "held-client")
-    assert ("DD_APM_NET_RECEIVER_CLIENT_FD" in read_report(report)["env"]) == (value == "fd")
-    assert proc.count(RELAYED) == (value == "relay")
+    assert ("DD_APM_NET_RECEIVER_CLIENT_FD" in read_report(report)["env"]) == (way == "held-client")
+    assert proc.count(RELAYED) == (way == "unknown")
 
 
 @needs_proc
@@ -1341,6 +1370,46 @@ def test_relay_that_cannot_start_costs_only_that_client(procs, tmp_path):
         assert answer_json(http_request(c))["via"] == "unknown@3"
     assert read_report(report)["fds"] == [0, 1, 2, 3]
     assert "Internal error" not in proc.text()
+
+
+def test_relay_starts_when_the_parent_ignored_sigchld(procs, tmp_path):
+    # An ignored SIGCHLD survives execve: the kernel reaps the loader's children itself and waitpid() fails
+    # with ECHILD. The helper's pid, written through the pipe, is what says it started.
+    report = tmp_path / "report.json"
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--log-level", "debug"],
+                         systemd_agent(report), preexec_fn=signal_dispositions(SIGCHLD=signal.SIG_IGN))
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "unknown@3"
+    proc.wait_for(RELAYED)
+    assert "Cannot relay" not in proc.text()
+
+
+def test_relay_waits_for_room_in_a_full_backlog(procs, sockets, tmp_path):
+    # The program's socket, passed as systemd would, has a backlog of 1: two clients queued behind the held
+    # one fill it, and the relay's connect is dropped until the program accepts them; the kernel's SYN retry
+    # then gets in. The loader must not wait for that before its execve (nothing would drain the backlog).
+    report = tmp_path / "report.json"
+    listener = sockets.keep(socket.socket())
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    argv = launch_with_fds([listener], "web", [sys.executable, LOADER, "--listen", "systemd:", "--handle-tcp-probe",
+                                               "--probe-grace-period", "60000", "--log-level", "debug", "--"]
+                           + systemd_agent(report))
+    proc = procs(argv, base_env(), pass_fds=(listener.fileno(),))
+    proc.wait_for("Polling")
+    listener.close()  # from here on, only the loader's copy
+    held = sockets.keep(hold_one(proc, port))
+    queued = [sockets.connect(port) for _ in range(2)]
+    proc.wait_for("A second TCP client is waiting")
+    held.sendall(b"POST /held HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    for i, c in enumerate(queued):
+        c.sendall(b"POST /queued%d HTTP/1.0\r\nContent-Length: 0\r\n\r\n" % i)
+    assert answer_json(read_answer(held))["path"] == "/held"
+    assert sorted(answer_json(read_answer(c))["path"] for c in queued) == ["/queued0", "/queued1"]
+    assert proc.count(RELAYED) == 1 and "Cannot relay" not in proc.text()
 
 
 # ---------------------------------------------------------------------------
@@ -1392,10 +1461,12 @@ def test_main_is_callable_with_an_argv_list(capsys):
     (["--listen", "tcp://::1:80", "--", "true"], "put an IPv6 address in brackets"),
     (["--listen", "unix://relative.sock", "--", "true"], "a unix address needs an absolute path"),
     (["--listen", "unix:///x.sock?mode=999", "--", "true"], "expected ?mode=OCTAL"),
-    (["--listen", "tcp://127.0.0.1:1", "--protocol", "inetd", "--", "true"], "argument --protocol: invalid choice"),
+    (["--listen", "tcp://127.0.0.1:1", "--protocol", "inetd", "--", "true"],
+     "argument --protocol: 'inetd' is not one of systemd, env"),
     (["--listen", "tcp://127.0.0.1:1", "--probe-grace-period", "-5", "--", "true"],
      "argument --probe-grace-period: '-5': expected milliseconds"),
-    (["--listen", "tcp://127.0.0.1:1", "--log-level", "loud", "--", "true"], "argument --log-level: invalid choice"),
+    (["--listen", "tcp://127.0.0.1:1", "--log-level", "loud", "--", "true"],
+     "argument --log-level: 'loud' is not one of trace, debug"),
     (["--listen", "tcp://127.0.0.1:1"], "expected '-- PROGRAM [ARGS...]'"),
     (["--protocol", "env", "--listen", "tcp://127.0.0.1:1", "--", "true"], "needs NAME="),
     (["--listen", "a:b=tcp://127.0.0.1:1", "--", "true"], "is not a valid fd name"),
@@ -1408,7 +1479,14 @@ def test_main_is_callable_with_an_argv_list(capsys):
     (["--bogus", "x"], "unrecognized arguments: '--bogus' 'x'"),
     (["--listen", "tcp://127.0.0.1:1", "--handle", "--", "true"], "unrecognized arguments: '--handle'"),
     (["--listen", "tcp://127.0.0.1:1", "--held-client", "pipe", "--", "true"],
-     "argument --held-client: invalid choice: 'pipe'"),
+     "argument --held-client: 'pipe' is not one of relay, fd"),
+    # A value of any length is named cut short; a number of any length is a usage error, never int()'s
+    # 4300-digit ValueError.
+    (["--listen", "tcp://127.0.0.1:1", "--protocol", "x" * 100_000, "--", "true"],
+     "argument --protocol: '%s'... (100000 characters) is not one of" % ("x" * 64)),
+    (["--listen", "tcp://127.0.0.1:1", "--hold-timeout", "9" * 5000, "--", "true"],
+     "argument --hold-timeout: '%s'... (5000 characters): expected milliseconds" % ("9" * 64)),
+    (["--listen", "tcp://127.0.0.1:" + "1" * 5000, "--", "true"], "the port must be a number from 0 to 65535"),
     (["--listen", "tcp://127.0.0.1:1", "--hold-timeout", "-1", "--", "true"],
      "argument --hold-timeout: '-1': expected milliseconds from 0 to 600000"),
     (["--listen", "tcp://127.0.0.1:1", "--hold-timeout", "600001", "--", "true"],
@@ -1426,6 +1504,20 @@ def test_generic_usage_errors_exit_2_naming_the_option(args, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, status", [
+    (["--bogus", "--", "true"], 2),
+    (["--listen", "http://x:1", "--", "true"], 2),
+    (["config.yaml"], 2),
+    (["--version"], 0),
+])
+def test_usage_errors_exit_2_even_with_stdout_and_stderr_closed(args, status):
+    # CPython leaves sys.stderr None when fd 2 is closed at start-up; writing the
+    # usage must not turn the exit status into 0 (an exception inside atexit) or 1.
+    result = subprocess.run([sys.executable, LOADER, *args], env=base_env(), stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: (os.close(1), os.close(2)), timeout=TIMEOUT, check=False)
+    assert result.returncode == status
 
 
 def test_missing_agent_is_critical_and_exits_1_before_binding(tmp_path):
@@ -1466,10 +1558,18 @@ def test_broken_agent_binary_exits_1_naming_it(tmp_path, kind, message):
     (b"echo no interpreter line\n", r"is neither a binary nor a script starting with '#!' \(execve would fail "
                                     r"with ENOEXEC\)"),
     (b"#!\n", r"starts with '#!' but names no interpreter"),
+    (b"#!\0/bin/sh\n", r"starts with '#!' but names no interpreter"),  # the name ends at the NUL
+    # The interpreter is a script itself, and the kernel would refuse that one.
+    (b"#!{inner}\n", r"starts with '#!\S+/inner', which starts with '#!/nonexistent/sh', and that interpreter "
+                     r"is missing"),
+    (b"#!" + b"/x" * 200 + b"\n", r"starts with '#!(/x){127}', and that interpreter is missing"),  # 256 bytes read
 ])
 def test_agent_the_kernel_would_refuse_is_refused_before_binding(tmp_path, head, message):
+    inner = tmp_path / "inner"
+    inner.write_bytes(b"#!/nonexistent/sh\n")
+    inner.chmod(0o755)
     agent = tmp_path / "agent"
-    agent.write_bytes(head)
+    agent.write_bytes(head.replace(b"{inner}", bytes(inner)))
     agent.chmod(0o755)
     port = free_port()
     result = run_loader([write_config(tmp_path, port=port), str(agent)])
@@ -1478,11 +1578,15 @@ def test_agent_the_kernel_would_refuse_is_refused_before_binding(tmp_path, head,
     assert "Listening" not in result.stderr
 
 
-def test_a_tab_separated_shebang_is_read_like_the_kernel(procs, tmp_path):
+@pytest.mark.parametrize("line", ["#!\t/bin/sh\t-e", "#!/bin/sh\0 ignored by the kernel", "#!{wrapper}"])
+def test_a_shebang_is_read_like_the_kernel(procs, tmp_path, line):
+    # Tab-separated, cut at a NUL, or through an interpreter that is a script itself: all run.
     report = tmp_path / "report.json"
+    wrapper = tmp_path / "wrapper"
+    wrapper.write_text('#!/bin/sh\nexec /bin/sh "$@"\n')
+    wrapper.chmod(0o755)
     agent = tmp_path / "agent"
-    agent.write_text("#!\t%s\t-u\nimport runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], "
-                     "run_name='__main__')\n" % sys.executable)
+    agent.write_text(line.format(wrapper=wrapper) + '\nexec "%s" "$@"\n' % sys.executable)
     agent.chmod(0o755)
     port = free_port()
     proc = start_drop_in(procs, write_config(tmp_path, port=port), report, agent=[str(agent), AGENT, "--report",
@@ -1662,23 +1766,6 @@ def test_generic_probe_check_hands_the_client_over_as_connection(procs, tmp_path
     assert (data["listen_fds"], data["listen_fdnames"], data["fds"]) == ("2", "unknown:connection", [0, 1, 2, 3, 4])
 
 
-def launch_with_fds(socks: list[socket.socket], names: str | None, argv: list[str]) -> list[str]:
-    """A launcher that puts `socks` on fds 3, 4, ... and sets LISTEN_* for the pid it execs as."""
-    fds = [s.fileno() for s in socks]
-    code = (
-        "import os, sys\n"
-        "fds = %r\n"
-        "import fcntl\n"
-        "copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds)) for fd in fds]\n"
-        "for fd in fds: os.set_inheritable(fd, False)\n"
-        "for i, c in enumerate(copies): os.dup2(c, 3 + i); os.close(c)\n"
-        "os.environ['LISTEN_FDS'] = str(len(fds)); os.environ['LISTEN_PID'] = str(os.getpid())\n"
-        "%s"
-        "os.execv(sys.argv[1], sys.argv[1:])\n"
-    ) % (fds, "os.environ['LISTEN_FDNAMES'] = %r\n" % names if names is not None else "")
-    return [sys.executable, "-c", code] + argv
-
-
 def test_inherited_sockets_are_reordered_without_clobbering(procs, sockets, tmp_path):
     report = tmp_path / "report.json"
     tcp = sockets.tcp_listener()
@@ -1781,17 +1868,6 @@ def test_under_systemd_socket_activate(procs, tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def signal_dispositions(**dispositions: object):
-    """preexec_fn: start the loader with these dispositions, whatever ours are.
-
-    A shell's background job, for one, starts with SIGINT ignored.
-    """
-    def apply() -> None:
-        for name, handler in dispositions.items():
-            signal.signal(getattr(signal, name), handler)  # type: ignore[arg-type]
-    return apply
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_while_waiting_ends_the_loader_as_killed_by_it(procs, tmp_path, signum):
     report = tmp_path / "report.json"
@@ -1820,6 +1896,18 @@ def test_a_signal_ignored_by_the_parent_stays_ignored(procs, tmp_path):
 _STRAY_SIGNALS = [getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGIO", "SIGPWR",
                                                     "SIGVTALRM", "SIGPROF", "SIGXCPU") if hasattr(signal, name)]
 _STRAY_SIGNALS += [signal.SIGRTMIN, signal.SIGRTMAX] if hasattr(signal, "SIGRTMIN") else []
+
+
+def test_sigterm_ends_the_wait_even_when_the_parent_ignored_it(procs, tmp_path):
+    # Only SIGINT and SIGHUP keep an ignored disposition (nohup, a background job), as the Go runtime
+    # does: SIGTERM is how a service manager or a container runtime stops the loader.
+    report = tmp_path / "report.json"
+    ignore = signal_dispositions(SIGTERM=signal.SIG_IGN)
+    proc = start_drop_in(procs, write_config(tmp_path, port=free_port()), report, preexec_fn=ignore)
+    proc.wait_for("Polling")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait_exit() == -signal.SIGTERM
+    assert not report.exists()
 
 
 def test_stray_signals_are_ignored_while_waiting_and_the_agent_gets_defaults(procs, tmp_path):
@@ -1959,6 +2047,42 @@ def test_a_100_kb_value_is_cut_and_no_line_exceeds_2048_bytes(procs, tmp_path):
     assert max(len(line.encode()) + 1 for line in lines) <= 2048
     assert re.search(r"cannot resolve bind host 'h{64}'\.\.\. \(100000 characters\)", proc.text())
     assert re.search(r"Cannot open log file '/nonexistent/l{287}'\.\.\. \(100013 characters\)", proc.text())
+
+
+def test_a_long_program_name_is_cut_whole_in_the_log(procs, tmp_path):
+    program = tmp_path / ("x" * 100)
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0"], [str(program)])
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    connect(port).close()
+    assert proc.wait_exit() == 0
+    assert re.search(r"INFO .* Starting x{64}\.\.\. \(100 characters\)\.\.\.$", proc.text(), re.M), proc.text()
+
+
+def test_a_long_config_path_is_cut_in_the_line_that_names_it(procs, tmp_path):
+    directory = tmp_path / ("d" * 200) / ("e" * 200)
+    directory.mkdir(parents=True)
+    config = directory / "datadog.yaml"
+    config.write_text("apm_config:\n  receiver_port: eighty\n")
+    proc, _ = fails_open(procs, tmp_path, str(config))
+    line = one_warning(proc, r"Failed to load the configuration")
+    assert re.search(r"'/[^']{299}'\.\.\. \(%d characters\):2: apm_config\.receiver_port: 'eighty' is not an "
+                     r"integer" % len(str(config)), line), line
+
+
+def test_a_5000_digit_listen_fds_fails_open_naming_it(procs, tmp_path):
+    # CPython's int() refuses more than 4300 digits: checked by length first, never an internal error.
+    launcher = ("import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); os.environ['LISTEN_FDS'] = '9' * 5000;"
+                "os.execv(sys.argv[1], sys.argv[1:])")
+    program = ["/bin/sh", "-c", "echo started as $$ >&2"]  # failing open, LISTEN_* stay for this pid
+    proc = procs([sys.executable, "-c", launcher, sys.executable, LOADER, "--listen", "systemd:", "--"] + program,
+                 base_env())
+    proc.wait_for("started as %d" % proc.pid)
+    proc.wait_for(r"WARN .* Failed to get listeners for \S+: LISTEN_FDS is '9{64}'\.\.\. \(5000 characters\); "
+                  r"expected a count of sockets")
+    assert "Internal error" not in proc.text()
 
 
 def test_trace_level_masks_secrets(procs, tmp_path):
@@ -2219,28 +2343,55 @@ def test_closed_standard_fd_never_receives_a_socket(procs, tmp_path, closed):
 
 
 @needs_proc
-@pytest.mark.parametrize("limit", [5, 6])
-def test_emfile_in_the_generic_hand_off_fails_open_cleanly(procs, tmp_path, limit):
+def test_a_hand_off_already_in_place_needs_no_spare_fd(procs, tmp_path):
     import resource
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     report = tmp_path / "report.json"
-    # 0-2, the listener (3), the held client (4): copying both above the
-    # systemd range needs two more fds than the limit leaves.
+    # 0-2, the listener (3), the held client (4): exactly where the systemd
+    # protocol wants them, so a soft limit of 6 is enough (the one spare fd
+    # is for the dynamic loader of the program's shell, which then lifts the
+    # limit, as a Go program does); copying them first would need two.
+    agent = ["/bin/sh", "-c", 'ulimit -S -n 1024 && exec "$0" "$@"'] + systemd_agent(report)
     proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--held-client", "fd",
-                                 "--log-level", "debug"], systemd_agent(report),
-                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard)))
+                                 "--log-level", "debug"], agent,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (6, hard)))
     port = bound_port(proc)
     proc.wait_for("Polling")
     with connect(port) as c:
+        assert answer_json(http_request(c))["via"] == "held-client"
+    data = read_report(report)
+    assert data["fds"] == [0, 1, 2, 3, 4] and data["listen_fdnames"] == "unknown:connection"
+    assert "WARN" not in proc.text()
+
+
+@needs_proc
+@pytest.mark.parametrize("limit", [6, 7])
+def test_emfile_in_the_generic_hand_off_fails_open_cleanly(procs, sockets, tmp_path, limit):
+    report = tmp_path / "report.json"
+    first, second = sockets.tcp_listener(), sockets.tcp_listener()
+    # Inherited as fd 3 = "a" and fd 4 = "b", asked for as b, a; the probe
+    # check holds a client of b on fd 5. Swapping 3 and 4 needs two spare fds
+    # above 5: a limit of 6 leaves none, 7 leaves one, and the hand-off fails
+    # open either way. The program gets what systemd gave (its LISTEN_* and
+    # fds 3 and 4, blocking as they came, though the wait made b non-blocking).
+    loader = ["/bin/sh", "-c", 'ulimit -S -n %d && exec "$@"' % limit, "sh", sys.executable, "-I", "-S",
+              LOADER, "--listen", "systemd:b", "--listen", "systemd:a", "--handle-tcp-probe", "--held-client", "fd",
+              "--log-level", "debug", "--", "/bin/sh", "-c", 'ulimit -S -n 1024 && exec "$0" "$@"']
+    proc = procs(launch_with_fds([first, second], "a:b", loader + systemd_agent(report)), base_env(),
+                 pass_fds=(first.fileno(), second.fileno()))
+    proc.wait_for("Polling")
+    with connect(second.getsockname()[1]) as c:
         c.sendall(b"POST / HTTP/1.0\r\n\r\n")
-        proc.wait_for(r"WARN .* Failed to hand the sockets over to \S+: cannot copy the sockets into place: "
-                      r"(Too many open files \(EMFILE\)|Invalid argument \(EINVAL\))")
+        # F_DUPFD at or past the limit is EINVAL; below it, with no fd left, EMFILE.
+        proc.wait_for(r"WARN .* Failed to hand the sockets over to sh: cannot copy the sockets into place: "
+                      r"(Invalid argument \(EINVAL\)|Too many open files \(EMFILE\))")
         c.settimeout(TIMEOUT)
         with pytest.raises(ConnectionResetError):
             c.recv(1)  # a reset, never a hang
     data = read_report(report)
-    assert data["fds"] == [0, 1, 2] and data["listen_fds"] is None  # the program, none of our fds
+    assert data["fds"] == [0, 1, 2, 3, 4] and data["listen_fdnames"] == "a:b"
+    assert data["blocking"] == {"a@3": True, "b@4": True}
     assert "Internal error" not in proc.text()
 
 
@@ -2289,7 +2440,74 @@ def test_adopt_serves_the_held_client_first(sockets):
         assert first.recv(1) == b"1" and second.recv(1) == b"2"
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "999999"])
+# A server written in Python, adopting with the one call whichever protocol handed its sockets over.
+ADOPTING_AGENT = """\
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import trace_loader as tl
+
+with tl.adopt() as handoff:
+    held = handoff.client is not None
+    with open(sys.argv[2] + ".tmp", "w") as f:
+        json.dump({"pid": os.getpid(), "listeners": sorted(handoff.listeners), "held": held}, f)
+    os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+    for _ in range(2):
+        conn, peer = handoff.accept()
+        with conn:
+            request = conn.recv(65536)
+            body = json.dumps({"pid": os.getpid(), "line": request.split(b"\\r\\n")[0].decode(),
+                               "peer": peer is not None}).encode()
+            conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(body), body))
+"""
+
+
+def adopting_agent(tmp_path, report) -> list[str]:
+    script = tmp_path / "adopting_agent.py"
+    script.write_text(ADOPTING_AGENT)
+    return [sys.executable, str(script), os.path.dirname(LOADER), str(report)]
+
+
+def get(port: int, path: str) -> dict:
+    with connect(port) as c:
+        c.sendall(b"GET %s HTTP/1.0\r\n\r\n" % path.encode())
+        return answer_json(read_answer(c))
+
+
+@pytest.mark.parametrize("front_door, held, listeners", [
+    ("drop-in", True, ["DD_APM_NET_RECEIVER_FD"]),
+    ("systemd fd", True, ["unknown"]),
+    ("systemd relay", False, ["unknown"]),
+])
+def test_adopt_reads_both_protocols_from_a_real_hand_off(procs, tmp_path, front_door, held, listeners):
+    report = tmp_path / "report.json"
+    if front_door == "drop-in":
+        port = free_port()
+        proc = start_drop_in(procs, write_config(tmp_path, port=port), report,
+                             agent=adopting_agent(tmp_path, report))
+    else:
+        proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--held-client",
+                                     front_door.split()[1], "--log-level", "debug"], adopting_agent(tmp_path, report))
+        port = bound_port(proc)
+    proc.wait_for("Polling")
+    first = get(port, "/first")  # the held client: served first (by adopt()'s accept(), or through the relay)
+    second = get(port, "/second")  # then the listener
+    assert (first["pid"], second["pid"]) == (proc.pid, proc.pid)
+    assert (first["line"], second["line"]) == ("GET /first HTTP/1.0", "GET /second HTTP/1.0")
+    assert first["peer"] and second["peer"]
+    assert read_report(report) == {"pid": proc.pid, "listeners": listeners, "held": held}
+
+
+def test_handoff_closes_what_it_holds(sockets):
+    listener = sockets.tcp_listener()
+    client = sockets.connect(listener.getsockname()[1])
+    with tl.Handoff({"x": listener}, client, client_listener="x") as handoff:
+        assert handoff.accept()[0] is client
+    assert listener.fileno() == -1 and client.fileno() != -1  # the client was handed out: the caller's now
+    with pytest.raises(tl.LoaderError, match="no listener named 'y'"):
+        tl.Handoff({"x": sockets.tcp_listener()}, None).accept(name="y")
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "999999", pytest.param("9" * 5000, id="5000-digits")])
 def test_adopt_rejects_garbage(value):
     with pytest.raises(tl.LoaderError, match="DD_APM_NET_RECEIVER_FD"):
         tl.adopt(environ={"DD_APM_NET_RECEIVER_FD": value})

@@ -51,9 +51,7 @@ __all__ = [
     "OTLP_FD_VAR",
     "RECEIVER_FD_VAR",
     "UNIX_FD_VAR",
-    "ConfigError",
     "Handoff",
-    "ListenerError",
     "LoaderError",
     "adopt",
     "main",
@@ -69,7 +67,7 @@ class LoaderError(Exception):
     """Root of every error the loader raises on purpose."""
 
 
-class ConfigError(LoaderError):
+class _ConfigError(LoaderError):
     """The configuration (file or environment) holds something unusable.
 
     Carries where it was found, so the one log line can name it.
@@ -82,12 +80,12 @@ class ConfigError(LoaderError):
         self.source = source
         self.line = line
         self.key = key
-        where = source + (":%d" % line if line else "")
+        where = _path_shown(source) + (":%d" % line if line else "") if source else ""
         parts = [p for p in (where, key, message) if p]
         super().__init__(": ".join(parts))
 
 
-class ListenerError(LoaderError):
+class _ListenerError(LoaderError):
     """A socket could not be set up as asked."""
 
 
@@ -100,6 +98,8 @@ _DROP_IN_FD_VARS = (RECEIVER_FD_VAR, UNIX_FD_VAR, OTLP_FD_VAR, CLIENT_FD_VAR)
 
 # systemd's sd_listen_fds(3) protocol: the first passed fd is always 3.
 _SD_LISTEN_FDS_START = 3
+_MAX_LISTEN_FDS = 4096  # more inherited sockets than any real unit passes: garbage
+_MAX_FD = 2**31 - 1  # an fd is a C int
 _SYSTEMD_VARS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_PIDFDID")
 
 
@@ -221,6 +221,12 @@ def _quoted(value: str, limit: int = 64) -> str:
     return repr(value)
 
 
+def _escaped(value: str, limit: int = 64) -> str:
+    """`value` escaped as _quoted does, without the quotes: for a phrase that quotes or labels it itself."""
+    text = repr(value[:limit])[1:-1]
+    return text + "... (%d characters)" % len(value) if len(value) > limit else text
+
+
 def _path_shown(path: str) -> str:
     """A path (or address) from outside: as it is when plainly printable and short, else escaped and cut."""
     return _printable(path, _PATH_SHOWN_MAX)
@@ -301,8 +307,8 @@ class _YamlReader:
         self.skip_dashes_at: int | None = None  # also "- " items at this indent
         self.scalar_at: tuple[int, str] | None = None  # last wanted scalar's key
 
-    def error(self, lineno: int, message: str, key: str = "") -> ConfigError:
-        return ConfigError(message, source=self.source, line=lineno, key=key)
+    def error(self, lineno: int, message: str, key: str = "") -> _ConfigError:
+        return _ConfigError(message, source=self.source, line=lineno, key=key)
 
     def read(self) -> dict[str, _Node]:
         started = False
@@ -580,13 +586,13 @@ def _read_config_file(path: str) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except (OSError, ValueError) as exc:
-        raise ConfigError("cannot open: %s" % _oserror_text(exc), source=path) from None
+        raise _ConfigError("cannot open: %s" % _oserror_text(exc), source=path) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ConfigError("is not a regular file (%s)" % _file_kind(info.st_mode), source=path)
+            raise _ConfigError("is not a regular file (%s)" % _file_kind(info.st_mode), source=path)
         if info.st_size > _MAX_CONFIG_BYTES:
-            raise ConfigError(
+            raise _ConfigError(
                 "is %d bytes; this loader reads at most %d" % (info.st_size, _MAX_CONFIG_BYTES), source=path
             )
         chunks: list[bytes] = []
@@ -598,9 +604,9 @@ def _read_config_file(path: str) -> str:
             chunks.append(chunk)
             size += len(chunk)
         if size > _MAX_CONFIG_BYTES:
-            raise ConfigError("grew past %d bytes while being read" % _MAX_CONFIG_BYTES, source=path)
+            raise _ConfigError("grew past %d bytes while being read" % _MAX_CONFIG_BYTES, source=path)
     except OSError as exc:
-        raise ConfigError("cannot read: %s" % _oserror_text(exc), source=path) from None
+        raise _ConfigError("cannot read: %s" % _oserror_text(exc), source=path) from None
     finally:
         os.close(fd)
     return _decode_config(b"".join(chunks), path)
@@ -620,7 +626,7 @@ def _decode_config(data: bytes, source: str) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError("invalid UTF-8 (byte %d)" % exc.start, source=source, line=line) from None
+        raise _ConfigError("invalid UTF-8 (byte %d)" % exc.start, source=source, line=line) from None
     if text.startswith("\ufeff"):
         text = text[1:]  # a UTF-8 byte order mark, as some editors write
     return text.replace("\r\n", "\n").replace("\r", "\n")
@@ -706,7 +712,7 @@ class _Config:
             if parent is None or parent.kind == _NULL:
                 return False
             if parent.kind != _MAPPING:
-                raise ConfigError(
+                raise _ConfigError(
                     "holds %s where a mapping is expected (looking for %s)" % (_describe_node(parent), key),
                     source=self.source, line=parent.line, key=".".join(parts[:depth]),
                 )
@@ -734,12 +740,12 @@ class _Config:
             return node.text.lower() == "true"
         if node.kind == _PLAIN and node.text.lower() in _YAML11_BOOLS:
             self.log.warn("%s:%d: %s: %s is read as a boolean (YAML 1.1); write true or false",
-                          self.source, node.line, key, _quoted(node.text))
+                          _path_shown(self.source), node.line, key, _quoted(node.text))
             return _YAML11_BOOLS[node.text.lower()]
         try:
             return _go_bool(node.text, key)
-        except ConfigError as exc:
-            raise ConfigError(exc.message, source=self.source, line=node.line, key=key) from None
+        except _ConfigError as exc:
+            raise _ConfigError(exc.message, source=self.source, line=node.line, key=key) from None
 
     def integer(self, key: str, default: int) -> int:
         found = self.from_env(key)
@@ -750,8 +756,8 @@ class _Config:
             return default
         try:
             return _go_int(node.text, key)
-        except ConfigError as exc:
-            raise ConfigError(exc.message, source=self.source, line=node.line, key=key) from None
+        except _ConfigError as exc:
+            raise _ConfigError(exc.message, source=self.source, line=node.line, key=key) from None
 
     def string(self, key: str, default: str) -> str:
         found = self.from_env(key)
@@ -760,13 +766,13 @@ class _Config:
         node = self.scalar(key)
         return default if node is None else node.text
 
-    def error(self, key: str, message: str) -> ConfigError:
+    def error(self, key: str, message: str) -> _ConfigError:
         """An error about the value `key` has now, naming where that value was found."""
         found = self.from_env(key)
         if found is not None:
-            return ConfigError(message, key=found[0])
+            return _ConfigError(message, key=found[0])
         node = self.from_file(key)
-        return ConfigError(message, source=self.source, line=node.line if node else 0, key=key)
+        return _ConfigError(message, source=self.source, line=node.line if node else 0, key=key)
 
     def in_range(self, key: str, default: int, low: int, high: int) -> int:
         """An integer from `low` to `high` (milliseconds), or an error naming key and value."""
@@ -776,15 +782,16 @@ class _Config:
         return value
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        """One of `choices` (lower case), in any case: `Relay` reads as `relay`, as log levels do."""
         text = self.string(key, default)
-        if text not in choices:
+        if text.lower() not in choices:
             raise self.error(key, "%s is not one of %s" % (_quoted(text), ", ".join(choices)))
-        return text
+        return text.lower()
 
     def scalar(self, key: str) -> _Node | None:
         node = self.from_file(key)
         if node is not None and not node.is_scalar:
-            raise ConfigError(
+            raise _ConfigError(
                 "holds %s; expected a single value" % _describe_node(node), source=self.source, line=node.line, key=key
             )
         return node
@@ -802,16 +809,16 @@ def _go_bool(text: str, name: str) -> bool:
         return True
     if text in _GO_FALSE:
         return False
-    raise ConfigError("%s is not a boolean (use true or false)" % _quoted(text), key=name)
+    raise _ConfigError("%s is not a boolean (use true or false)" % _quoted(text), key=name)
 
 
 def _go_int(text: str, name: str) -> int:
     """strconv.ParseInt(strings.TrimSpace(s), 0, 64), exactly: 8126, 0x1fbe, 0o17, 017, 0b1, 1_000."""
     value = _parse_go_int(text.strip(_GO_SPACE))
     if value is None:
-        raise ConfigError("%s is not an integer" % _quoted(text), key=name)
+        raise _ConfigError("%s is not an integer" % _quoted(text), key=name)
     if not -_INT64 <= value < _INT64:
-        raise ConfigError("%s is out of range for a 64-bit integer" % _quoted(text), key=name)
+        raise _ConfigError("%s is out of range for a 64-bit integer" % _quoted(text), key=name)
     return value
 
 
@@ -860,6 +867,21 @@ def _go_underscores_ok(body: str) -> bool:
     return previous != "_"
 
 
+def _decimal(text: str, high: int) -> int | None:
+    """Plain ASCII digits naming a number from 0 to `high`, else None.
+
+    The length is checked before int(): CPython refuses to convert more than
+    4300 digits (ValueError), and so many digits are garbage here anyway.
+    """
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(high)):
+        return None
+    value = int(digits)
+    return value if value <= high else None
+
+
 class _DropInSettings:
     """Everything the drop-in front door needs from the configuration."""
 
@@ -890,14 +912,14 @@ class _DropInSettings:
         for key, port in (("apm_config.receiver_port", self.receiver_port),
                           ("otlp_config.traces.internal_port", self.otlp_port)):
             if port > 65535 or (key.startswith("otlp") and self.otlp_enabled and port <= 0):
-                raise ConfigError("port %d is out of range (1-65535)" % port, key=key)
+                raise _ConfigError("port %d is out of range (1-65535)" % port, key=key)
 
 
 def _log_level(text: str) -> str:
     level = text.strip().lower()
     level = _LEVEL_ALIASES.get(level, level)
     if level not in _LEVELS:
-        raise ConfigError(
+        raise _ConfigError(
             "%s is not a log level (trace, debug, info, warn, error, critical, off)" % _quoted(text), key="log_level"
         )
     return level
@@ -997,7 +1019,7 @@ def _tcp_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[obje
     try:
         infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
-        raise ListenerError("cannot resolve bind host %s: %s" % (_quoted(host), exc)) from None
+        raise _ListenerError("cannot resolve bind host %s: %s" % (_quoted(host), exc)) from None
     # Go's Listen takes a name's first IPv4 address, else its first address;
     # tracers connect to 127.0.0.1 when told "localhost".
     ipv4 = [info for info in infos if info[0] == socket.AF_INET]
@@ -1032,7 +1054,7 @@ def _open_tcp_listener(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         where = _printable(_join_host_port(host, port))
-        raise ListenerError("cannot listen on %s: %s" % (where, _oserror_text(exc))) from None
+        raise _ListenerError("cannot listen on %s: %s" % (where, _oserror_text(exc))) from None
     return sock
 
 
@@ -1048,12 +1070,12 @@ _SUN_PATH_MAX = (108 if sys.platform.startswith("linux") else 104) - 1
 def _validate_unix_path(path: str) -> None:
     if not os.path.isabs(path):
         # A relative path would depend on the directory we were started in.
-        raise ListenerError("unix socket path %s is not absolute" % _quoted(path))
+        raise _ListenerError("unix socket path %s is not absolute" % _quoted(path))
     encoded = os.fsencode(path)
     if b"\0" in encoded:
-        raise ListenerError("unix socket path %s contains a NUL byte" % _quoted(path))
+        raise _ListenerError("unix socket path %s contains a NUL byte" % _quoted(path))
     if len(encoded) > _SUN_PATH_MAX:
-        raise ListenerError(
+        raise _ListenerError(
             "unix socket path is %d bytes, longer than the %d the kernel allows (sun_path): %s"
             % (len(encoded), _SUN_PATH_MAX, _path_shown(path))
         )
@@ -1066,21 +1088,21 @@ def _clear_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise ListenerError("cannot inspect %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
+        raise _ListenerError("cannot inspect %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
     if stat.S_ISLNK(info.st_mode):
-        raise ListenerError("%s is a symbolic link; refusing to replace it" % _path_shown(path))
+        raise _ListenerError("%s is a symbolic link; refusing to replace it" % _path_shown(path))
     if not stat.S_ISSOCK(info.st_mode):
-        raise ListenerError(
+        raise _ListenerError(
             "%s exists and is %s, not a socket; refusing to remove it" % (_path_shown(path), _file_kind(info.st_mode))
         )
     if _unix_socket_is_served(path):
-        raise ListenerError("%s is served by a live process; refusing to take it over" % _path_shown(path))
+        raise _ListenerError("%s is served by a live process; refusing to take it over" % _path_shown(path))
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass  # gone between lstat and unlink: the room we wanted
     except OSError as exc:
-        raise ListenerError("cannot remove stale socket %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
+        raise _ListenerError("cannot remove stale socket %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
 
 
 def _unix_socket_is_served(path: str) -> bool:
@@ -1097,7 +1119,7 @@ def _unix_socket_is_served(path: str) -> bool:
         except BlockingIOError:
             return True
         except OSError as exc:
-            raise ListenerError(
+            raise _ListenerError(
                 "cannot tell whether %s is in use: %s" % (_path_shown(path), _oserror_text(exc))) from None
     return True
 
@@ -1122,7 +1144,7 @@ def _open_unix_listener(path: str, mode: int, log: _Log) -> socket.socket | None
         sock.listen(_listen_backlog())
     except OSError as exc:
         sock.close()
-        raise ListenerError("cannot listen on unix socket %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
+        raise _ListenerError("cannot listen on unix socket %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
     finally:
         os.umask(old_umask)
     return sock
@@ -1134,7 +1156,7 @@ def _adopt_inherited_socket(fd: int) -> socket.socket:
         # socket.fromfd would dup it and leave the original behind.
         sock = socket.socket(fileno=fd)
     except OSError as exc:
-        raise ListenerError("inherited fd %d is not a usable socket: %s" % (fd, _oserror_text(exc))) from None
+        raise _ListenerError("inherited fd %d is not a usable socket: %s" % (fd, _oserror_text(exc))) from None
     return sock
 
 
@@ -1151,7 +1173,7 @@ def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
             if listener.spec.kind != _INHERITED:  # systemd's fds stay for the fail-open exec
                 listener.sock.close()
         if isinstance(exc, OSError):
-            raise ListenerError(_oserror_text(exc)) from None
+            raise _ListenerError(_oserror_text(exc)) from None
         raise
     return opened
 
@@ -1236,13 +1258,7 @@ class _HeldClient:
         return _peer_text(self.address)
 
     def reset(self) -> None:
-        """Close with an RST: the peer sees a reset at once, never a hang."""
-        try:
-            # SO_LINGER on, 0 s: close() discards and resets instead of a FIN.
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass  # already reset by the peer: a plain close is all there is left to do
-        self.sock.close()
+        _close_with_reset(self.sock)
 
 
 class _Wake:
@@ -1254,6 +1270,20 @@ class _Wake:
         self.reason = reason
         self.client = client
         self.probes = probes
+
+
+def _close_with_reset(sock: socket.socket) -> None:
+    """Close with an RST: the peer sees a reset at once, never a hang.
+
+    Only for a socket no other process holds: SO_LINGER belongs to the
+    socket, not to our fd, so it would reset another holder's close too.
+    """
+    try:
+        # SO_LINGER on, 0 s: close() discards and resets instead of a FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass  # already reset by the peer: a plain close is all there is left to do
+    sock.close()
 
 
 def _peer_text(address: object) -> str:
@@ -1297,9 +1327,11 @@ class _Waiter:
         self.poller = select.poll()
         for listener in listeners:
             self.poller.register(listener.fd, select.POLLIN)
+        # Non-blocking for the wait only: a client that vanishes between poll()
+        # and accept() must not block us. wake() restores it: a socket we
+        # inherited reaches the program as it came, even when we fail open.
+        self.probe_was_blocking = probe is not None and os.get_blocking(probe.fd)
         if probe is not None:
-            # Non-blocking for the wait only: a client that vanishes between
-            # poll() and accept() must not block us. Restored before exec.
             probe.sock.setblocking(False)
         self.state = _IDLE
         self.held: _HeldClient | None = None
@@ -1369,6 +1401,9 @@ class _Waiter:
         return max(0, int((self.deadline - time.monotonic()) * 1000 + 0.999))
 
     def wake(self, reason: str) -> _Wake:
+        """The end of the wait: the probe listener as it was before, and why we wake."""
+        if self.probe is not None:
+            self.probe.sock.setblocking(self.probe_was_blocking)
         return _Wake(reason, self.held, self.probes)
 
     def on_events(self, ready: dict[int, int]) -> str:
@@ -1541,28 +1576,35 @@ class _SystemdProtocol(_HandoffProtocol):
 def _move_fds_to(sources: list[int], start: int, log: _Log) -> list[int]:
     """dup2 each source fd to start, start+1, ... without clobbering another.
 
-    First every source is copied above the target range; only then, when
-    nothing can fail any more (dup2 allocates no fd), each copy is dup2'ed
-    into place. A failure while copying (EMFILE) closes the copies and
-    leaves every fd as it was, so the caller can still fail open cleanly.
+    A source already in its place stays there, and one above the range is
+    dup2'ed straight into it: neither needs a spare fd, which matters at a
+    low RLIMIT_NOFILE. Only a source inside the range but out of place could
+    be overwritten before its turn; those are copied above the range first,
+    and only then, when nothing can fail any more (dup2 allocates no fd),
+    everything is put into place. A failure while copying (EMFILE) closes
+    the copies and leaves every fd as it was, so the caller can still fail
+    open cleanly.
     """
     end = start + len(sources)
-    copies: list[int] = []
+    targets = list(range(start, end))
+    copies: dict[int, int] = {}
     try:
         if 0 <= log.file_fd < end:  # keep the log fd out of the range we fill
             log.file_fd = _dup_at_or_above(log.file_fd, end, close_original=True)
-        for fd in sources:
-            copies.append(_dup_at_or_above(fd, end))
+        for fd, target in zip(sources, targets):
+            if fd != target and start <= fd < end:
+                copies[fd] = _dup_at_or_above(fd, end)
     except OSError as exc:
-        for copy in copies:
+        for copy in copies.values():
             os.close(copy)
         raise _HandoffError("cannot copy the sockets into place: %s" % _oserror_text(exc)) from None
     for fd in sources:
         if fd >= end:
             os.set_inheritable(fd, False)  # the original stays behind, closed by execve
-    targets = list(range(start, end))
-    for copy, target in zip(copies, targets):
-        os.dup2(copy, target, inheritable=True)
+    for fd, target in zip(sources, targets):
+        if fd != target:
+            os.dup2(copies.get(fd, fd), target, inheritable=True)
+    for copy in copies.values():
         os.close(copy)
     return targets
 
@@ -1633,7 +1675,6 @@ def _close_on_exec_if_open(fd: int) -> None:
 
 _RELAY_CHUNK = 256 * 1024  # one buffer per direction: memory stays bounded
 _RELAY_TURN_CHUNKS = 16
-_RELAY_CONNECT_TIMEOUT = 2.0  # seconds; a loopback connect to a free backlog is immediate
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # a write to a closed peer is EPIPE, not a signal
 
 
@@ -1647,7 +1688,14 @@ def _relay_target(listener: socket.socket) -> tuple[socket.AddressFamily, tuple[
     return socket.AF_INET, (host, address[1])
 
 
-def _connect_to_own_listener(listener: socket.socket) -> socket.socket:
+def _connect_to_own_listener(listener: socket.socket) -> tuple[socket.socket, str]:
+    """Start a connect to `listener`, without waiting for it: the socket, and where it goes.
+
+    A loopback connect completes at once from a free backlog; from a full
+    one (clients queued before the wake) the kernel drops our SYN and
+    retries it, and it completes once the program accepts. The helper waits
+    for that (_finish_connect), so the loader's exec is never delayed.
+    """
     family, address = _relay_target(listener)
     targets = [(family, address)]
     if family == socket.AF_INET6 and address[0] == "::1":
@@ -1657,23 +1705,20 @@ def _connect_to_own_listener(listener: socket.socket) -> socket.socket:
     error: OSError | None = None
     for target_family, target in targets:
         sock = socket.socket(target_family, socket.SOCK_STREAM)  # close-on-exec (PEP 446)
-        try:
-            sock.settimeout(_RELAY_CONNECT_TIMEOUT)
-            sock.connect(target)
-        except OSError as exc:
-            sock.close()
-            error = exc
-            continue
-        return sock
+        sock.setblocking(False)
+        code = sock.connect_ex(target)  # an immediate failure (no route, refused) shows here
+        if code in (0, errno.EINPROGRESS):
+            return sock, _peer_text(target)
+        sock.close()
+        error = OSError(code, os.strerror(code))
     assert error is not None
     raise error
 
 
 def _start_relay(client: _HeldClient, log: _Log) -> None:
-    """Connect to the program's listener and fork the helper that relays; raise OSError if it cannot."""
-    upstream = _connect_to_own_listener(client.listener.sock)
+    """Start the connect to the program's listener and fork the helper that relays; OSError if it cannot."""
+    upstream, target = _connect_to_own_listener(client.listener.sock)
     try:
-        target = _peer_text(upstream.getpeername())
         helper = _fork_relay_helper(client.sock, upstream)
     finally:
         upstream.close()  # the helper has its own copy; the program must not inherit ours
@@ -1682,7 +1727,13 @@ def _start_relay(client: _HeldClient, log: _Log) -> None:
 
 
 def _fork_relay_helper(client: socket.socket, upstream: socket.socket) -> int:
-    """Double fork: the helper is never a child the program has to wait for. Its pid."""
+    """Double fork: the helper is never a child the program has to wait for. Its pid.
+
+    The helper started if and only if its pid came through the pipe: the
+    middle child writes it as its last act. Its exit status is not asked:
+    with SIGCHLD ignored (by our parent, inherited) the kernel reaps it
+    itself and waitpid() fails with ECHILD, while the helper runs fine.
+    """
     read_end, write_end = os.pipe()  # close-on-exec (PEP 446); carries the helper's pid
     try:
         middle = os.fork()
@@ -1690,13 +1741,16 @@ def _fork_relay_helper(client: socket.socket, upstream: socket.socket) -> int:
             _in_child(lambda: _middle_child(read_end, write_end, client, upstream))
         os.close(write_end)
         write_end = -1
-        _, status = os.waitpid(middle, 0)
-        text = os.read(read_end, 32)
+        text = os.read(read_end, 32)  # EOF once the middle child has exited, pid or not
+        try:
+            os.waitpid(middle, 0)  # no zombie left for the program to inherit
+        except ChildProcessError:
+            pass  # reaped by the kernel already (SIGCHLD ignored)
     finally:
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
-    if not text.isdigit() or os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0:
+    if not text.isdigit():
         raise OSError(errno.ECHILD, "the relay helper did not start")
     return int(text)
 
@@ -1736,7 +1790,30 @@ def _relay_helper(client: socket.socket, upstream: socket.socket) -> None:
         # No MSG_NOSIGNAL (macOS): the one exception to the defaults, or a
         # write to a peer that just left would kill the helper, not fail.
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        _finish_connect(upstream)
+    except OSError:
+        # The program never took the connection (it exited, or the kernel
+        # gave up retrying): the client sees a reset, never a hang.
+        _close_with_reset(client)
+        upstream.close()
+        return
     _relay_bytes(client, upstream)
+
+
+def _finish_connect(upstream: socket.socket) -> None:
+    """Wait for the connect _connect_to_own_listener started; OSError if it failed.
+
+    No timeout of ours: the kernel's SYN retries bound it (about two minutes
+    on Linux), and a program that is slow to start its first accept() is
+    not a reason to lose the client.
+    """
+    poller = select.poll()
+    poller.register(upstream.fileno(), select.POLLOUT)
+    poller.poll()
+    error = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
 
 
 class _Direction:
@@ -1802,12 +1879,9 @@ def _relay_bytes(client: socket.socket, upstream: socket.socket) -> None:
                 direction.pump()
     except OSError:
         # A reset on either side ends both: pass it on as a reset.
-        for sock in (client, upstream):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass  # that side is already reset
-    client.close()
+        _close_with_reset(client)
+        _close_with_reset(upstream)
+    client.close()  # a no-op after a reset
     upstream.close()
 
 
@@ -1820,6 +1894,10 @@ def _relay_bytes(client: socket.socket, upstream: socket.socket) -> None:
 # entrypoint) the kernel drops signals whose action is the default, so there
 # a handler ends the loader with exit status 128+N instead.
 _STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+# Of those, the ones that stay ignored when our parent ignored them (nohup, a
+# shell's background job), as the Go runtime does; SIGTERM, how a service
+# manager or container runtime stops us, always ends the wait.
+_KEPT_IF_IGNORED = ("SIGINT", "SIGHUP")
 # Caught and ignored while waiting, as the Go runtime does. A handler, never
 # SIG_IGN: execve resets handlers to the default, but keeps ignored signals
 # ignored, and the program must start with the defaults.
@@ -1839,10 +1917,12 @@ def _set_waiting_signal_handlers() -> None:
     # CPython turns SIGINT into KeyboardInterrupt: the default action (or the
     # PID 1 handler) ends the loader at once instead, with no traceback and
     # no half-started agent (the signal lands before execve, or the agent
-    # gets it). A signal our parent ignored stays ignored: CPython kept it so.
+    # gets it). SIGINT or SIGHUP our parent ignored stays ignored: CPython
+    # kept it so, and so does the program.
     as_init = os.getpid() == 1
+    kept = _signals_named(_KEPT_IF_IGNORED)
     for signum in _signals_named(_STOP_SIGNALS):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
+        if signum not in kept or signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _exit_as_init if as_init else signal.SIG_DFL)
     for signum in [*_signals_named(_IGNORED_SIGNALS), *_realtime_signals()]:
         try:
@@ -1926,9 +2006,13 @@ def _check_runnable(path: str) -> None:
 _BINARY_MAGICS = (b"\x7fELF", b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe",
                   b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe")
 _BINPRM_BUF_SIZE = 256  # the kernel reads this much of a file to decide how to run it
+# Linux follows a script's interpreter when it is itself a script, a few
+# levels deep (the exact depth varies by version); past this many the check
+# stops judging and lets execve tell.
+_INTERPRETER_DEPTH = 4
 
 
-def _exec_format_problem(path: str) -> str:
+def _exec_format_problem(path: str, depth: int = 0) -> str:
     """Why execve would refuse the file (ENOENT, ENOEXEC), read as the kernel reads it; '' if it would not."""
     try:
         with open(path, "rb") as f:  # close-on-exec (PEP 446), closed at once anyway
@@ -1936,20 +2020,31 @@ def _exec_format_problem(path: str) -> str:
     except OSError:
         return ""  # execute-only files exist; execve will tell
     if head.startswith(b"#!"):
-        # The kernel takes the line up to '\n' only: a '\r' before it is part
-        # of the interpreter's name, which is the first word separated by
-        # spaces or tabs.
-        line = head[2:].split(b"\n", 1)[0].lstrip(b" \t")
-        interpreter = line.replace(b"\t", b" ").split(b" ", 1)[0]
+        interpreter = _script_interpreter(head)
         if not interpreter:
             return "starts with '#!' but names no interpreter"
         name = os.fsdecode(interpreter)
+        shown = _escaped(name, _PATH_SHOWN_MAX)
         if not (os.path.isfile(name) and os.access(name, os.X_OK)):
-            return "starts with '#!%s', and that interpreter is missing or not executable" % _quoted(name)[1:-1]
-        return ""
+            return "starts with '#!%s', and that interpreter is missing or not executable" % shown
+        # The interpreter may be a script itself: the kernel runs it the same way.
+        problem = _exec_format_problem(name, depth + 1) if depth < _INTERPRETER_DEPTH else ""
+        return "starts with '#!%s', which %s" % (shown, problem) if problem else ""
     if head.startswith(_BINARY_MAGICS) or _binfmt_misc_active():
         return ""  # a binary, or a format binfmt_misc may know: execve will tell
     return "is neither a binary nor a script starting with '#!' (execve would fail with ENOEXEC)"
+
+
+def _script_interpreter(head: bytes) -> bytes:
+    """The interpreter a '#!' line names, as Linux's binfmt_script reads it.
+
+    The line ends at '\n' only: a '\r' before it is part of the name. The
+    name is the first word, and ends at a space, a tab or a NUL byte.
+    """
+    line = head[2:].split(b"\n", 1)[0].lstrip(b" \t")
+    for terminator in (b"\0", b"\t", b" "):
+        line = line.split(terminator, 1)[0]
+    return line
 
 
 def _binfmt_misc_active() -> bool:
@@ -2163,7 +2258,7 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
 
 
 def _program_label(name: str) -> str:
-    return _quoted(os.path.basename(name) or name)[1:-1]
+    return _escaped(os.path.basename(name) or name)
 
 
 # ---------------------------------------------------------------------------
@@ -2211,7 +2306,7 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
     launch = _Launch(path, program, dict(environ), "the trace-agent", protocol, inherited_fds=inherited_fds)
     try:
         settings = _load_drop_in_settings(config_path, environ, log)
-    except ConfigError as exc:
+    except _ConfigError as exc:
         log.warn("Failed to load the configuration: %s", exc)
         _exec_directly(launch, log)
     log.configure(level=settings.log_level, console=settings.log_to_console, path=settings.log_file)
@@ -2283,15 +2378,17 @@ def _parse_host_port(text: str, value: str) -> tuple[str, int]:
         if ":" in host:
             raise ValueError("%s: put an IPv6 address in brackets (tcp://[::1]:8080)" % _quoted(value))
     # Port 0 asks the kernel for a free port; the log line names the one it chose.
-    if not port_text.isdigit() or not port_text.isascii() or not 0 <= int(port_text) <= 65535:
+    port = _decimal(port_text, 65535)
+    if port is None:
         raise ValueError("%s: the port must be a number from 0 to 65535" % _quoted(value))
-    return host, int(port_text)
+    return host, port
 
 
 def _milliseconds(text: str, high: int, note: str = "") -> int:
-    if not text.isascii() or not text.isdigit() or int(text) > high:
+    value = _decimal(text, high)
+    if value is None:
         raise ValueError("%s: expected milliseconds from 0 to %d%s" % (_quoted(text), high, note))
-    return int(text)
+    return value
 
 
 def _generic_parser() -> argparse.ArgumentParser:
@@ -2314,6 +2411,14 @@ def _generic_parser() -> argparse.ArgumentParser:
                 raise argparse.ArgumentTypeError(str(exc)) from None
         return convert
 
+    def one_of(names: tuple[str, ...]) -> Callable[[str], str]:
+        # argparse's own `choices` would echo a value of any length in full.
+        def convert(text: str) -> str:
+            if text.lower() not in names:
+                raise argparse.ArgumentTypeError("%s is not one of %s" % (_quoted(text), ", ".join(names)))
+            return text.lower()
+        return convert
+
     parser = argparse.ArgumentParser(
         prog="trace_loader.py",
         usage="%(prog)s [OPTIONS] -- PROGRAM [ARGS...]\n"
@@ -2328,11 +2433,12 @@ def _generic_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", action="append", type=listen, default=[], metavar="[NAME=]ADDRESS",
                         help="tcp://HOST:PORT, tcp://[V6]:PORT, unix:///PATH[?mode=0660], or systemd:[FDNAME] "
                              "to adopt sockets this process inherited from systemd (repeatable; required)")
-    parser.add_argument("--protocol", choices=("systemd", "env"), default="systemd",
+    parser.add_argument("--protocol", type=one_of(("systemd", "env")), default="systemd", metavar="{systemd,env}",
                         help="hand-off: systemd's LISTEN_FDS (default) or one variable per fd (NAME=)")
     parser.add_argument("--handle-tcp-probe", action="store_true",
                         help="absorb TCP probes (connect, then close) on the first TCP listener")
-    parser.add_argument("--held-client", choices=_HELD_CLIENT_WAYS[::-1], default=_HELD_RELAY,
+    parser.add_argument("--held-client", type=one_of(_HELD_CLIENT_WAYS[::-1]), default=_HELD_RELAY,
+                        metavar="{%s}" % ",".join(_HELD_CLIENT_WAYS[::-1]),
                         help="how the first real client reaches PROGRAM: relayed into its listener by a helper "
                              "process (default; any server), or as an inherited fd (a server written for it)")
     parser.add_argument("--client-fd-var", default="", metavar="VAR",
@@ -2344,7 +2450,7 @@ def _generic_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probe-grace-period", type=milliseconds(_MAX_PROBE_GRACE_MS),
                         default=_DEFAULT_PROBE_GRACE_MS, metavar="MS",
                         help="how long a held silent client may delay a second one (default 250, 0: none)")
-    parser.add_argument("--log-level", type=str.lower, default="info", choices=tuple(_LEVELS),
+    parser.add_argument("--log-level", type=one_of(tuple(_LEVELS)), default="info", metavar="LEVEL",
                         help="trace, debug, info, warn, error, critical or off")
     return parser
 
@@ -2374,7 +2480,7 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
     for_us = environ.get("LISTEN_PID", "") == str(os.getpid())
     try:
         specs, unselected = _expand_inherited(args.listen, environ, for_us=for_us)
-    except ListenerError as exc:
+    except _ListenerError as exc:
         fail_open = _Launch(path, program, dict(environ), label, _generic_protocol(args, [], for_us, []),
                             inherited_fds=inherited_fds)
         log.warn("Failed to get listeners for %s: %s", label, exc)
@@ -2433,12 +2539,12 @@ def _check_unique_names(specs: list[_ListenerSpec], protocol: str) -> str:
 def _inherited_fds(environ: Mapping[str, str], *, for_us: bool) -> list[tuple[int, str]]:
     """sd_listen_fds(3): (fd, name) pairs passed to this very process."""
     if not for_us:
-        raise ListenerError("no sockets were passed to this process (LISTEN_PID is %s, our pid is %d)"
+        raise _ListenerError("no sockets were passed to this process (LISTEN_PID is %s, our pid is %d)"
                             % (_quoted(environ.get("LISTEN_PID", "")), os.getpid()))
     count_text = environ.get("LISTEN_FDS", "")
-    if not count_text.isascii() or not count_text.isdigit() or not 0 < int(count_text) <= 4096:
-        raise ListenerError("LISTEN_FDS is %s; expected a count of sockets" % _quoted(count_text))
-    count = int(count_text)
+    count = _decimal(count_text, _MAX_LISTEN_FDS)
+    if not count:
+        raise _ListenerError("LISTEN_FDS is %s; expected a count of sockets" % _quoted(count_text))
     names = environ.get("LISTEN_FDNAMES", "").split(":") if environ.get("LISTEN_FDNAMES") else []
     if len(names) != count:
         names = ["unknown"] * count  # systemd's name when none was set
@@ -2461,11 +2567,11 @@ def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str], *,
             continue
         matches = [(fd, name) for fd, name in inherited if not spec.systemd_name or name == spec.systemd_name]
         if not matches:
-            raise ListenerError("no inherited socket is named %s (LISTEN_FDNAMES: %s)"
+            raise _ListenerError("no inherited socket is named %s (LISTEN_FDNAMES: %s)"
                                 % (_quoted(spec.systemd_name), _quoted(environ.get("LISTEN_FDNAMES", ""))))
         for fd, name in matches:
             expanded.append(_ListenerSpec(spec.handoff_name or name, _INHERITED, fd=fd,
-                                          shown_as="systemd socket %s" % _quoted(name)[1:-1]))
+                                          shown_as="systemd socket %s" % _escaped(name)))
     chosen = {s.fd for s in expanded if s.kind == _INHERITED}
     return expanded, [fd for fd, _ in inherited if fd not in chosen]
 
@@ -2543,7 +2649,10 @@ def adopt(*, environ: Mapping[str, str] | None = None) -> Handoff:
 
 
 def _adopt_systemd(env: Mapping[str, str]) -> Handoff:
-    count = _fd_number("LISTEN_FDS", env.get("LISTEN_FDS", ""))
+    text = env.get("LISTEN_FDS", "")
+    count = _decimal(text, _MAX_LISTEN_FDS)
+    if count is None:
+        raise LoaderError("LISTEN_FDS is %s, not a count of sockets" % _quoted(text))
     names = env.get("LISTEN_FDNAMES", "").split(":")
     if len(names) != count:
         names = ["unknown"] * count  # systemd's name when none was set
@@ -2565,9 +2674,10 @@ def _adopt_systemd(env: Mapping[str, str]) -> Handoff:
 
 
 def _fd_number(var: str, text: str) -> int:
-    if not text.isascii() or not text.isdigit():
+    fd = _decimal(text, _MAX_FD)
+    if fd is None:
         raise LoaderError("%s is %s, not a file descriptor number" % (var, _quoted(text)))
-    return int(text)
+    return fd
 
 
 def _adopt_fd(fd: int, what: str) -> socket.socket:
@@ -2583,10 +2693,12 @@ def _adopt_fd(fd: int, what: str) -> socket.socket:
 
 
 def _ensure_std_fds() -> None:
-    """Open /dev/null on any of fds 0-2 that is closed.
+    """Open /dev/null on any of fds 0-2 that is closed; give sys.stdout and sys.stderr a file again.
 
     Otherwise our first socket would land on 0, 1 or 2, and the program would
-    take a listener for its stdin or stdout.
+    take a listener for its stdin or stdout. CPython leaves sys.stderr None
+    when fd 2 was closed at start-up: a usage error must still exit 2, not
+    fail on writing its message.
     """
     for fd in (0, 1, 2):
         try:
@@ -2596,6 +2708,10 @@ def _ensure_std_fds() -> None:
                 raise
             new = os.open(os.devnull, os.O_RDWR)  # lowest free fd: this one
             os.set_inheritable(new, True)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # lives as long as the process
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")
 
 
 def _split_command_line(args: list[str]) -> tuple[bool, list[str], list[str]]:
@@ -2613,6 +2729,7 @@ def main(argv: list[str] | None = None) -> int:
     Usage errors raise SystemExit(2), as argparse does.
     """
     args = sys.argv[1:] if argv is None else list(argv)
+    _ensure_std_fds()
     if args in (["-h"], ["--help"]):
         _generic_parser().print_help()
         return 0
@@ -2628,7 +2745,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(_USAGE + "trace_loader.py: error: AGENT %s looks like an option; the loader's own "
                          "options come first, before '--'\n" % _quoted(program[0]))
         return 2
-    _ensure_std_fds()
     _set_waiting_signal_handlers()
     log = _Log()
     environ = dict(os.environ)
@@ -2660,6 +2776,14 @@ def _run_as_script() -> None:
         status = main()
     except SystemExit as exc:  # argparse's --help and usage errors
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except KeyboardInterrupt:  # SIGINT before main() gave it its default action
+        status = 128 + signal.SIGINT
+    except Exception as exc:  # noqa: BLE001 -- the script's last guard: one line and a status, no traceback
+        try:
+            os.write(2, ("trace_loader.py: internal error: %s: %s\n" % (type(exc).__name__, exc)).encode())
+        except OSError:
+            pass  # nowhere left to say it
+        status = 1
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
