@@ -1514,7 +1514,7 @@ def test_generic_usage_errors_exit_2_naming_the_option(args, message):
 ])
 def test_usage_errors_exit_2_even_with_stdout_and_stderr_closed(args, status):
     # CPython leaves sys.stderr None when fd 2 is closed at start-up; writing the
-    # usage must not turn the exit status into 0 (an exception inside atexit) or 1.
+    # usage must not turn the exit status into 0 (an exception escaping the deferred main()) or 1.
     result = subprocess.run([sys.executable, LOADER, *args], env=base_env(), stdin=subprocess.DEVNULL,
                             preexec_fn=lambda: (os.close(1), os.close(2)), timeout=TIMEOUT, check=False)
     assert result.returncode == status

@@ -1758,8 +1758,8 @@ def _fork_relay_helper(client: socket.socket, upstream: socket.socket) -> int:
 def _in_child(body: Callable[[], None]) -> NoReturn:
     """Run `body` in a forked child and leave with os._exit, whatever happens.
 
-    A forked child must never return into the loader's code or run its exit
-    handlers: main() itself runs from atexit.
+    A forked child must never return into the loader's code (it would go on
+    to exec the program a second time) nor run the interpreter's shutdown.
     """
     status = 0
     try:
@@ -2133,11 +2133,12 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake,
 # ---------------------------------------------------------------------------
 # Footprint: while it waits, the loader is the whole cost of an idle agent.
 # Before the wait it gives back what it no longer needs, as the Go loader
-# does. Each step was measured (docs/performance.md); all are Linux-only.
+# does. Each step was measured (docs/performance.md); trim and pageout are
+# Linux-only.
 #
 #   defer    run main() only once the script's own module has finished
 #            executing: CPython frees a script's syntax tree (~4 MB for this
-#            file) only then. See _run_as_script at the end of the file.
+#            file) only then. See the end of the file.
 #   trim     malloc_trim(0): hand freed heap pages back to the kernel.
 #   pageout  madvise(MADV_PAGEOUT) on read-only file-backed mappings (the
 #            interpreter's and libraries' code): the kernel may reclaim them;
@@ -2789,17 +2790,28 @@ def _run_as_script() -> None:
             stream.flush()
         except (OSError, ValueError, AttributeError):
             pass  # closed or absent: nothing left to say there
-    os._exit(status)  # we may be inside atexit: end here, without a second shutdown
+    os._exit(status)  # we may be inside sys.excepthook: end here, without the shutdown
+
+
+class _ScriptEnd(Exception):
+    """Raised as the script's last line so that main() runs from sys.excepthook (the "defer" step)."""
+
+
+def _run_from_excepthook(kind: type[BaseException], value: BaseException, traceback: object) -> None:
+    if kind is not _ScriptEnd:
+        sys.__excepthook__(kind, value, traceback)  # type: ignore[arg-type]
+        os._exit(1)
+    _run_as_script()
 
 
 if __name__ == "__main__":
-    # CPython 3.12 refuses os.fork() from atexit (the relay forks): no defer there.
-    if "defer" in _memory_steps(os.environ) and sys.version_info[:2] != (3, 12):
-        # The "defer" footprint step (see Footprint above): CPython frees a
-        # script's syntax tree only after the script's last line has run, so
-        # main() runs from atexit, the first thing after that.
-        import atexit
-
-        atexit.register(_run_as_script)
-    else:
-        _run_as_script()
+    if "defer" in _memory_steps(os.environ):
+        # The "defer" footprint step (see Footprint above). CPython frees a
+        # script's syntax tree (~4 MB for this file) only once the script's
+        # last line has run; an exception that ends the script then reaches
+        # sys.excepthook, still before the interpreter starts shutting down.
+        # So main() runs there, with the tree freed and fork() allowed
+        # (CPython 3.12 refuses it from atexit, the relay forks).
+        sys.excepthook = _run_from_excepthook
+        raise _ScriptEnd
+    _run_as_script()
