@@ -289,6 +289,10 @@ def procs():
         proc.stop()
 
 
+# A program that only says it started, under which pid (a shell's redirection would need fds above 9).
+SAYS_ITS_PID = [sys.executable, "-c", "import os, sys; sys.stderr.write('started as %d\\n' % os.getpid())"]
+
+
 def signal_dispositions(**dispositions: object):
     """preexec_fn: start the loader with these dispositions, whatever ours are.
 
@@ -1512,11 +1516,15 @@ def test_generic_usage_errors_exit_2_naming_the_option(args, message):
     (["config.yaml"], 2),
     (["--version"], 0),
 ])
-def test_usage_errors_exit_2_even_with_stdout_and_stderr_closed(args, status):
-    # CPython leaves sys.stderr None when fd 2 is closed at start-up; writing the
-    # usage must not turn the exit status into 0 (an exception escaping the deferred main()) or 1.
-    result = subprocess.run([sys.executable, LOADER, *args], env=base_env(), stdin=subprocess.DEVNULL,
-                            preexec_fn=lambda: (os.close(1), os.close(2)), timeout=TIMEOUT, check=False)
+@pytest.mark.parametrize("streams", ["closed", "full"])
+def test_usage_errors_exit_2_even_when_stdout_and_stderr_cannot_be_written(args, status, streams):
+    # CPython leaves sys.stderr None when fd 2 is closed at start-up, and /dev/full fails every write
+    # (ENOSPC): writing the usage must not turn the exit status into 0 (an exception escaping the
+    # deferred main()), 1, or a started program (an internal error failing open).
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, LOADER, *args], env=base_env(), stdin=subprocess.DEVNULL,
+                                stdout=full, stderr=full, timeout=TIMEOUT, check=False,
+                                preexec_fn=(lambda: (os.close(1), os.close(2))) if streams == "closed" else None)
     assert result.returncode == status
 
 
@@ -1563,13 +1571,15 @@ def test_broken_agent_binary_exits_1_naming_it(tmp_path, kind, message):
     (b"#!{inner}\n", r"starts with '#!\S+/inner', which starts with '#!/nonexistent/sh', and that interpreter "
                      r"is missing"),
     (b"#!" + b"/x" * 200 + b"\n", r"starts with '#!(/x){127}', and that interpreter is missing"),  # 256 bytes read
+    (b"#!{agent}\n", r"starts with '#!\S+/agent', (which starts with '#!\S+/agent', ){4}which is one '#!' "
+                     r"script too many in a row, or a loop \(execve would fail with ELOOP\)"),
 ])
 def test_agent_the_kernel_would_refuse_is_refused_before_binding(tmp_path, head, message):
     inner = tmp_path / "inner"
     inner.write_bytes(b"#!/nonexistent/sh\n")
     inner.chmod(0o755)
     agent = tmp_path / "agent"
-    agent.write_bytes(head.replace(b"{inner}", bytes(inner)))
+    agent.write_bytes(head.replace(b"{inner}", bytes(inner)).replace(b"{agent}", bytes(agent)))
     agent.chmod(0o755)
     port = free_port()
     result = run_loader([write_config(tmp_path, port=port), str(agent)])
@@ -2076,8 +2086,8 @@ def test_a_5000_digit_listen_fds_fails_open_naming_it(procs, tmp_path):
     # CPython's int() refuses more than 4300 digits: checked by length first, never an internal error.
     launcher = ("import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); os.environ['LISTEN_FDS'] = '9' * 5000;"
                 "os.execv(sys.argv[1], sys.argv[1:])")
-    program = ["/bin/sh", "-c", "echo started as $$ >&2"]  # failing open, LISTEN_* stay for this pid
-    proc = procs([sys.executable, "-c", launcher, sys.executable, LOADER, "--listen", "systemd:", "--"] + program,
+    # Failing open, LISTEN_* stay for this pid.
+    proc = procs([sys.executable, "-c", launcher, sys.executable, LOADER, "--listen", "systemd:", "--", *SAYS_ITS_PID],
                  base_env())
     proc.wait_for("started as %d" % proc.pid)
     proc.wait_for(r"WARN .* Failed to get listeners for \S+: LISTEN_FDS is '9{64}'\.\.\. \(5000 characters\); "
@@ -2366,15 +2376,20 @@ def test_a_hand_off_already_in_place_needs_no_spare_fd(procs, tmp_path):
 
 
 @needs_proc
-@pytest.mark.parametrize("limit", [6, 7])
-def test_emfile_in_the_generic_hand_off_fails_open_cleanly(procs, sockets, tmp_path, limit):
+@pytest.mark.parametrize("limit, why", [
+    # F_DUPFD at or past the limit is EINVAL, below it with no fd left EMFILE; but at 6 the program
+    # would hold every fd anyway (0-5), which is checked first.
+    (6, r"the program would hold all 6 file descriptors RLIMIT_NOFILE allows, with none free to start with"),
+    (7, r"cannot copy the sockets into place: Too many open files \(EMFILE\)"),
+])
+def test_emfile_in_the_generic_hand_off_fails_open_cleanly(procs, sockets, tmp_path, limit, why):
     report = tmp_path / "report.json"
     first, second = sockets.tcp_listener(), sockets.tcp_listener()
     # Inherited as fd 3 = "a" and fd 4 = "b", asked for as b, a; the probe
     # check holds a client of b on fd 5. Swapping 3 and 4 needs two spare fds
-    # above 5: a limit of 6 leaves none, 7 leaves one, and the hand-off fails
-    # open either way. The program gets what systemd gave (its LISTEN_* and
-    # fds 3 and 4, blocking as they came, though the wait made b non-blocking).
+    # above 5: a limit of 7 leaves one, and the hand-off fails open. The
+    # program gets what systemd gave (its LISTEN_* and fds 3 and 4, blocking
+    # as they came, though the wait made b non-blocking).
     loader = ["/bin/sh", "-c", 'ulimit -S -n %d && exec "$@"' % limit, "sh", sys.executable, "-I", "-S",
               LOADER, "--listen", "systemd:b", "--listen", "systemd:a", "--handle-tcp-probe", "--held-client", "fd",
               "--log-level", "debug", "--", "/bin/sh", "-c", 'ulimit -S -n 1024 && exec "$0" "$@"']
@@ -2383,9 +2398,7 @@ def test_emfile_in_the_generic_hand_off_fails_open_cleanly(procs, sockets, tmp_p
     proc.wait_for("Polling")
     with connect(second.getsockname()[1]) as c:
         c.sendall(b"POST / HTTP/1.0\r\n\r\n")
-        # F_DUPFD at or past the limit is EINVAL; below it, with no fd left, EMFILE.
-        proc.wait_for(r"WARN .* Failed to hand the sockets over to sh: cannot copy the sockets into place: "
-                      r"(Invalid argument \(EINVAL\)|Too many open files \(EMFILE\))")
+        proc.wait_for(r"WARN .* Failed to hand the sockets over to sh: " + why)
         c.settimeout(TIMEOUT)
         with pytest.raises(ConnectionResetError):
             c.recv(1)  # a reset, never a hang
@@ -2393,6 +2406,40 @@ def test_emfile_in_the_generic_hand_off_fails_open_cleanly(procs, sockets, tmp_p
     assert data["fds"] == [0, 1, 2, 3, 4] and data["listen_fdnames"] == "a:b"
     assert data["blocking"] == {"a@3": True, "b@4": True}
     assert "Internal error" not in proc.text()
+
+
+@pytest.mark.parametrize("protocol", ["systemd", "env"])
+def test_a_hand_off_that_would_fill_the_fd_limit_fails_open(procs, tmp_path, protocol):
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    # 0-2 and four listeners on 3-6: with a soft limit of 7 the program would
+    # start with every fd it may have, and its dynamic loader could not even
+    # open libc. Failing open, it starts (and may bind its own sockets).
+    listens = []
+    for name in "abcd":
+        listens += ["--listen", "%s=unix://%s" % (name.upper(), tmp_path / ("%s.sock" % name))]
+    proc = start_generic(procs, listens + ["--protocol", protocol], SAYS_ITS_PID,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (7, hard)))
+    proc.wait_for("Polling")
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(str(tmp_path / "a.sock"))
+        proc.wait_for(r"WARN .* Failed to hand the sockets over to python\S*: the program would hold all 7 file "
+                      r"descriptors RLIMIT_NOFILE allows, with none free to start with")
+    proc.wait_for("started as %d" % proc.pid)
+    assert "error while loading shared libraries" not in proc.text()
+
+
+@needs_unshare
+def test_a_closed_stdin_without_dev_null_starts_the_program_directly(procs, tmp_path):
+    # A socket must never land on fd 0-2, and /dev/null is what fills them: without it the loader
+    # binds nothing and the program starts as it would have without the loader.
+    script = 'mount --make-rprivate / && mount -t tmpfs none /dev && exec "$@" 0<&-'
+    proc = procs(["unshare", "--mount", "/bin/sh", "-c", script, "sh", sys.executable, LOADER, "--listen",
+                  "tcp://127.0.0.1:0", "--", *SAYS_ITS_PID], base_env())
+    proc.wait_for("started as %d" % proc.pid)
+    proc.wait_for(r"ERROR .* Cannot open /dev/null for a closed fd 0, 1 or 2; starting the program directly")
+    assert "Listening" not in proc.text() and "Internal error" not in proc.text()
 
 
 def without_proc(argv: list[str]) -> list[str]:
@@ -2418,6 +2465,7 @@ def test_without_proc_the_loader_still_activates(procs, tmp_path, held):
     data = read_report(report)
     assert data["fds"] == ([0, 1, 2, 3] if held == "relay" else [0, 1, 2, 3, 4])
     assert "Internal error" not in proc.text() and "Traceback" not in proc.text()
+    assert "Released memory before waiting (no /proc to tell how much)" in proc.text()  # never "0 kB -> 0 kB"
 
 
 # ---------------------------------------------------------------------------

@@ -1505,6 +1505,11 @@ class _HandoffProtocol:
                   log: _Log) -> list[int]:
         raise NotImplementedError
 
+    def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
+                 inherited_fds: frozenset[int]) -> set[int]:
+        """The fds the program will hold once hand_over() has run (0-2 included)."""
+        raise NotImplementedError
+
 
 class _EnvProtocol(_HandoffProtocol):
     """Each fd in a variable of its own (the Datadog agent's way)."""
@@ -1536,6 +1541,14 @@ class _EnvProtocol(_HandoffProtocol):
             env[self.client_var] = str(client.sock.fileno())
             fds.append(client.sock.fileno())
         return fds
+
+    def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
+                 inherited_fds: frozenset[int]) -> set[int]:
+        # The fds stay where they are; those we inherited pass through.
+        kept = {0, 1, 2} | {lsn.fd for lsn in listeners} | (inherited_fds - set(self.unselected_fds))
+        if client is not None and self.client_var:
+            kept.add(client.sock.fileno())
+        return kept
 
 
 class _SystemdProtocol(_HandoffProtocol):
@@ -1571,6 +1584,11 @@ class _SystemdProtocol(_HandoffProtocol):
         env["LISTEN_PID"] = str(os.getpid())  # execve keeps our pid for the program
         env["LISTEN_FDNAMES"] = ":".join(names)
         return targets
+
+    def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
+                 inherited_fds: frozenset[int]) -> set[int]:
+        # 0-2 and fds 3, 4, ...; every other fd is closed.
+        return set(range(_SD_LISTEN_FDS_START + len(listeners) + (client is not None)))
 
 
 def _move_fds_to(sources: list[int], start: int, log: _Log) -> list[int]:
@@ -1727,7 +1745,11 @@ def _start_relay(client: _HeldClient, log: _Log) -> None:
 
 
 def _fork_relay_helper(client: socket.socket, upstream: socket.socket) -> int:
-    """Double fork: the helper is never a child the program has to wait for. Its pid.
+    """Double fork: the helper is not the program's child, but the orphan of a middle child. Its pid.
+
+    Orphans go to the nearest subreaper, or PID 1: where the loader is PID 1
+    of a PID namespace (a container's entrypoint), that is the program after
+    execve, which must reap the helper or keep a zombie (README "Generic mode").
 
     The helper started if and only if its pid came through the pipe: the
     middle child writes it as its last act. Its exit status is not asked:
@@ -2006,10 +2028,10 @@ def _check_runnable(path: str) -> None:
 _BINARY_MAGICS = (b"\x7fELF", b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe",
                   b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe")
 _BINPRM_BUF_SIZE = 256  # the kernel reads this much of a file to decide how to run it
-# Linux follows a script's interpreter when it is itself a script, a few
-# levels deep (the exact depth varies by version); past this many the check
-# stops judging and lets execve tell.
-_INTERPRETER_DEPTH = 4
+# Linux runs a script's interpreter that is itself a script, and so on: a
+# chain of at most 5 '#!' scripts (checked on Linux 6.18); a 6th, or a loop,
+# fails with ELOOP.
+_MAX_SCRIPT_CHAIN = 5
 
 
 def _exec_format_problem(path: str, depth: int = 0) -> str:
@@ -2020,6 +2042,8 @@ def _exec_format_problem(path: str, depth: int = 0) -> str:
     except OSError:
         return ""  # execute-only files exist; execve will tell
     if head.startswith(b"#!"):
+        if depth >= _MAX_SCRIPT_CHAIN:
+            return "is one '#!' script too many in a row, or a loop (execve would fail with ELOOP)"
         interpreter = _script_interpreter(head)
         if not interpreter:
             return "starts with '#!' but names no interpreter"
@@ -2028,7 +2052,7 @@ def _exec_format_problem(path: str, depth: int = 0) -> str:
         if not (os.path.isfile(name) and os.access(name, os.X_OK)):
             return "starts with '#!%s', and that interpreter is missing or not executable" % shown
         # The interpreter may be a script itself: the kernel runs it the same way.
-        problem = _exec_format_problem(name, depth + 1) if depth < _INTERPRETER_DEPTH else ""
+        problem = _exec_format_problem(name, depth + 1)
         return "starts with '#!%s', which %s" % (shown, problem) if problem else ""
     if head.startswith(_BINARY_MAGICS) or _binfmt_misc_active():
         return ""  # a binary, or a format binfmt_misc may know: execve will tell
@@ -2102,6 +2126,19 @@ def _exec_directly(launch: _Launch, log: _Log, client: _HeldClient | None = None
     _exec_program(launch, env, log)
 
 
+def _check_room_to_start(kept: set[int]) -> None:
+    """Raise _HandoffError if the program's fds would fill RLIMIT_NOFILE.
+
+    A program needs a free fd below the soft limit to start at all: the
+    dynamic loader opens its libraries before main(). Failing open, it has
+    that fd (and no sockets, which it can bind itself).
+    """
+    limit = _fd_limit()
+    if sum(1 for fd in kept if fd < limit) >= limit:
+        raise _HandoffError("the program would hold all %d file descriptors RLIMIT_NOFILE allows, with none "
+                            "free to start with" % limit)
+
+
 def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake, held_client: str,
                        log: _Log) -> NoReturn:
     client = wake.client
@@ -2117,6 +2154,7 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake,
     env = dict(launch.env)
     launch.protocol.scrub(env)
     try:
+        _check_room_to_start(launch.protocol.kept_fds(listeners, client, launch.inherited_fds))
         fds = launch.protocol.hand_over(env, listeners, client, log)
     except _HandoffError as exc:
         log.warn("Failed to hand the sockets over to %s: %s", launch.label, exc)
@@ -2162,6 +2200,7 @@ def _memory_steps(environ: Mapping[str, str]) -> frozenset[str]:
 
 
 def _rss_kb() -> int:
+    """Our resident set in kB, for the log; 0 when unknown."""
     try:
         with open("/proc/self/status", "rb") as f:
             for line in f:
@@ -2190,7 +2229,11 @@ def _release_memory(steps: frozenset[str], log: _Log) -> None:
             _page_out_file_mappings(libc)
         except OSError as exc:  # no /proc (a chroot, a sandbox), or no fd free to read it
             log.debug("Cannot page out file mappings: %s", _oserror_text(exc))
-    log.debug("Released memory before waiting: RSS %d kB -> %d kB", before, _rss_kb())
+    after = _rss_kb()
+    if before and after:
+        log.debug("Released memory before waiting: RSS %d kB -> %d kB", before, after)
+    else:
+        log.debug("Released memory before waiting (no /proc to tell how much)")
 
 
 def _page_out_file_mappings(libc: ctypes.CDLL) -> None:
@@ -2420,7 +2463,14 @@ def _generic_parser() -> argparse.ArgumentParser:
             return text.lower()
         return convert
 
-    parser = argparse.ArgumentParser(
+    class Parser(argparse.ArgumentParser):
+        def _print_message(self, message: str, file: object = None) -> None:
+            # CPython 3.11+ itself ignores a stream it cannot write (closed,
+            # full, a broken pipe); 3.8-3.10 let the error escape, and a usage
+            # error would become an internal error.
+            _say(file or sys.stderr, message)
+
+    parser = Parser(
         prog="trace_loader.py",
         usage="%(prog)s [OPTIONS] -- PROGRAM [ARGS...]\n"
               "       %(prog)s CONFIG_FILE AGENT [AGENT_ARGS...]\n"
@@ -2693,13 +2743,14 @@ def _adopt_fd(fd: int, what: str) -> socket.socket:
 # ---------------------------------------------------------------------------
 
 
-def _ensure_std_fds() -> None:
+def _ensure_std_fds() -> bool:
     """Open /dev/null on any of fds 0-2 that is closed; give sys.stdout and sys.stderr a file again.
 
     Otherwise our first socket would land on 0, 1 or 2, and the program would
-    take a listener for its stdin or stdout. CPython leaves sys.stderr None
-    when fd 2 was closed at start-up: a usage error must still exit 2, not
-    fail on writing its message.
+    take a listener for its stdin or stdout. False if that cannot be done (a
+    chroot without /dev/null): then no socket may be opened at all. CPython
+    leaves sys.stderr None when fd 2 was closed at start-up: a usage error
+    must still exit 2, not fail on writing its message.
     """
     for fd in (0, 1, 2):
         try:
@@ -2707,12 +2758,25 @@ def _ensure_std_fds() -> None:
         except OSError as exc:
             if exc.errno != errno.EBADF:
                 raise
-            new = os.open(os.devnull, os.O_RDWR)  # lowest free fd: this one
+            try:
+                new = os.open(os.devnull, os.O_RDWR)  # lowest free fd: this one
+            except OSError:
+                return False
             os.set_inheritable(new, True)
     if sys.stdout is None:
         sys.stdout = open(1, "w", closefd=False)  # lives as long as the process
     if sys.stderr is None:
         sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")
+    return True
+
+
+def _say(stream: object, text: str) -> None:
+    """Write to stdout or stderr; one that is closed, full or a broken pipe costs the text, not the status."""
+    try:
+        stream.write(text)  # type: ignore[attr-defined]
+        stream.flush()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        pass  # None (closed at start-up), ENOSPC, EPIPE, EBADF: nowhere to say it
 
 
 def _split_command_line(args: list[str]) -> tuple[bool, list[str], list[str]]:
@@ -2730,26 +2794,30 @@ def main(argv: list[str] | None = None) -> int:
     Usage errors raise SystemExit(2), as argparse does.
     """
     args = sys.argv[1:] if argv is None else list(argv)
-    _ensure_std_fds()
+    std_fds_open = _ensure_std_fds()
     if args in (["-h"], ["--help"]):
-        _generic_parser().print_help()
+        _say(sys.stdout, _generic_parser().format_help())
         return 0
     if args == ["--version"]:
-        sys.stdout.write("trace-loader %s\n" % __version__)
+        _say(sys.stdout, "trace-loader %s\n" % __version__)
         return 0
     if not args or (len(args) < 2 and not args[0].startswith("-")):
-        sys.stderr.write(_USAGE + "trace_loader.py: error: expected CONFIG_FILE AGENT, or options and "
+        _say(sys.stderr, _USAGE + "trace_loader.py: error: expected CONFIG_FILE AGENT, or options and "
                          "'-- PROGRAM'\n")
         return 2
     generic, own_args, program = _split_command_line(args)
     if not generic and program[0].startswith("-"):
-        sys.stderr.write(_USAGE + "trace_loader.py: error: AGENT %s looks like an option; the loader's own "
+        _say(sys.stderr, _USAGE + "trace_loader.py: error: AGENT %s looks like an option; the loader's own "
                          "options come first, before '--'\n" % _quoted(program[0]))
         return 2
     _set_waiting_signal_handlers()
     log = _Log()
     environ = dict(os.environ)
     inherited_fds = _open_fds()
+    if not std_fds_open:
+        # A socket would land on fd 0, 1 or 2: the program starts as it would have without us.
+        log.error("Cannot open %s for a closed fd 0, 1 or 2; starting the program directly", os.devnull)
+        return _last_resort_exec(program, environ, inherited_fds, log)
     try:
         if generic:
             return _run_generic(own_args, program, environ, log, inherited_fds)
