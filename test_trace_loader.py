@@ -2363,53 +2363,55 @@ def test_a_hand_off_already_in_place_needs_no_spare_fd(procs, tmp_path):
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     report = tmp_path / "report.json"
-    # 0-2, the listener (3), the held client (4): exactly where the systemd
-    # protocol wants them, so a soft limit of 6 is enough (the one spare fd
-    # is for the dynamic loader of the program's shell, which then lifts the
-    # limit, as a Go program does); copying them first would need two.
-    agent = ["/bin/sh", "-c", 'ulimit -S -n 1024 && exec "$0" "$@"'] + systemd_agent(report)
-    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--held-client", "fd",
-                                 "--log-level", "debug"], agent,
-                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (6, hard)))
-    port = bound_port(proc)
+    # 0-2, four listeners (3-6), the held client (7): all where the systemd
+    # protocol wants them. A soft limit of 12 leaves the program four free
+    # fds; copying the five sockets first would need five, and would fail
+    # open.
+    listens = ["--listen", "tcp://127.0.0.1:0"]
+    for name in "bcd":
+        listens += ["--listen", "unix://%s" % (tmp_path / ("%s.sock" % name))]
+    proc = start_generic(procs, listens + ["--handle-tcp-probe", "--held-client", "fd", "--log-level", "debug"],
+                         systemd_agent(report),
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (12, hard)))
+    port = bound_port(proc, "TCP listener 1")
     proc.wait_for("Polling")
     with connect(port) as c:
         assert answer_json(http_request(c))["via"] == "held-client"
     data = read_report(report)
-    assert data["fds"] == [0, 1, 2, 3, 4] and data["listen_fdnames"] == "unknown:connection"
+    assert data["fds"] == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert data["listen_fdnames"] == "unknown:unknown:unknown:unknown:connection"
     assert "WARN" not in proc.text()
 
 
 @needs_proc
-@pytest.mark.parametrize("limit, why", [
-    # F_DUPFD at or past the limit is EINVAL, below it with no fd left EMFILE; but at 6 the program
-    # would hold every fd anyway (0-5), which is checked first.
-    (6, r"the program would hold all 6 file descriptors RLIMIT_NOFILE allows, with none free to start with"),
-    (7, r"cannot copy the sockets into place: Too many open files \(EMFILE\)"),
-])
-def test_emfile_in_the_generic_hand_off_fails_open_cleanly(procs, sockets, tmp_path, limit, why):
+def test_emfile_in_the_generic_hand_off_fails_open_cleanly(procs, sockets, tmp_path):
     report = tmp_path / "report.json"
-    first, second = sockets.tcp_listener(), sockets.tcp_listener()
-    # Inherited as fd 3 = "a" and fd 4 = "b", asked for as b, a; the probe
-    # check holds a client of b on fd 5. Swapping 3 and 4 needs two spare fds
-    # above 5: a limit of 7 leaves one, and the hand-off fails open. The
-    # program gets what systemd gave (its LISTEN_* and fds 3 and 4, blocking
-    # as they came, though the wait made b non-blocking).
-    loader = ["/bin/sh", "-c", 'ulimit -S -n %d && exec "$@"' % limit, "sh", sys.executable, "-I", "-S",
-              LOADER, "--listen", "systemd:b", "--listen", "systemd:a", "--handle-tcp-probe", "--held-client", "fd",
-              "--log-level", "debug", "--", "/bin/sh", "-c", 'ulimit -S -n 1024 && exec "$0" "$@"']
-    proc = procs(launch_with_fds([first, second], "a:b", loader + systemd_agent(report)), base_env(),
-                 pass_fds=(first.fileno(), second.fileno()))
+    inherited = [sockets.tcp_listener() for _ in range(6)]
+    # Inherited as fds 3-8 named a-f, asked for as f, e, ..., a; the probe
+    # check holds a client of f on fd 9. Reversing 3-8 needs six spare fds
+    # above 9, and a soft limit of 14 leaves four: the copy fails and the
+    # hand-off fails open. The program gets
+    # what systemd gave (its LISTEN_* and fds 3-8, blocking as they came,
+    # though the wait made f non-blocking).
+    order = []
+    for name in "fedcba":
+        order += ["--listen", "systemd:" + name]
+    loader = ["/bin/sh", "-c", 'ulimit -S -n 14 && exec "$@"', "sh", sys.executable, "-I", "-S", LOADER, *order,
+              "--handle-tcp-probe", "--held-client", "fd", "--log-level", "debug", "--",
+              "/bin/sh", "-c", 'ulimit -S -n 1024 && exec "$0" "$@"']
+    proc = procs(launch_with_fds(inherited, "a:b:c:d:e:f", loader + systemd_agent(report)), base_env(),
+                 pass_fds=[s.fileno() for s in inherited])
     proc.wait_for("Polling")
-    with connect(second.getsockname()[1]) as c:
+    with connect(inherited[5].getsockname()[1]) as c:
         c.sendall(b"POST / HTTP/1.0\r\n\r\n")
-        proc.wait_for(r"WARN .* Failed to hand the sockets over to sh: " + why)
+        proc.wait_for(r"WARN .* Failed to hand the sockets over to sh: cannot copy the sockets into place: "
+                      r"Too many open files \(EMFILE\)")
         c.settimeout(TIMEOUT)
         with pytest.raises(ConnectionResetError):
             c.recv(1)  # a reset, never a hang
     data = read_report(report)
-    assert data["fds"] == [0, 1, 2, 3, 4] and data["listen_fdnames"] == "a:b"
-    assert data["blocking"] == {"a@3": True, "b@4": True}
+    assert data["fds"] == [0, 1, 2, 3, 4, 5, 6, 7, 8] and data["listen_fdnames"] == "a:b:c:d:e:f"
+    assert data["blocking"] == {"%s@%d" % (name, 3 + i): True for i, name in enumerate("abcdef")}
     assert "Internal error" not in proc.text()
 
 
@@ -2430,8 +2432,8 @@ def test_a_hand_off_that_would_fill_the_fd_limit_fails_open(procs, tmp_path, pro
     proc.wait_for("Polling")
     with socket.socket(socket.AF_UNIX) as c:
         c.connect(str(tmp_path / "a.sock"))
-        proc.wait_for(r"WARN .* Failed to hand the sockets over to python\S*: the program would hold all 7 file "
-                      r"descriptors RLIMIT_NOFILE allows, with none free to start with")
+        proc.wait_for(r"WARN .* Failed to hand the sockets over to python\S*: the program would hold 7 of the 7 "
+                      r"file descriptors RLIMIT_NOFILE allows, too few left to start with")
     proc.wait_for("started as %d" % proc.pid)
     assert "error while loading shared libraries" not in proc.text()
 
@@ -2439,12 +2441,15 @@ def test_a_hand_off_that_would_fill_the_fd_limit_fails_open(procs, tmp_path, pro
 @needs_unshare
 def test_a_closed_stdin_without_dev_null_starts_the_program_directly(procs, tmp_path):
     # A socket must never land on fd 0-2, and /dev/null is what fills them: without it the loader
-    # binds nothing and the program starts as it would have without the loader.
-    script = 'mount --make-rprivate / && mount -t tmpfs none /dev && exec "$@" 0<&-'
-    proc = procs(["unshare", "--mount", "/bin/sh", "-c", script, "sh", sys.executable, LOADER, "--listen",
+    # binds nothing and fails open. The arguments are still read first: a usage error is one.
+    script = ('mount --make-rprivate / && mount -t tmpfs none /dev && '
+              '("$0" "$1" --bogus -- true 0<&-; echo "usage error: status $?" >&2) && exec "$0" "$@" 0<&-')
+    proc = procs(["unshare", "--mount", "/bin/sh", "-c", script, sys.executable, LOADER, "--listen",
                   "tcp://127.0.0.1:0", "--", *SAYS_ITS_PID], base_env())
     proc.wait_for("started as %d" % proc.pid)
-    proc.wait_for(r"ERROR .* Cannot open /dev/null for a closed fd 0, 1 or 2; starting the program directly")
+    proc.wait_for("usage error: status 2")
+    proc.wait_for(r"WARN .* Failed to get listeners for python\S*: fd 0 is closed and /dev/null could not be opened "
+                  r"in its place: a socket would land there")
     assert "Listening" not in proc.text() and "Internal error" not in proc.text()
 
 

@@ -1162,6 +1162,12 @@ def _adopt_inherited_socket(fd: int) -> socket.socket:
 
 def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
     """Open every spec in order; on failure close what was opened and raise."""
+    closed = _closed_std_fds()
+    if closed:
+        # main() fills them with /dev/null; a chroot without it leaves them
+        # closed, and the program would take a listener for its stdin.
+        raise _ListenerError("fd %s is closed and %s could not be opened in its place: a socket would land there"
+                             % (" and ".join(str(fd) for fd in closed), os.devnull))
     opened: list[_Listener] = []
     try:
         for spec in specs:
@@ -1176,6 +1182,16 @@ def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
             raise _ListenerError(_oserror_text(exc)) from None
         raise
     return opened
+
+
+def _closed_std_fds() -> list[int]:
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+    return closed
 
 
 def _open_listener(spec: _ListenerSpec, log: _Log) -> socket.socket | None:
@@ -2126,17 +2142,24 @@ def _exec_directly(launch: _Launch, log: _Log, client: _HeldClient | None = None
     _exec_program(launch, env, log)
 
 
-def _check_room_to_start(kept: set[int]) -> None:
-    """Raise _HandoffError if the program's fds would fill RLIMIT_NOFILE.
+# Free fds a program needs below RLIMIT_NOFILE to start at all: one, for the
+# dynamic loader to open its first library. Anything more a program needs it
+# gets by raising its soft limit, as the Go runtime does at start-up (the
+# trace-agent among them); CPython does not, and needs two (README "Errors").
+# Asking for more here would fail open where such a program starts fine.
+_FDS_TO_START = 1
 
-    A program needs a free fd below the soft limit to start at all: the
-    dynamic loader opens its libraries before main(). Failing open, it has
-    that fd (and no sockets, which it can bind itself).
+
+def _check_room_to_start(kept: set[int]) -> None:
+    """Raise _HandoffError if the program's fds would leave it too few free to start.
+
+    Failing open, it has them (and no sockets, which it can bind itself).
     """
     limit = _fd_limit()
-    if sum(1 for fd in kept if fd < limit) >= limit:
-        raise _HandoffError("the program would hold all %d file descriptors RLIMIT_NOFILE allows, with none "
-                            "free to start with" % limit)
+    free = limit - sum(1 for fd in kept if fd < limit)
+    if free < _FDS_TO_START:
+        raise _HandoffError("the program would hold %d of the %d file descriptors RLIMIT_NOFILE allows, "
+                            "too few left to start with" % (limit - free, limit))
 
 
 def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake, held_client: str,
@@ -2743,14 +2766,16 @@ def _adopt_fd(fd: int, what: str) -> socket.socket:
 # ---------------------------------------------------------------------------
 
 
-def _ensure_std_fds() -> bool:
+def _ensure_std_fds() -> None:
     """Open /dev/null on any of fds 0-2 that is closed; give sys.stdout and sys.stderr a file again.
 
     Otherwise our first socket would land on 0, 1 or 2, and the program would
-    take a listener for its stdin or stdout. False if that cannot be done (a
-    chroot without /dev/null): then no socket may be opened at all. CPython
-    leaves sys.stderr None when fd 2 was closed at start-up: a usage error
-    must still exit 2, not fail on writing its message.
+    take a listener for its stdin or stdout. Without /dev/null (a chroot) the
+    fd stays closed, and _open_listeners refuses to open any socket: the
+    program then starts directly, once the arguments and the configuration
+    have been read as always. CPython leaves sys.stderr None when fd 2 was
+    closed at start-up: a usage error must still exit 2, not fail on writing
+    its message.
     """
     for fd in (0, 1, 2):
         try:
@@ -2761,13 +2786,15 @@ def _ensure_std_fds() -> bool:
             try:
                 new = os.open(os.devnull, os.O_RDWR)  # lowest free fd: this one
             except OSError:
-                return False
+                continue  # see above
             os.set_inheritable(new, True)
-    if sys.stdout is None:
-        sys.stdout = open(1, "w", closefd=False)  # lives as long as the process
-    if sys.stderr is None:
-        sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")
-    return True
+    try:
+        if sys.stdout is None:
+            sys.stdout = open(1, "w", closefd=False)  # lives as long as the process
+        if sys.stderr is None:
+            sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")
+    except OSError:
+        pass  # still closed (no /dev/null): _say() writes nowhere
 
 
 def _say(stream: object, text: str) -> None:
@@ -2794,7 +2821,7 @@ def main(argv: list[str] | None = None) -> int:
     Usage errors raise SystemExit(2), as argparse does.
     """
     args = sys.argv[1:] if argv is None else list(argv)
-    std_fds_open = _ensure_std_fds()
+    _ensure_std_fds()
     if args in (["-h"], ["--help"]):
         _say(sys.stdout, _generic_parser().format_help())
         return 0
@@ -2814,10 +2841,6 @@ def main(argv: list[str] | None = None) -> int:
     log = _Log()
     environ = dict(os.environ)
     inherited_fds = _open_fds()
-    if not std_fds_open:
-        # A socket would land on fd 0, 1 or 2: the program starts as it would have without us.
-        log.error("Cannot open %s for a closed fd 0, 1 or 2; starting the program directly", os.devnull)
-        return _last_resort_exec(program, environ, inherited_fds, log)
     try:
         if generic:
             return _run_generic(own_args, program, environ, log, inherited_fds)
