@@ -1162,14 +1162,14 @@ def _adopt_inherited_socket(fd: int) -> socket.socket:
 
 def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
     """Open every spec in order; on failure close what was opened and raise."""
-    closed = _closed_std_fds()
-    if closed:
-        # main() fills them with /dev/null; a chroot without it leaves them
-        # closed, and the program would take a listener for its stdin.
-        raise _ListenerError("fd %s is closed and %s could not be opened in its place: a socket would land there"
-                             % (" and ".join(str(fd) for fd in closed), os.devnull))
     opened: list[_Listener] = []
     try:
+        closed = _closed_std_fds()
+        if closed:
+            # main() fills them with /dev/null; a chroot without it leaves them
+            # closed, and the program would take a listener for its stdin.
+            raise _ListenerError("fd %s is closed and %s could not be opened in its place: a socket would land "
+                                 "there" % (" and ".join(str(fd) for fd in closed), os.devnull))
         for spec in specs:
             sock = _open_listener(spec, log)
             if sock is not None:
@@ -1189,7 +1189,9 @@ def _closed_std_fds() -> list[int]:
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
-        except OSError:
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise  # _open_listeners makes it a listener error: fail open
             closed.append(fd)
     return closed
 
@@ -2050,7 +2052,7 @@ _BINPRM_BUF_SIZE = 256  # the kernel reads this much of a file to decide how to 
 _MAX_SCRIPT_CHAIN = 5
 
 
-def _exec_format_problem(path: str, depth: int = 0) -> str:
+def _exec_format_problem(path: str, *, depth: int = 0) -> str:
     """Why execve would refuse the file (ENOENT, ENOEXEC), read as the kernel reads it; '' if it would not."""
     try:
         with open(path, "rb") as f:  # close-on-exec (PEP 446), closed at once anyway
@@ -2068,7 +2070,7 @@ def _exec_format_problem(path: str, depth: int = 0) -> str:
         if not (os.path.isfile(name) and os.access(name, os.X_OK)):
             return "starts with '#!%s', and that interpreter is missing or not executable" % shown
         # The interpreter may be a script itself: the kernel runs it the same way.
-        problem = _exec_format_problem(name, depth + 1)
+        problem = _exec_format_problem(name, depth=depth + 1)
         return "starts with '#!%s', which %s" % (shown, problem) if problem else ""
     if head.startswith(_BINARY_MAGICS) or _binfmt_misc_active():
         return ""  # a binary, or a format binfmt_misc may know: execve will tell
