@@ -1191,7 +1191,7 @@ def _closed_std_fds() -> list[int]:
             os.fstat(fd)
         except OSError as exc:
             if exc.errno != errno.EBADF:
-                raise  # _open_listeners makes it a listener error: fail open
+                raise  # open but unusable: for the caller (in _open_listeners, a listener error: fail open)
             closed.append(fd)
     return closed
 
@@ -1261,6 +1261,20 @@ _LINGER_RESET = (1).to_bytes(4, sys.byteorder) + (0).to_bytes(4, sys.byteorder)
 _SENT, _FIN, _RST, _SILENT = "sent", "FIN", "RST", "silent"
 
 
+def _close_with_reset(sock: socket.socket) -> None:
+    """Close with an RST: the peer sees a reset at once, never a hang.
+
+    Only for a socket no other process holds: SO_LINGER belongs to the
+    socket, not to our fd, so it would reset another holder's close too.
+    """
+    try:
+        # SO_LINGER on, 0 s: close() discards and resets instead of a FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass  # already reset by the peer: a plain close is all there is left to do
+    sock.close()
+
+
 class _HeldClient:
     """The one accepted TCP client the wait holds, and where it came from."""
 
@@ -1288,20 +1302,6 @@ class _Wake:
         self.reason = reason
         self.client = client
         self.probes = probes
-
-
-def _close_with_reset(sock: socket.socket) -> None:
-    """Close with an RST: the peer sees a reset at once, never a hang.
-
-    Only for a socket no other process holds: SO_LINGER belongs to the
-    socket, not to our fd, so it would reset another holder's close too.
-    """
-    try:
-        # SO_LINGER on, 0 s: close() discards and resets instead of a FIN.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass  # already reset by the peer: a plain close is all there is left to do
-    sock.close()
 
 
 def _peer_text(address: object) -> str:
@@ -1921,7 +1921,8 @@ def _relay_bytes(client: socket.socket, upstream: socket.socket) -> None:
         # A reset on either side ends both: pass it on as a reset.
         _close_with_reset(client)
         _close_with_reset(upstream)
-    client.close()  # a no-op after a reset
+        return
+    client.close()
     upstream.close()
 
 
@@ -2779,17 +2780,12 @@ def _ensure_std_fds() -> None:
     closed at start-up: a usage error must still exit 2, not fail on writing
     its message.
     """
-    for fd in (0, 1, 2):
+    for _ in _closed_std_fds():
         try:
-            os.fstat(fd)
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                raise
-            try:
-                new = os.open(os.devnull, os.O_RDWR)  # lowest free fd: this one
-            except OSError:
-                continue  # see above
-            os.set_inheritable(new, True)
+            new = os.open(os.devnull, os.O_RDWR)  # lowest free fd: the closed one, lowest first
+        except OSError:
+            continue  # see above
+        os.set_inheritable(new, True)
     try:
         if sys.stdout is None:
             sys.stdout = open(1, "w", closefd=False)  # lives as long as the process
@@ -2879,10 +2875,7 @@ def _run_as_script() -> None:
             pass  # nowhere left to say it
         status = 1
     for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass  # closed or absent: nothing left to say there
+        _say(stream, "")  # flushes what is left; closed or absent costs nothing
     os._exit(status)  # we may be inside sys.excepthook: end here, without the shutdown
 
 
