@@ -1150,14 +1150,20 @@ def _open_unix_listener(path: str, mode: int, log: _Log) -> socket.socket | None
     return sock
 
 
-def _adopt_inherited_socket(fd: int) -> socket.socket:
-    try:
-        # fileno=: wrap the fd itself (family and type read from the kernel);
-        # socket.fromfd would dup it and leave the original behind.
-        sock = socket.socket(fileno=fd)
-    except OSError as exc:
-        raise _ListenerError("inherited fd %d is not a usable socket: %s" % (fd, _oserror_text(exc))) from None
-    return sock
+def _wrap_sockets(found: list[tuple[int, str]], *, source: str = "") -> list[socket.socket]:
+    """A socket object for each (fd, name); on failure every fd stays as it came, and the error names `source`."""
+    wrapped: list[socket.socket] = []
+    for fd, name in found:
+        try:
+            # fileno=: wrap the fd itself (family and type read from the kernel);
+            # socket.fromfd would dup it and leave the original behind.
+            wrapped.append(socket.socket(fileno=fd))
+        except OSError as exc:
+            for sock in wrapped:
+                sock.detach()  # the fd stays open: its owner may still fall back to it
+            raise LoaderError("%s: fd %d is not an open socket: %s" % (source or name, fd, _oserror_text(exc))) \
+                from None
+    return wrapped
 
 
 def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
@@ -1208,7 +1214,7 @@ def _open_listener(spec: _ListenerSpec, log: _Log) -> socket.socket | None:
         if unix_sock is not None:
             log.info("Listening to %s at path %s", spec.shown_as, _path_shown(spec.path))
         return unix_sock
-    return _adopt_inherited_socket(spec.fd)
+    return _wrap_sockets([(spec.fd, spec.shown_as)])[0]
 
 
 # ---------------------------------------------------------------------------
@@ -2556,7 +2562,7 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
         return 1
     for_us = environ.get("LISTEN_PID", "") == str(os.getpid())
     try:
-        specs, unselected = _expand_inherited(args.listen, environ, for_us=for_us)
+        specs, unselected = _expand_inherited(args.listen, environ)
     except _ListenerError as exc:
         fail_open = _Launch(path, program, dict(environ), label, _generic_protocol(args, [], for_us, []),
                             inherited_fds=inherited_fds)
@@ -2613,30 +2619,40 @@ def _check_unique_names(specs: list[_ListenerSpec], protocol: str) -> str:
     return ""
 
 
-def _inherited_fds(environ: Mapping[str, str], *, for_us: bool) -> list[tuple[int, str]]:
-    """sd_listen_fds(3): (fd, name) pairs passed to this very process."""
-    if not for_us:
+def _inherited_fds(environ: Mapping[str, str]) -> list[tuple[int, str]]:
+    """sd_listen_fds_with_names(3): the (fd, name) pairs passed to this very process.
+
+    The one reader of LISTEN_*, for `--listen systemd:` and for adopt(). Both
+    ask because they expect sockets, so LISTEN_FDS=0 is an error like a
+    missing LISTEN_PID, never an empty list.
+    """
+    pid_text = environ.get("LISTEN_PID", "")
+    if pid_text != str(os.getpid()):
         raise _ListenerError("no sockets were passed to this process (LISTEN_PID is %s, our pid is %d)"
-                            % (_quoted(environ.get("LISTEN_PID", "")), os.getpid()))
+                             % (_quoted(pid_text), os.getpid()))
     count_text = environ.get("LISTEN_FDS", "")
     count = _decimal(count_text, _MAX_LISTEN_FDS)
     if not count:
-        raise _ListenerError("LISTEN_FDS is %s; expected a count of sockets" % _quoted(count_text))
-    names = environ.get("LISTEN_FDNAMES", "").split(":") if environ.get("LISTEN_FDNAMES") else []
+        raise _ListenerError("LISTEN_FDS is %s; expected a count of sockets from 1 to %d"
+                             % (_quoted(count_text), _MAX_LISTEN_FDS))
+    names_text = environ.get("LISTEN_FDNAMES", "")
+    names = names_text.split(":") if names_text else [""] * count
     if len(names) != count:
-        names = ["unknown"] * count  # systemd's name when none was set
-    return [(_SD_LISTEN_FDS_START + i, names[i]) for i in range(count)]
+        # sd_listen_fds_with_names(3) refuses this too (EINVAL): which name is whose is anyone's guess.
+        raise _ListenerError("LISTEN_FDNAMES is %s: %d names for LISTEN_FDS=%d sockets"
+                             % (_quoted(names_text), len(names), count))
+    # "unknown" is systemd's name for a socket it was given no name for.
+    return [(_SD_LISTEN_FDS_START + i, name or "unknown") for i, name in enumerate(names)]
 
 
-def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str], *,
-                      for_us: bool) -> tuple[list[_ListenerSpec], list[int]]:
+def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str]) -> tuple[list[_ListenerSpec], list[int]]:
     """Replace each `systemd:[NAME]` spec by one spec per matching inherited fd.
 
     Also returns the inherited fds that no spec asked for.
     """
     if not any(s.kind == _INHERITED for s in specs):
         return specs, []
-    inherited = _inherited_fds(environ, for_us=for_us)
+    inherited = _inherited_fds(environ)
     expanded: list[_ListenerSpec] = []
     for spec in specs:
         if spec.kind != _INHERITED:
@@ -2706,45 +2722,47 @@ class Handoff:
         self.close()
 
 
-def adopt(*, environ: Mapping[str, str] | None = None) -> Handoff:
-    """Wrap what the loader handed over; raise LoaderError on garbage.
+def adopt(*, names: Iterable[str] | None = None, client_var: str = "",
+          environ: Mapping[str, str] | None = None) -> Handoff:
+    """Wrap what the loader handed over; raise LoaderError when there is nothing, or garbage.
 
     Reads systemd's protocol when ``LISTEN_PID`` is this process (fds from 3,
-    ``LISTEN_FDS``, ``LISTEN_FDNAMES``, the client named ``connection``),
-    else the drop-in variables (``DD_APM_NET_RECEIVER_FD`` and the others).
+    ``LISTEN_FDS``, ``LISTEN_FDNAMES``, unnamed sockets ``unknown``, the
+    client named ``connection``). Else it reads the variables ``names``
+    (generic ``--protocol env``: the ``--listen`` NAMEs) and ``client_var``
+    (``--client-fd-var``), by default the drop-in ones
+    (``DD_APM_NET_RECEIVER_FD`` and the others). Finding no hand-off at all
+    is a LoaderError too: a program started without the loader catches it
+    and binds its own sockets. On any error every fd stays open and
+    untouched. The sockets it returns are close-on-exec, as
+    sd_listen_fds(3) leaves them: they are this program's, not its
+    children's.
     """
     env = os.environ if environ is None else environ
-    if env.get("LISTEN_PID", "") == str(os.getpid()) and env.get("LISTEN_FDS", ""):
-        return _adopt_systemd(env)
-    adopted: dict[str, socket.socket] = {}
-    for var in _DROP_IN_FD_VARS:
-        text = env.get(var, "")
-        if text:
-            adopted[var] = _adopt_fd(_fd_number(var, text), var)
-    client = adopted.pop(CLIENT_FD_VAR, None)
-    return Handoff(adopted, client, client_listener=RECEIVER_FD_VAR)
-
-
-def _adopt_systemd(env: Mapping[str, str]) -> Handoff:
-    text = env.get("LISTEN_FDS", "")
-    count = _decimal(text, _MAX_LISTEN_FDS)
-    if count is None:
-        raise LoaderError("LISTEN_FDS is %s, not a count of sockets" % _quoted(text))
-    names = env.get("LISTEN_FDNAMES", "").split(":")
-    if len(names) != count:
-        names = ["unknown"] * count  # systemd's name when none was set
+    if env.get("LISTEN_PID", "") == str(os.getpid()):
+        found = _inherited_fds(env)
+        client_name, source = "connection", "LISTEN_FDS"
+    else:
+        if names is None:
+            names, client_var = _DROP_IN_FD_VARS, CLIENT_FD_VAR
+        wanted = [var for var in dict.fromkeys([*names, client_var]) if var]
+        found = [(_fd_number(var, env[var]), var) for var in wanted if env.get(var)]
+        if not found:
+            raise LoaderError("no sockets were handed over to this process: LISTEN_PID is not %d, and none of %s "
+                              "is set" % (os.getpid(), ", ".join(wanted)))
+        client_name, source = client_var, ""
+    socks = _wrap_sockets(found, source=source)
     listeners: dict[str, socket.socket] = {}
     client: socket.socket | None = None
-    for index, name in enumerate(names):
-        fd = _SD_LISTEN_FDS_START + index
-        sock = _adopt_fd(fd, "LISTEN_FDS fd %d" % fd)
-        # sd_listen_fds(3) leaves the fds close-on-exec: they are this
-        # program's, not its children's.
+    found_names = [name for _, name in found]
+    for (fd, name), sock in zip(found, socks):
+        # Close-on-exec, as sd_listen_fds(3) leaves them: the program's sockets, not its children's.
         sock.set_inheritable(False)
-        if name == "connection" and client is None:
+        if name == client_name and client is None:
             client = sock
             continue
-        listeners[name if names.count(name) == 1 else "%s@%d" % (name, fd)] = sock
+        listeners[name if found_names.count(name) == 1 else "%s@%d" % (name, fd)] = sock
+    # The held client came from the probe listener: the first TCP one.
     first_tcp = next((key for key, sock in listeners.items()
                       if sock.family in (socket.AF_INET, socket.AF_INET6)), "")
     return Handoff(listeners, client, client_listener=first_tcp)
@@ -2755,13 +2773,6 @@ def _fd_number(var: str, text: str) -> int:
     if fd is None:
         raise LoaderError("%s is %s, not a file descriptor number" % (var, _quoted(text)))
     return fd
-
-
-def _adopt_fd(fd: int, what: str) -> socket.socket:
-    try:
-        return socket.socket(fileno=fd)
-    except OSError as exc:
-        raise LoaderError("%s=%d is not an open socket: %s" % (what, fd, _oserror_text(exc))) from None
 
 
 # ---------------------------------------------------------------------------
