@@ -29,6 +29,7 @@ The sections follow the data through the loader, as trace_loader.py does:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -2499,16 +2500,43 @@ def test_adopt_serves_the_held_client_first(sockets):
         assert first.recv(1) == b"1" and second.recv(1) == b"2"
 
 
+def test_a_failed_adopt_leaves_every_fd_open_and_untouched(sockets, tmp_path):
+    listener = sockets.tcp_listener()
+    listener.set_inheritable(True)  # as the loader hands it over
+    with open(tmp_path / "not-a-socket", "w") as regular:
+        os.set_inheritable(regular.fileno(), True)
+        env = {"DD_APM_NET_RECEIVER_FD": str(listener.fileno()), "DD_APM_UNIX_RECEIVER_FD": str(regular.fileno())}
+        with pytest.raises(tl.LoaderError, match=r"DD_APM_UNIX_RECEIVER_FD.* is not an open socket"):
+            tl.adopt(environ=env)
+        gc.collect()  # a wrapper adopt() dropped, collected now, would close its fd
+        assert os.get_inheritable(listener.fileno()) and os.get_inheritable(regular.fileno())
+        assert regular.write("still open") == 10
+    client = sockets.connect(listener.getsockname()[1])  # the listener still listens, and can fall back
+    assert listener.accept()[0].getpeername() == client.getsockname()
+
+
+@pytest.mark.parametrize("kwargs, env, named", [
+    ({}, {}, "DD_APM_NET_RECEIVER_FD, DD_APM_UNIX_RECEIVER_FD"),  # no hand-off at all: the caller binds its own
+    ({"names": ["APP_FD"]}, {"DD_APM_NET_RECEIVER_FD": "3"}, "none of APP_FD is set"),
+    ({"names": ["APP_FD"], "client_var": "APP_CLIENT_FD"}, {"LISTEN_PID": "1"}, "APP_FD, APP_CLIENT_FD"),
+])
+def test_adopt_finding_nothing_raises(kwargs, env, named):
+    with pytest.raises(tl.LoaderError, match="no sockets were handed over to this process: .*%s" % named):
+        tl.adopt(environ=env, **kwargs)
+
+
 # A server written in Python, adopting with the one call whichever protocol handed its sockets over.
 ADOPTING_AGENT = """\
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import trace_loader as tl
 
-with tl.adopt() as handoff:
+with tl.adopt(**json.loads(sys.argv[3])) as handoff:
     held = handoff.client is not None
+    adopted = list(handoff.listeners.values()) + ([handoff.client] if held else [])
     with open(sys.argv[2] + ".tmp", "w") as f:
-        json.dump({"pid": os.getpid(), "listeners": sorted(handoff.listeners), "held": held}, f)
+        json.dump({"pid": os.getpid(), "listeners": sorted(handoff.listeners), "held": held,
+                   "inheritable": [os.get_inheritable(s.fileno()) for s in adopted]}, f)
     os.rename(sys.argv[2] + ".tmp", sys.argv[2])
     for _ in range(2):
         conn, peer = handoff.accept()
@@ -2520,10 +2548,10 @@ with tl.adopt() as handoff:
 """
 
 
-def adopting_agent(tmp_path, report) -> list[str]:
+def adopting_agent(tmp_path, report, **adopt_kwargs: object) -> list[str]:
     script = tmp_path / "adopting_agent.py"
     script.write_text(ADOPTING_AGENT)
-    return [sys.executable, str(script), os.path.dirname(LOADER), str(report)]
+    return [sys.executable, str(script), os.path.dirname(LOADER), str(report), json.dumps(adopt_kwargs)]
 
 
 def get(port: int, path: str) -> dict:
@@ -2536,16 +2564,23 @@ def get(port: int, path: str) -> dict:
     ("drop-in", True, ["DD_APM_NET_RECEIVER_FD"]),
     ("systemd fd", True, ["unknown"]),
     ("systemd relay", False, ["unknown"]),
+    ("env fd", True, ["APP_FD"]),
+    ("env relay", False, ["APP_FD"]),
 ])
-def test_adopt_reads_both_protocols_from_a_real_hand_off(procs, tmp_path, front_door, held, listeners):
+def test_adopt_reads_every_protocol_from_a_real_hand_off(procs, tmp_path, front_door, held, listeners):
     report = tmp_path / "report.json"
+    protocol, held_client = front_door.split()[0], front_door.split()[-1]
     if front_door == "drop-in":
         port = free_port()
         proc = start_drop_in(procs, write_config(tmp_path, port=port), report,
                              agent=adopting_agent(tmp_path, report))
     else:
-        proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--held-client",
-                                     front_door.split()[1], "--log-level", "debug"], adopting_agent(tmp_path, report))
+        env_options = ["--client-fd-var", "APP_CLIENT_FD"] if held_client == "fd" else []
+        options = ["--protocol", "env", "--listen", "APP_FD=tcp://127.0.0.1:0", *env_options] \
+            if protocol == "env" else ["--listen", "tcp://127.0.0.1:0"]
+        kwargs = {"names": ["APP_FD"], "client_var": "APP_CLIENT_FD"} if protocol == "env" else {}
+        proc = start_generic(procs, [*options, "--handle-tcp-probe", "--held-client", held_client, "--log-level",
+                                     "debug"], adopting_agent(tmp_path, report, **kwargs))
         port = bound_port(proc)
     proc.wait_for("Polling")
     first = get(port, "/first")  # the held client: served first (by adopt()'s accept(), or through the relay)
@@ -2553,7 +2588,38 @@ def test_adopt_reads_both_protocols_from_a_real_hand_off(procs, tmp_path, front_
     assert (first["pid"], second["pid"]) == (proc.pid, proc.pid)
     assert (first["line"], second["line"]) == ("GET /first HTTP/1.0", "GET /second HTTP/1.0")
     assert first["peer"] and second["peer"]
-    assert read_report(report) == {"pid": proc.pid, "listeners": listeners, "held": held}
+    # Every adopted socket close-on-exec, as sd_listen_fds(3) leaves them, whichever protocol.
+    assert read_report(report) == {"pid": proc.pid, "listeners": listeners, "held": held,
+                                   "inheritable": [False] * (len(listeners) + held)}
+
+
+@pytest.mark.parametrize("count, names, listeners", [
+    (1, None, ["unknown"]),
+    (1, "", ["unknown"]),
+    (2, None, ["unknown@3", "unknown@4"]),
+    (2, "web:", ["unknown", "web"]),
+])
+def test_adopt_names_unnamed_systemd_sockets_as_the_loader_does(procs, sockets, tmp_path, count, names, listeners):
+    report = tmp_path / "report.json"
+    passed = [sockets.tcp_listener() for _ in range(count)]
+    procs(launch_with_fds(passed, names, adopting_agent(tmp_path, report)), base_env(),
+          pass_fds=[s.fileno() for s in passed])
+    assert read_report(report)["listeners"] == listeners
+
+
+@pytest.mark.parametrize("count, names, problem", [
+    (0, None, r"LISTEN_FDS is '0'; expected a count of sockets from 1 to 4096"),
+    (1, "a:b", r"LISTEN_FDNAMES is 'a:b': 2 names for LISTEN_FDS=1 sockets"),
+])
+def test_loader_and_adopt_refuse_the_same_listen_fds(procs, sockets, tmp_path, count, names, problem):
+    passed = [sockets.tcp_listener() for _ in range(count)]
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": str(count), **({"LISTEN_FDNAMES": names} if names else {})}
+    with pytest.raises(tl.LoaderError, match="^%s$" % problem):
+        tl.adopt(environ=env)
+    proc = procs(launch_with_fds(passed, names, [sys.executable, LOADER, "--listen", "systemd:", "--",
+                                                 *SAYS_ITS_PID]), base_env(), pass_fds=[s.fileno() for s in passed])
+    proc.wait_for(r"WARN .* Failed to get listeners for \S+: %s$" % problem)  # and it fails open
+    proc.wait_for("started as %d" % proc.pid)
 
 
 def test_handoff_closes_what_it_holds(sockets):
