@@ -2593,17 +2593,24 @@ def test_adopt_reads_every_protocol_from_a_real_hand_off(procs, tmp_path, front_
                                    "inheritable": [False] * (len(listeners) + held)}
 
 
+@pytest.mark.parametrize("via_loader", [False, True], ids=["systemd to adopt()", "systemd to loader to adopt()"])
 @pytest.mark.parametrize("count, names, listeners", [
     (1, None, ["unknown"]),
     (1, "", ["unknown"]),
     (2, None, ["unknown@3", "unknown@4"]),
     (2, "web:", ["unknown", "web"]),
 ])
-def test_adopt_names_unnamed_systemd_sockets_as_the_loader_does(procs, sockets, tmp_path, count, names, listeners):
+def test_adopt_names_unnamed_systemd_sockets_as_the_loader_does(procs, sockets, tmp_path, count, names, listeners,
+                                                               via_loader):
     report = tmp_path / "report.json"
     passed = [sockets.tcp_listener() for _ in range(count)]
-    procs(launch_with_fds(passed, names, adopting_agent(tmp_path, report)), base_env(),
-          pass_fds=[s.fileno() for s in passed])
+    agent = adopting_agent(tmp_path, report)
+    # The loader reads the same LISTEN_FDNAMES, and hands the names it read on in its own.
+    argv = [sys.executable, LOADER, "--listen", "systemd:", "--", *agent] if via_loader else agent
+    proc = procs(launch_with_fds(passed, names, argv), base_env(), pass_fds=[s.fileno() for s in passed])
+    if via_loader:
+        proc.wait_for("Polling")
+        sockets.connect(passed[0].getsockname()[1])  # wakes the program
     assert read_report(report)["listeners"] == listeners
 
 
