@@ -2030,6 +2030,31 @@ def test_log_file_that_cannot_be_opened_costs_a_warning_not_the_activation(procs
         answer_json(http_request(c))
 
 
+def test_a_log_write_failing_with_any_error_costs_the_line_not_the_activation(tmp_path):
+    # stderr a datagram socket whose reader left: every console write fails (ECONNREFUSED, then ENOTCONN).
+    stderr, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    reader.close()
+    log_file = tmp_path / "trace-agent.log"
+    port = free_port()
+    report = tmp_path / "report.json"
+    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(log_file))
+    agent = ["/bin/sh", "-c", 'exec "$@" 2>/dev/null', "sh"] + agent_argv(report)  # the agent's stderr works
+    proc = subprocess.Popen([sys.executable, LOADER, write_config(tmp_path, port=port)] + agent, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr.fileno(),
+                            start_new_session=True)
+    stderr.close()
+    try:
+        waiting = wait_until(lambda: proc.poll() is None and "Polling" in (text_of(log_file) or ""),
+                             "the loader waiting or ending", until=lambda seen: seen or proc.poll() is not None)
+        assert waiting, "the loader ended with status %s" % proc.poll()
+        with connect(port) as c:
+            assert answer_json(http_request(c))["pid"] == proc.pid
+        assert read_report(report)["pid"] == proc.pid
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(TIMEOUT)
+
+
 def test_log_level_off_is_silent(tmp_path):
     config = write_config(tmp_path, port=0, socket_path="", level="off")
     result = run_loader([config, sys.executable, AGENT])

@@ -111,13 +111,6 @@ _SYSTEMD_VARS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_PIDFDID")
 _LEVELS = {"trace": 0, "debug": 1, "info": 2, "warn": 3, "error": 4, "critical": 5, "off": 6}
 _LEVEL_ALIASES = {"warning": "warn", "err": "error"}
 
-# Errors a log write may meet and that must never cost the activation: a closed
-# pipe (SIGPIPE is ignored while we run), a full disk, a non-blocking stderr.
-_LOG_WRITE_ERRNOS = frozenset(
-    {errno.EPIPE, errno.EAGAIN, errno.EWOULDBLOCK, errno.EIO, errno.ENOSPC,
-     errno.EDQUOT, errno.EFBIG, errno.EBADF, errno.EINVAL}
-)
-
 
 # Every control character a message might still carry becomes a visible
 # escape: a raw CR or ESC in a log line could forge a line or drive a terminal.
@@ -181,9 +174,11 @@ class _Log:
         for fd in ((2,) if self.console else ()) + ((self.file_fd,) if self.file_fd >= 0 else ()):
             try:
                 os.write(fd, data)
-            except OSError as exc:
-                if exc.errno not in _LOG_WRITE_ERRNOS:
-                    raise
+            except OSError:
+                # Any error, not a list of errnos: a closed pipe, a full disk, a
+                # reader that left a datagram stderr, a read-only remount. The
+                # log is never worth the activation; this line is lost, no more.
+                pass
 
     def trace(self, message: str, *args: object) -> None:
         self._emit("trace", message, args)
