@@ -1704,7 +1704,7 @@ def test_inherited_fd_variables_never_reach_the_agent(procs, sockets, tmp_path, 
     if path == "internal":
         # No input reaches main()'s last guard from outside; run the guard's exec itself.
         code = ("import sys; sys.path.insert(0, %r); import trace_loader as t, os;"
-                "t._last_resort_exec(sys.argv[2:], dict(os.environ), [0, 1, 2], t._Log())"
+                "t._last_resort_exec(sys.argv[2:], sys.argv[1:2], dict(os.environ), [0, 1, 2], t._Log())"
                 % os.path.dirname(LOADER))
         proc = procs([sys.executable, "-c", code, config] + agent_argv(report), env)
     else:
@@ -1842,6 +1842,28 @@ def test_generic_systemd_listen_without_passed_sockets_fails_open(procs, tmp_pat
     assert data["listen_fds"] is None and data["listen_fdnames"] is None  # stale LISTEN_* removed
     proc.wait_for(r"WARN .*Failed to get listeners for \S+: no sockets were passed to this process "
                   r"\(LISTEN_PID is '1', our pid is %d\)" % proc.pid)
+
+
+# A program that prints its environment as one JSON line on stderr.
+PRINTS_ITS_ENV = [sys.executable, "-c",
+                  "import json, os, sys; sys.stderr.write('env %s\\n' % json.dumps(dict(os.environ)))"]
+
+
+@pytest.mark.parametrize("path", ["fail-open", "internal"])
+def test_failing_open_drops_every_listen_name_the_parent_set(procs, tmp_path, path):
+    options = ["--protocol", "env", "--listen", "T_HTTP_FD=systemd:", "--listen", "T_API_FD=tcp://127.0.0.1:0"]
+    env = base_env(T_HTTP_FD="7", T_API_FD="8", T_OTHER="kept")
+    if path == "internal":
+        # No input reaches main()'s last guard from outside; run the guard's exec itself.
+        code = ("import sys; sys.path.insert(0, %r); import trace_loader as t, os;"
+                "t._last_resort_exec(sys.argv[1:], %r, dict(os.environ), [0, 1, 2], t._Log())"
+                % (os.path.dirname(LOADER), options))
+        proc = procs([sys.executable, "-c", code] + PRINTS_ITS_ENV, env)
+    else:
+        proc = start_generic(procs, options, PRINTS_ITS_ENV, env)  # nothing was passed to this pid
+    seen = json.loads(proc.wait_for(r"^env ")[0][4:])
+    assert "T_HTTP_FD" not in seen and "T_API_FD" not in seen, seen
+    assert seen["T_OTHER"] == "kept"
 
 
 def test_generic_systemd_name_not_found_passes_the_sockets_through(procs, sockets, tmp_path):

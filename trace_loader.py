@@ -2553,29 +2553,35 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
     try:
         specs, unselected = _expand_inherited(args.listen, environ, for_us=for_us)
     except _ListenerError as exc:
-        fail_open = _Launch(path, program, dict(environ), label, _generic_protocol(args, [], for_us, []),
+        fail_open = _Launch(path, program, dict(environ), label, _generic_protocol(args, for_us, []),
                             inherited_fds=inherited_fds)
         log.warn("Failed to get listeners for %s: %s", label, exc)
         _exec_directly(fail_open, log)
     problem = _check_unique_names(specs, args.protocol)
     if problem:
         parser.error(problem)
-    launch = _Launch(path, program, dict(environ), label, _generic_protocol(args, specs, for_us, unselected),
+    launch = _Launch(path, program, dict(environ), label, _generic_protocol(args, for_us, unselected),
                      inherited_fds=inherited_fds)
     activation = _Activation(probe=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
                              hold_timeout_ms=args.hold_timeout, held_client=args.held_client)
     return _serve(launch, specs, activation, log)
 
 
-def _generic_protocol(args: argparse.Namespace, specs: list[_ListenerSpec], for_us: bool,
-                      unselected: list[int]) -> _HandoffProtocol:
+def _generic_protocol(args: argparse.Namespace, for_us: bool, unselected: list[int]) -> _HandoffProtocol:
     if args.protocol == "systemd":
         return _SystemdProtocol(inherited_for_us=for_us)
     client_var = args.client_fd_var if args.held_client == _HELD_FD else ""
     # LISTEN_* meant for another process are stale here: always dropped. Ours
     # stay true until the hand-off describes the same sockets by NAME instead.
-    return _EnvProtocol([s.handoff_name for s in specs] + ([] if for_us else list(_SYSTEMD_VARS)), client_var,
+    # Each --listen NAME is dropped on every path, fail open included: one
+    # inherited from our parent would name an fd nobody handed the program.
+    return _EnvProtocol(_env_handoff_vars(args) + ([] if for_us else list(_SYSTEMD_VARS)), client_var,
                         replaced_vars=_SYSTEMD_VARS if for_us else (), unselected_fds=unselected)
+
+
+def _env_handoff_vars(args: argparse.Namespace) -> list[str]:
+    """The variables that --listen NAME= names under --protocol env (a systemd:NAME keeps its NAME)."""
+    return [spec.handoff_name for spec in args.listen] if args.protocol == "env" else []
 
 
 def _check_generic_options(specs: list[_ListenerSpec], args: argparse.Namespace) -> str:
@@ -2840,16 +2846,22 @@ def main(argv: list[str] | None = None) -> int:
         return _run_drop_in(own_args[0], program, environ, log, inherited_fds)
     except Exception as exc:  # noqa: BLE001 -- the last guard: an internal error must not cost the agent
         log.critical("Internal error (%s: %s); starting the program directly", type(exc).__name__, exc)
-        return _last_resort_exec(program, environ, inherited_fds, log)
+        return _last_resort_exec(program, own_args, environ, inherited_fds, log)
 
 
-def _last_resort_exec(program: list[str], environ: dict[str, str], inherited_fds: list[int], log: _Log) -> int:
+def _last_resort_exec(program: list[str], own_args: list[str], environ: dict[str, str], inherited_fds: list[int],
+                      log: _Log) -> int:
     try:
         path = _find_program(program[0] if program else "", environ)
     except LoaderError:
         return 1
     for_us = environ.get("LISTEN_PID", "") == str(os.getpid())
-    scrubbed = _DROP_IN_FD_VARS + (() if for_us else _SYSTEMD_VARS)
+    try:
+        # Generic mode's --listen NAMEs: its arguments read again, as before whatever failed.
+        named = _env_handoff_vars(_generic_parser().parse_known_args(own_args)[0])
+    except Exception:  # noqa: BLE001 -- the parser may be what failed; the drop-in names still go
+        named = []
+    scrubbed = _DROP_IN_FD_VARS + tuple(named) + (() if for_us else _SYSTEMD_VARS)
     launch = _Launch(path, program, environ, _program_label(program[0]), _EnvProtocol(scrubbed, ""),
                      inherited_fds=inherited_fds)
     _exec_directly(launch, log)
