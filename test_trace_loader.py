@@ -1947,8 +1947,46 @@ def test_sigterm_ends_the_wait_even_when_the_parent_ignored_it(procs, tmp_path):
     assert not report.exists()
 
 
-def test_stray_signals_are_ignored_while_waiting_and_the_agent_gets_defaults(procs, tmp_path):
-    proc, port, report = loader_and_port(procs, tmp_path)
+def blocking_stop_signals() -> None:
+    """preexec_fn: start the loader with SIGTERM, SIGINT and SIGHUP blocked (and their default actions)."""
+    signal_dispositions(SIGTERM=signal.SIG_DFL, SIGINT=signal.SIG_DFL, SIGHUP=signal.SIG_DFL)()
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+
+
+def signals_in_mask(hex_mask: str) -> set[int]:
+    """The signals a /proc/PID/status mask (SigBlk, SigIgn) holds: bit N-1 is signal N."""
+    mask = int(hex_mask, 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+def test_sigterm_ends_the_wait_even_when_the_parent_blocked_it(procs, tmp_path):
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=free_port()), report, preexec_fn=blocking_stop_signals)
+    proc.wait_for("Polling")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait_exit() == -signal.SIGTERM
+    assert not report.exists()
+
+
+def test_the_program_starts_with_the_stop_signals_unblocked(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report, preexec_fn=blocking_stop_signals)
+    proc.wait_for("Polling")
+    with connect(port) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+    assert read_report(report)["blocked"] == []  # the mask the program started with
+    if LINUX:
+        assert signals_in_mask(proc_status_of(proc.pid)["SigBlk"]) == set()
+
+
+@pytest.mark.parametrize("parent", ["default", "ignored"])
+def test_stray_signals_are_ignored_while_waiting_and_the_agent_gets_defaults(procs, tmp_path, parent):
+    port = free_port()
+    report = tmp_path / "report.json"
+    ignored = {signal.Signals(n).name: signal.SIG_IGN for n in _STRAY_SIGNALS} if parent == "ignored" else {}
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report, preexec_fn=signal_dispositions(**ignored))
+    proc.wait_for("Polling")
     for signum in _STRAY_SIGNALS:
         os.kill(proc.pid, signum)
     kubelet_probe(port)  # handled after every signal above was delivered
@@ -1960,6 +1998,8 @@ def test_stray_signals_are_ignored_while_waiting_and_the_agent_gets_defaults(pro
     # SIGINT is the Python agent's own KeyboardInterrupt handler; every other one arrived at its default.
     assert {name for name, how in data["signals"].items() if how != "default"} == {"SIGINT"}, data["signals"]
     assert data["blocked"] == []
+    if LINUX:  # the real-time signals too: none ignored (CPython itself ignores only SIGPIPE and SIGXFSZ)
+        assert signals_in_mask(proc_status_of(proc.pid)["SigIgn"]) & set(_STRAY_SIGNALS) == set()
 
 
 def test_sigstop_and_sigcont_while_waiting_cause_no_exec(procs, tmp_path):

@@ -1935,8 +1935,9 @@ _STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 # manager or container runtime stops us, always ends the wait.
 _KEPT_IF_IGNORED = ("SIGINT", "SIGHUP")
 # Caught and ignored while waiting, as the Go runtime does. A handler, never
-# SIG_IGN: execve resets handlers to the default, but keeps ignored signals
-# ignored, and the program must start with the defaults.
+# SIG_IGN, also where our parent ignored them: execve resets handlers to the
+# default, but keeps ignored signals ignored, and the program must start with
+# the defaults.
 _IGNORED_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGIO", "SIGPWR", "SIGVTALRM", "SIGPROF", "SIGXCPU")
 
 
@@ -1962,10 +1963,13 @@ def _set_waiting_signal_handlers() -> None:
             signal.signal(signum, _exit_as_init if as_init else signal.SIG_DFL)
     for signum in [*_signals_named(_IGNORED_SIGNALS), *_realtime_signals()]:
         try:
-            if signal.getsignal(signum) is signal.SIG_DFL:
-                signal.signal(signum, _ignore_signal)
+            signal.signal(signum, _ignore_signal)
         except (OSError, ValueError):
             pass  # a real-time signal the C library reserves for itself: not ours to set
+    # A signal mask survives execve too: one that blocks SIGTERM would leave
+    # the waiting loader unstoppable and the signal pending for the program.
+    # Unblock the stop signals, as a Go program waiting on signal.Notify does.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _signals_named(_STOP_SIGNALS))
 
 
 def _exit_as_init(signum: int, frame: object) -> None:
