@@ -2191,7 +2191,12 @@ def test_trace_level_masks_secrets(procs, tmp_path):
     log_file = tmp_path / "trace-agent.log"
     env = base_env(DD_API_KEY="s3cr3t-api", DD_APP_KEY="s3cr3t-app", MY_AUTH_HEADER="s3cr3t-auth",
                    db_password="s3cr3t-pw", DD_LOG_LEVEL="trace", DD_DISABLE_FILE_LOGGING="false",
-                   DD_APM_LOG_FILE=str(log_file))
+                   DD_APM_LOG_FILE=str(log_file),
+                   # credentials under other names: a proxy URL, the API keys of extra endpoints, any URL
+                   DD_PROXY_HTTPS="http://user:s3cr3t-proxy@proxy:3128", DD_PROXY_NO_PROXY="s3cr3t-host",
+                   DD_APM_ADDITIONAL_ENDPOINTS='{"https://intake.example": ["s3cr3t-key"]}',
+                   dd_apm_profiling_additional_endpoints="s3cr3t-lower",
+                   DATABASE_URL="postgres://app:s3cr3t/url@db:5432/x", MIRROR="https://mirror.example:8443/")
     port = free_port()
     report = tmp_path / "report.json"
     proc = start_drop_in(procs, write_config(tmp_path, port=port), report, env)
@@ -2200,6 +2205,9 @@ def test_trace_level_masks_secrets(procs, tmp_path):
         answer_json(http_request(c))
     line = proc.wait_for("Starting the trace-agent with env")[0]
     assert "'DD_API_KEY'='********'" in line and "'DD_LOG_LEVEL'='trace'" in line
+    assert "'DD_PROXY_HTTPS'='********'" in line and "'DD_APM_ADDITIONAL_ENDPOINTS'='********'" in line
+    assert "'DATABASE_URL'='postgres://app:********@db:5432/x'" in line
+    assert "'MIRROR'='https://mirror.example:8443/'" in line  # a URL without a password, as it is
     for text in (proc.text(), log_file.read_text()):
         assert "s3cr3t" not in text
 

@@ -117,8 +117,11 @@ _LEVEL_ALIASES = {"warning": "warn", "err": "error"}
 _CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
 _MAX_LOG_LINE = 2048  # bytes, newline included
 _PATH_SHOWN_MAX = 300
-# A variable whose name holds one of these (any case) is masked at trace level.
-_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
+# A variable whose name holds one of these (any case) is masked at trace level:
+# the words that say "secret", and the Datadog variables that carry credentials
+# under other names (proxy URLs with user:password@, endpoints' API keys).
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "DD_PROXY_",
+                 "ADDITIONAL_ENDPOINTS")
 
 
 class _Log:
@@ -242,9 +245,18 @@ def _is_secret_name(name: str) -> bool:
 def _env_shown(env: Mapping[str, str]) -> str:
     """The environment for a trace line: secrets masked, every value cut."""
     return ", ".join(
-        "%s=%s" % (_quoted(name, 64), "'********'" if _is_secret_name(name) else _quoted(value))
+        "%s=%s" % (_quoted(name, 64), "'********'" if _is_secret_name(name) else _quoted(_url_password_masked(value)))
         for name, value in sorted(env.items())
     )
+
+
+def _url_password_masked(value: str) -> str:
+    """`value` with the password of every URL in it masked: scheme://user:********@host."""
+    import re  # only at trace level
+
+    # Up to the next '@' (or space): a password that holds '/' is masked too,
+    # and masking a port and path by mistake hides nothing worth seeing.
+    return re.sub(r"(://[^\s:/@]*:)[^\s@]*@", r"\1********@", value)
 
 
 # ---------------------------------------------------------------------------
