@@ -2699,6 +2699,18 @@ def test_memory_release_steps_keep_the_behaviour(procs, tmp_path, steps):
     assert read_report(report)["fds"] == [0, 1, 2, 3, 4]
 
 
+@needs_proc
+def test_a_16_mib_config_of_4_million_short_keys_peaks_under_150_mb(procs, tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, "other:", port=port)  # an unneeded key, to hold them all
+    with open(config, "a") as f:
+        f.write(" k:\n" * ((tl._MAX_CONFIG_BYTES - f.tell()) // 4))
+    proc = start_drop_in(procs, config, tmp_path / "report.json")
+    proc.wait_for("Polling")
+    peak_kb = int(proc_status_of(proc.pid)["VmHWM"].split()[0])  # the whole read lies behind
+    assert peak_kb < 150 * 1024, "peak RSS %d kB reading the configuration" % peak_kb
+
+
 @pytest.mark.parametrize("steps", ["", "none"])
 def test_exit_statuses_are_the_same_with_and_without_deferral(tmp_path, steps):
     env = base_env(TRACE_LOADER_RELEASE_MEMORY=steps, DD_APM_ENABLED="false")

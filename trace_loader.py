@@ -42,7 +42,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs import time and memory; only mypy needs it
     import argparse
     import ctypes
-    from typing import Callable, Iterable, Mapping, NoReturn
+    from typing import Callable, Iterable, Iterator, Mapping, NoReturn
 
 __version__ = "0.2.0"
 
@@ -299,7 +299,7 @@ class _YamlReader:
     """One pass over the lines; `nodes` maps dotted paths to what they hold."""
 
     def __init__(self, text: str, wanted: Iterable[str], source: str) -> None:
-        self.lines = text.split("\n")
+        self.text = text
         self.source = source
         self.wanted = frozenset(wanted)
         self.prefixes = frozenset(
@@ -319,7 +319,7 @@ class _YamlReader:
 
     def read(self) -> dict[str, _Node]:
         started = False
-        for index, line in enumerate(self.lines):
+        for index, line in enumerate(_lines(self.text)):
             lineno = index + 1
             body = line.lstrip(" ")
             content = body.lstrip(" \t")
@@ -455,6 +455,20 @@ class _YamlReader:
             self.scalar_at = (indent, path)
         else:
             self.skip(indent)
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of `text`, split a block of about 64 KiB at a time.
+
+    A list of all of them would cost some 50 bytes a line: 4 million short
+    keys in a 16 MiB file made 300 MB. str.split on a block is as fast.
+    """
+    start = 0
+    end = text.find("\n", 1 << 16)
+    while end >= 0:
+        yield from text[start:end].split("\n")
+        start, end = end + 1, text.find("\n", end + 1 + (1 << 16))
+    yield from text[start:].split("\n")
 
 
 def _is_dash_item(body: str) -> bool:
@@ -602,21 +616,16 @@ def _read_config_file(path: str) -> str:
             raise _ConfigError(
                 "is %d bytes; this loader reads at most %d" % (info.st_size, _MAX_CONFIG_BYTES), source=path
             )
-        chunks: list[bytes] = []
-        size = 0
-        while size <= _MAX_CONFIG_BYTES:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > _MAX_CONFIG_BYTES:
-            raise _ConfigError("grew past %d bytes while being read" % _MAX_CONFIG_BYTES, source=path)
+        # A buffered read(n) reads until n bytes or the end, into one buffer.
+        with open(fd, "rb", closefd=False) as file:
+            data = file.read(_MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise _ConfigError("cannot read: %s" % _oserror_text(exc), source=path) from None
     finally:
         os.close(fd)
-    return _decode_config(b"".join(chunks), path)
+    if len(data) > _MAX_CONFIG_BYTES:
+        raise _ConfigError("grew past %d bytes while being read" % _MAX_CONFIG_BYTES, source=path)
+    return _decode_config(data, path)
 
 
 def _file_kind(mode: int) -> str:
