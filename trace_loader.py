@@ -2605,7 +2605,7 @@ def _generic_protocol(args: argparse.Namespace, for_us: bool, unselected: list[i
 
 
 def _env_handoff_vars(args: argparse.Namespace) -> list[str]:
-    """The variables that --listen NAME= names under --protocol env (a systemd:NAME keeps its NAME)."""
+    """The variables --listen NAME= names under --protocol env (under systemd's, NAME is an fd name)."""
     return [spec.handoff_name for spec in args.listen] if args.protocol == "env" else []
 
 
