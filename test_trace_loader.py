@@ -1705,7 +1705,7 @@ def test_inherited_fd_variables_never_reach_the_agent(procs, sockets, tmp_path, 
     if path == "internal":
         # No input reaches main()'s last guard from outside; run the guard's exec itself.
         code = ("import sys; sys.path.insert(0, %r); import trace_loader as t, os;"
-                "t._last_resort_exec(sys.argv[2:], dict(os.environ), [0, 1, 2], t._Log())"
+                "t._last_resort_exec(sys.argv[2:], sys.argv[1:2], dict(os.environ), [0, 1, 2], t._Log())"
                 % os.path.dirname(LOADER))
         proc = procs([sys.executable, "-c", code, config] + agent_argv(report), env)
     else:
@@ -1845,6 +1845,28 @@ def test_generic_systemd_listen_without_passed_sockets_fails_open(procs, tmp_pat
                   r"\(LISTEN_PID is '1', our pid is %d\)" % proc.pid)
 
 
+# A program that prints its environment as one JSON line on stderr.
+PRINTS_ITS_ENV = [sys.executable, "-c",
+                  "import json, os, sys; sys.stderr.write('env %s\\n' % json.dumps(dict(os.environ)))"]
+
+
+@pytest.mark.parametrize("path", ["fail-open", "internal"])
+def test_failing_open_drops_every_listen_name_the_parent_set(procs, tmp_path, path):
+    options = ["--protocol", "env", "--listen", "T_HTTP_FD=systemd:", "--listen", "T_API_FD=tcp://127.0.0.1:0"]
+    env = base_env(T_HTTP_FD="7", T_API_FD="8", T_OTHER="kept")
+    if path == "internal":
+        # No input reaches main()'s last guard from outside; run the guard's exec itself.
+        code = ("import sys; sys.path.insert(0, %r); import trace_loader as t, os;"
+                "t._last_resort_exec(sys.argv[1:], %r, dict(os.environ), [0, 1, 2], t._Log())"
+                % (os.path.dirname(LOADER), options))
+        proc = procs([sys.executable, "-c", code] + PRINTS_ITS_ENV, env)
+    else:
+        proc = start_generic(procs, options, PRINTS_ITS_ENV, env)  # nothing was passed to this pid
+    seen = json.loads(proc.wait_for(r"^env ")[0][4:])
+    assert "T_HTTP_FD" not in seen and "T_API_FD" not in seen, seen
+    assert seen["T_OTHER"] == "kept"
+
+
 def test_generic_systemd_name_not_found_passes_the_sockets_through(procs, sockets, tmp_path):
     report = tmp_path / "report.json"
     inherited = sockets.tcp_listener()
@@ -1926,8 +1948,46 @@ def test_sigterm_ends_the_wait_even_when_the_parent_ignored_it(procs, tmp_path):
     assert not report.exists()
 
 
-def test_stray_signals_are_ignored_while_waiting_and_the_agent_gets_defaults(procs, tmp_path):
-    proc, port, report = loader_and_port(procs, tmp_path)
+def blocking_stop_signals() -> None:
+    """preexec_fn: start the loader with SIGTERM, SIGINT and SIGHUP blocked (and their default actions)."""
+    signal_dispositions(SIGTERM=signal.SIG_DFL, SIGINT=signal.SIG_DFL, SIGHUP=signal.SIG_DFL)()
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+
+
+def signals_in_mask(hex_mask: str) -> set[int]:
+    """The signals a /proc/PID/status mask (SigBlk, SigIgn) holds: bit N-1 is signal N."""
+    mask = int(hex_mask, 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+def test_sigterm_ends_the_wait_even_when_the_parent_blocked_it(procs, tmp_path):
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=free_port()), report, preexec_fn=blocking_stop_signals)
+    proc.wait_for("Polling")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait_exit() == -signal.SIGTERM
+    assert not report.exists()
+
+
+def test_the_program_starts_with_the_stop_signals_unblocked(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report, preexec_fn=blocking_stop_signals)
+    proc.wait_for("Polling")
+    with connect(port) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+    assert read_report(report)["blocked"] == []  # the mask the program started with
+    if LINUX:
+        assert signals_in_mask(proc_status_of(proc.pid)["SigBlk"]) == set()
+
+
+@pytest.mark.parametrize("parent", ["default", "ignored"])
+def test_stray_signals_are_ignored_while_waiting_and_the_agent_gets_defaults(procs, tmp_path, parent):
+    port = free_port()
+    report = tmp_path / "report.json"
+    ignored = {signal.Signals(n).name: signal.SIG_IGN for n in _STRAY_SIGNALS} if parent == "ignored" else {}
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report, preexec_fn=signal_dispositions(**ignored))
+    proc.wait_for("Polling")
     for signum in _STRAY_SIGNALS:
         os.kill(proc.pid, signum)
     kubelet_probe(port)  # handled after every signal above was delivered
@@ -1939,6 +1999,8 @@ def test_stray_signals_are_ignored_while_waiting_and_the_agent_gets_defaults(pro
     # SIGINT is the Python agent's own KeyboardInterrupt handler; every other one arrived at its default.
     assert {name for name, how in data["signals"].items() if how != "default"} == {"SIGINT"}, data["signals"]
     assert data["blocked"] == []
+    if LINUX:  # the real-time signals too: none ignored (CPython itself ignores only SIGPIPE and SIGXFSZ)
+        assert signals_in_mask(proc_status_of(proc.pid)["SigIgn"]) & set(_STRAY_SIGNALS) == set()
 
 
 def test_sigstop_and_sigcont_while_waiting_cause_no_exec(procs, tmp_path):
@@ -2031,6 +2093,31 @@ def test_log_file_that_cannot_be_opened_costs_a_warning_not_the_activation(procs
         answer_json(http_request(c))
 
 
+def test_a_log_write_failing_with_any_error_costs_the_line_not_the_activation(tmp_path):
+    # stderr a datagram socket whose reader left: every console write fails (ECONNREFUSED, then ENOTCONN).
+    stderr, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    reader.close()
+    log_file = tmp_path / "trace-agent.log"
+    port = free_port()
+    report = tmp_path / "report.json"
+    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(log_file))
+    agent = ["/bin/sh", "-c", 'exec "$@" 2>/dev/null', "sh"] + agent_argv(report)  # the agent's stderr works
+    proc = subprocess.Popen([sys.executable, LOADER, write_config(tmp_path, port=port)] + agent, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr.fileno(),
+                            start_new_session=True)
+    stderr.close()
+    try:
+        waiting = wait_until(lambda: proc.poll() is None and "Polling" in (text_of(log_file) or ""),
+                             "the loader waiting or ending", until=lambda seen: seen or proc.poll() is not None)
+        assert waiting, "the loader ended with status %s" % proc.poll()
+        with connect(port) as c:
+            assert answer_json(http_request(c))["pid"] == proc.pid
+        assert read_report(report)["pid"] == proc.pid
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(TIMEOUT)
+
+
 def test_log_level_off_is_silent(tmp_path):
     config = write_config(tmp_path, port=0, socket_path="", level="off")
     result = run_loader([config, sys.executable, AGENT])
@@ -2105,7 +2192,12 @@ def test_trace_level_masks_secrets(procs, tmp_path):
     log_file = tmp_path / "trace-agent.log"
     env = base_env(DD_API_KEY="s3cr3t-api", DD_APP_KEY="s3cr3t-app", MY_AUTH_HEADER="s3cr3t-auth",
                    db_password="s3cr3t-pw", DD_LOG_LEVEL="trace", DD_DISABLE_FILE_LOGGING="false",
-                   DD_APM_LOG_FILE=str(log_file))
+                   DD_APM_LOG_FILE=str(log_file),
+                   # credentials under other names: a proxy URL, the API keys of extra endpoints, any URL
+                   DD_PROXY_HTTPS="http://user:s3cr3t-proxy@proxy:3128", DD_PROXY_NO_PROXY="s3cr3t-host",
+                   DD_APM_ADDITIONAL_ENDPOINTS='{"https://intake.example": ["s3cr3t-key"]}',
+                   dd_apm_profiling_additional_endpoints="s3cr3t-lower",
+                   DATABASE_URL="postgres://app:s3cr3t/url@db:5432/x", MIRROR="https://mirror.example:8443/")
     port = free_port()
     report = tmp_path / "report.json"
     proc = start_drop_in(procs, write_config(tmp_path, port=port), report, env)
@@ -2114,6 +2206,9 @@ def test_trace_level_masks_secrets(procs, tmp_path):
         answer_json(http_request(c))
     line = proc.wait_for("Starting the trace-agent with env")[0]
     assert "'DD_API_KEY'='********'" in line and "'DD_LOG_LEVEL'='trace'" in line
+    assert "'DD_PROXY_HTTPS'='********'" in line and "'DD_APM_ADDITIONAL_ENDPOINTS'='********'" in line
+    assert "'DATABASE_URL'='postgres://app:********@db:5432/x'" in line
+    assert "'MIRROR'='https://mirror.example:8443/'" in line  # a URL without a password, as it is
     for text in (proc.text(), log_file.read_text()):
         assert "s3cr3t" not in text
 
@@ -2675,6 +2770,18 @@ def test_memory_release_steps_keep_the_behaviour(procs, tmp_path, steps):
     with connect(port) as c:
         assert answer_json(http_request(c))["pid"] == proc.pid
     assert read_report(report)["fds"] == [0, 1, 2, 3, 4]
+
+
+@needs_proc
+def test_a_16_mib_config_of_4_million_short_keys_peaks_under_150_mb(procs, tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, "other:", port=port)  # an unneeded key, to hold them all
+    with open(config, "a") as f:
+        f.write(" k:\n" * ((tl._MAX_CONFIG_BYTES - f.tell()) // 4))
+    proc = start_drop_in(procs, config, tmp_path / "report.json")
+    proc.wait_for("Polling")
+    peak_kb = int(proc_status_of(proc.pid)["VmHWM"].split()[0])  # the whole read lies behind
+    assert peak_kb < 150 * 1024, "peak RSS %d kB reading the configuration" % peak_kb
 
 
 @pytest.mark.parametrize("steps", ["", "none"])

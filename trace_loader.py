@@ -42,7 +42,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs import time and memory; only mypy needs it
     import argparse
     import ctypes
-    from typing import Callable, Iterable, Mapping, NoReturn
+    from typing import Callable, Iterable, Iterator, Mapping, NoReturn
 
 __version__ = "0.2.0"
 
@@ -111,21 +111,17 @@ _SYSTEMD_VARS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_PIDFDID")
 _LEVELS = {"trace": 0, "debug": 1, "info": 2, "warn": 3, "error": 4, "critical": 5, "off": 6}
 _LEVEL_ALIASES = {"warning": "warn", "err": "error"}
 
-# Errors a log write may meet and that must never cost the activation: a closed
-# pipe (SIGPIPE is ignored while we run), a full disk, a non-blocking stderr.
-_LOG_WRITE_ERRNOS = frozenset(
-    {errno.EPIPE, errno.EAGAIN, errno.EWOULDBLOCK, errno.EIO, errno.ENOSPC,
-     errno.EDQUOT, errno.EFBIG, errno.EBADF, errno.EINVAL}
-)
-
 
 # Every control character a message might still carry becomes a visible
 # escape: a raw CR or ESC in a log line could forge a line or drive a terminal.
 _CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
 _MAX_LOG_LINE = 2048  # bytes, newline included
 _PATH_SHOWN_MAX = 300
-# A variable whose name holds one of these (any case) is masked at trace level.
-_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
+# A variable whose name holds one of these (any case) is masked at trace level:
+# the words that say "secret", and the Datadog variables that carry credentials
+# under other names (proxy URLs with user:password@, endpoints' API keys).
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "DD_PROXY_",
+                 "ADDITIONAL_ENDPOINTS")
 
 
 class _Log:
@@ -181,9 +177,11 @@ class _Log:
         for fd in ((2,) if self.console else ()) + ((self.file_fd,) if self.file_fd >= 0 else ()):
             try:
                 os.write(fd, data)
-            except OSError as exc:
-                if exc.errno not in _LOG_WRITE_ERRNOS:
-                    raise
+            except OSError:
+                # Any error, not a list of errnos: a closed pipe, a full disk, a
+                # reader that left a datagram stderr, a read-only remount. The
+                # log is never worth the activation; this line is lost, no more.
+                pass
 
     def trace(self, message: str, *args: object) -> None:
         self._emit("trace", message, args)
@@ -247,9 +245,18 @@ def _is_secret_name(name: str) -> bool:
 def _env_shown(env: Mapping[str, str]) -> str:
     """The environment for a trace line: secrets masked, every value cut."""
     return ", ".join(
-        "%s=%s" % (_quoted(name, 64), "'********'" if _is_secret_name(name) else _quoted(value))
+        "%s=%s" % (_quoted(name, 64), "'********'" if _is_secret_name(name) else _quoted(_url_password_masked(value)))
         for name, value in sorted(env.items())
     )
+
+
+def _url_password_masked(value: str) -> str:
+    """`value` with the password of every URL in it masked: scheme://user:********@host."""
+    import re  # only at trace level
+
+    # Up to the next '@' (or space): a password that holds '/' is masked too,
+    # and masking a port and path by mistake hides nothing worth seeing.
+    return re.sub(r"(://[^\s:/@]*:)[^\s@]*@", r"\1********@", value)
 
 
 # ---------------------------------------------------------------------------
@@ -292,7 +299,7 @@ class _YamlReader:
     """One pass over the lines; `nodes` maps dotted paths to what they hold."""
 
     def __init__(self, text: str, wanted: Iterable[str], source: str) -> None:
-        self.lines = text.split("\n")
+        self.text = text
         self.source = source
         self.wanted = frozenset(wanted)
         self.prefixes = frozenset(
@@ -312,7 +319,7 @@ class _YamlReader:
 
     def read(self) -> dict[str, _Node]:
         started = False
-        for index, line in enumerate(self.lines):
+        for index, line in enumerate(_lines(self.text)):
             lineno = index + 1
             body = line.lstrip(" ")
             content = body.lstrip(" \t")
@@ -448,6 +455,20 @@ class _YamlReader:
             self.scalar_at = (indent, path)
         else:
             self.skip(indent)
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of `text`, split a block of about 64 KiB at a time.
+
+    A list of all of them would cost some 50 bytes a line: 4 million short
+    keys in a 16 MiB file made 300 MB. str.split on a block is as fast.
+    """
+    start = 0
+    end = text.find("\n", 1 << 16)
+    while end >= 0:
+        yield from text[start:end].split("\n")
+        start, end = end + 1, text.find("\n", end + 1 + (1 << 16))
+    yield from text[start:].split("\n")
 
 
 def _is_dash_item(body: str) -> bool:
@@ -595,21 +616,16 @@ def _read_config_file(path: str) -> str:
             raise _ConfigError(
                 "is %d bytes; this loader reads at most %d" % (info.st_size, _MAX_CONFIG_BYTES), source=path
             )
-        chunks: list[bytes] = []
-        size = 0
-        while size <= _MAX_CONFIG_BYTES:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > _MAX_CONFIG_BYTES:
-            raise _ConfigError("grew past %d bytes while being read" % _MAX_CONFIG_BYTES, source=path)
+        # A buffered read(n) reads until n bytes or the end, into one buffer.
+        with open(fd, "rb", closefd=False) as file:
+            data = file.read(_MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise _ConfigError("cannot read: %s" % _oserror_text(exc), source=path) from None
     finally:
         os.close(fd)
-    return _decode_config(b"".join(chunks), path)
+    if len(data) > _MAX_CONFIG_BYTES:
+        raise _ConfigError("grew past %d bytes while being read" % _MAX_CONFIG_BYTES, source=path)
+    return _decode_config(data, path)
 
 
 def _file_kind(mode: int) -> str:
@@ -1946,8 +1962,9 @@ _STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 # manager or container runtime stops us, always ends the wait.
 _KEPT_IF_IGNORED = ("SIGINT", "SIGHUP")
 # Caught and ignored while waiting, as the Go runtime does. A handler, never
-# SIG_IGN: execve resets handlers to the default, but keeps ignored signals
-# ignored, and the program must start with the defaults.
+# SIG_IGN, also where our parent ignored them: execve resets handlers to the
+# default, but keeps ignored signals ignored, and the program must start with
+# the defaults.
 _IGNORED_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGIO", "SIGPWR", "SIGVTALRM", "SIGPROF", "SIGXCPU")
 
 
@@ -1973,10 +1990,13 @@ def _set_waiting_signal_handlers() -> None:
             signal.signal(signum, _exit_as_init if as_init else signal.SIG_DFL)
     for signum in [*_signals_named(_IGNORED_SIGNALS), *_realtime_signals()]:
         try:
-            if signal.getsignal(signum) is signal.SIG_DFL:
-                signal.signal(signum, _ignore_signal)
+            signal.signal(signum, _ignore_signal)
         except (OSError, ValueError):
             pass  # a real-time signal the C library reserves for itself: not ours to set
+    # A signal mask survives execve too: one that blocks SIGTERM would leave
+    # the waiting loader unstoppable and the signal pending for the program.
+    # Unblock the stop signals, as a Go program waiting on signal.Notify does.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _signals_named(_STOP_SIGNALS))
 
 
 def _exit_as_init(signum: int, frame: object) -> None:
@@ -2564,29 +2584,35 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
     try:
         specs, unselected = _expand_inherited(args.listen, environ)
     except _ListenerError as exc:
-        fail_open = _Launch(path, program, dict(environ), label, _generic_protocol(args, [], for_us, []),
+        fail_open = _Launch(path, program, dict(environ), label, _generic_protocol(args, for_us, []),
                             inherited_fds=inherited_fds)
         log.warn("Failed to get listeners for %s: %s", label, exc)
         _exec_directly(fail_open, log)
     problem = _check_unique_names(specs, args.protocol)
     if problem:
         parser.error(problem)
-    launch = _Launch(path, program, dict(environ), label, _generic_protocol(args, specs, for_us, unselected),
+    launch = _Launch(path, program, dict(environ), label, _generic_protocol(args, for_us, unselected),
                      inherited_fds=inherited_fds)
     activation = _Activation(probe=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
                              hold_timeout_ms=args.hold_timeout, held_client=args.held_client)
     return _serve(launch, specs, activation, log)
 
 
-def _generic_protocol(args: argparse.Namespace, specs: list[_ListenerSpec], for_us: bool,
-                      unselected: list[int]) -> _HandoffProtocol:
+def _generic_protocol(args: argparse.Namespace, for_us: bool, unselected: list[int]) -> _HandoffProtocol:
     if args.protocol == "systemd":
         return _SystemdProtocol(inherited_for_us=for_us)
     client_var = args.client_fd_var if args.held_client == _HELD_FD else ""
     # LISTEN_* meant for another process are stale here: always dropped. Ours
     # stay true until the hand-off describes the same sockets by NAME instead.
-    return _EnvProtocol([s.handoff_name for s in specs] + ([] if for_us else list(_SYSTEMD_VARS)), client_var,
+    # Each --listen NAME is dropped on every path, fail open included: one
+    # inherited from our parent would name an fd nobody handed the program.
+    return _EnvProtocol(_env_handoff_vars(args) + ([] if for_us else list(_SYSTEMD_VARS)), client_var,
                         replaced_vars=_SYSTEMD_VARS if for_us else (), unselected_fds=unselected)
+
+
+def _env_handoff_vars(args: argparse.Namespace) -> list[str]:
+    """The variables --listen NAME= names under --protocol env (under systemd's, NAME is an fd name)."""
+    return [spec.handoff_name for spec in args.listen] if args.protocol == "env" else []
 
 
 def _check_generic_options(specs: list[_ListenerSpec], args: argparse.Namespace) -> str:
@@ -2856,16 +2882,22 @@ def main(argv: list[str] | None = None) -> int:
         return _run_drop_in(own_args[0], program, environ, log, inherited_fds)
     except Exception as exc:  # noqa: BLE001 -- the last guard: an internal error must not cost the agent
         log.critical("Internal error (%s: %s); starting the program directly", type(exc).__name__, exc)
-        return _last_resort_exec(program, environ, inherited_fds, log)
+        return _last_resort_exec(program, own_args, environ, inherited_fds, log)
 
 
-def _last_resort_exec(program: list[str], environ: dict[str, str], inherited_fds: list[int], log: _Log) -> int:
+def _last_resort_exec(program: list[str], own_args: list[str], environ: dict[str, str], inherited_fds: list[int],
+                      log: _Log) -> int:
     try:
         path = _find_program(program[0] if program else "", environ)
     except LoaderError:
         return 1
     for_us = environ.get("LISTEN_PID", "") == str(os.getpid())
-    scrubbed = _DROP_IN_FD_VARS + (() if for_us else _SYSTEMD_VARS)
+    try:
+        # Generic mode's --listen NAMEs: its arguments read again, as before whatever failed.
+        named = _env_handoff_vars(_generic_parser().parse_known_args(own_args)[0])
+    except Exception:  # noqa: BLE001 -- the parser may be what failed; the drop-in names still go
+        named = []
+    scrubbed = _DROP_IN_FD_VARS + tuple(named) + (() if for_us else _SYSTEMD_VARS)
     launch = _Launch(path, program, environ, _program_label(program[0]), _EnvProtocol(scrubbed, ""),
                      inherited_fds=inherited_fds)
     _exec_directly(launch, log)
