@@ -2328,21 +2328,18 @@ def _announce_ready(launch: _Launch, ready_fd: int, log: _Log) -> None:
                 notify.sendto(b"READY=1", "\0" + address[1:] if address.startswith("@") else address)
         except OSError as exc:
             log.warn("Cannot send READY=1 to NOTIFY_SOCKET %s: %s", _path_shown(address), _oserror_text(exc))
-    if ready_fd == _NO_READY_FD:
-        return
-    try:
-        _write_ready_line(ready_fd, launch.inherited_fds)
-    except OSError as exc:  # EPIPE (the supervisor is gone), EBADF (opened read-only), anything else alike
-        log.warn("Cannot write the readiness newline to fd %d: %s", ready_fd, _oserror_text(exc))
-        return
-    os.close(ready_fd)
-    launch.inherited_fds -= {ready_fd}  # its number may come back as one of ours: never to pass through
+    if ready_fd != _NO_READY_FD:
+        try:
+            _use_ready_fd(ready_fd, launch)
+        except OSError as exc:  # EPIPE (the supervisor is gone), EBADF (opened read-only), anything else alike
+            log.warn("Cannot write the readiness newline to fd %d: %s", ready_fd, _oserror_text(exc))
 
 
-def _write_ready_line(fd: int, inherited_fds: frozenset[int]) -> None:
+def _use_ready_fd(fd: int, launch: _Launch) -> None:
+    """Write the newline to `fd` and close it, so that the program never inherits it."""
     # Only a fd open when we started: any other number is one of ours (a
     # listener, the log file) or none at all.
-    if fd not in inherited_fds:
+    if fd not in launch.inherited_fds:
         raise OSError(errno.EBADF, "not open when the loader started")
     # A zero-timeout poll first: write() to a full pipe that nobody reads would block the loader for ever.
     poller = select.poll()
@@ -2350,6 +2347,8 @@ def _write_ready_line(fd: int, inherited_fds: frozenset[int]) -> None:
     if poller.poll(0) != [(fd, select.POLLOUT)]:
         raise OSError(errno.EAGAIN, "not writable now")
     os.write(fd, b"\n")
+    os.close(fd)
+    launch.inherited_fds -= {fd}  # its number may come back as one of ours: never to pass through
 
 
 def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation, log: _Log) -> int:
@@ -2584,8 +2583,7 @@ def _generic_parser() -> argparse.ArgumentParser:
                         default=_DEFAULT_PROBE_GRACE_MS, metavar="MS",
                         help="how long a held silent client may delay a second one (default 250, 0: none)")
     parser.add_argument("--ready-fd", type=ready_fd, default=_NO_READY_FD, metavar="N",
-                        help="once listening, write a newline to fd N and close it (s6's notification-fd); "
-                             "READY=1 goes to $NOTIFY_SOCKET in any case (systemd Type=notify)")
+                        help="once listening, write a newline to fd N and close it (s6's notification-fd)")
     parser.add_argument("--log-level", type=one_of(tuple(_LEVELS)), default="info", metavar="LEVEL",
                         help="trace, debug, info, warn, error, critical or off")
     return parser
