@@ -1046,8 +1046,8 @@ def full_pipe() -> tuple[int, int]:
 
 @pytest.mark.parametrize("case, warning", [
     ("not open", r"Cannot write the readiness newline to fd \d+: not open when the loader started"),
-    ("read end", r"Cannot write the readiness newline to fd \d+: not writable now"),
-    ("full pipe", r"Cannot write the readiness newline to fd \d+: not writable now"),
+    ("read end", r"Cannot write the readiness newline to fd \d+: not writable \(read-only, or full\)"),
+    ("full pipe", r"Cannot write the readiness newline to fd \d+: not writable \(read-only, or full\)"),
     ("notify refuses", r"Cannot send READY=1 to NOTIFY_SOCKET \S*/notify: Connection refused \(ECONNREFUSED\)"),
 ])
 def test_a_readiness_channel_that_fails_costs_one_warning_not_the_start(procs, tmp_path, case, warning):

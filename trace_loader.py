@@ -2326,7 +2326,7 @@ def _announce_ready(launch: _Launch, ready_fd: int, log: _Log) -> None:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
                 # sd_notify(3): a leading '@' names the abstract namespace (a NUL in sun_path).
                 notify.sendto(b"READY=1", "\0" + address[1:] if address.startswith("@") else address)
-        except OSError as exc:
+        except OSError as exc:  # ENOENT, ECONNREFUSED, EAGAIN, EMFILE, anything else alike
             log.warn("Cannot send READY=1 to NOTIFY_SOCKET %s: %s", _path_shown(address), _oserror_text(exc))
     if ready_fd != _NO_READY_FD:
         try:
@@ -2345,7 +2345,7 @@ def _use_ready_fd(fd: int, launch: _Launch) -> None:
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     if poller.poll(0) != [(fd, select.POLLOUT)]:
-        raise OSError(errno.EAGAIN, "not writable now")
+        raise OSError(errno.EAGAIN, "not writable (read-only, or full)")
     os.write(fd, b"\n")
     os.close(fd)
     launch.inherited_fds -= {fd}  # its number may come back as one of ours: never to pass through
