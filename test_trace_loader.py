@@ -33,6 +33,7 @@ import gc
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -969,6 +970,108 @@ def test_unix_socket_wakes_the_agent_and_is_answered(procs, tmp_path):
     proc.wait_for(r"Waking the trace-agent: traffic on unix receiver; 0 probes absorbed")
 
 
+# Readiness for supervisors: once every listener listens, before any client.
+
+
+def read_within(fd: int, timeout: float = TIMEOUT) -> bytes:
+    """What a read of `fd` returns once it is readable (b"" at end of file); fail if it never is."""
+    assert select.select([fd], [], [], timeout)[0], "nothing to read on fd %d within %g s" % (fd, timeout)
+    return os.read(fd, 4096)
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    with open("/proc/%d/environ" % pid, "rb") as f:
+        return dict(item.split("=", 1) for item in f.read().decode().split("\0") if "=" in item)
+
+
+@needs_proc
+@pytest.mark.parametrize("where", ["path", pytest.param("abstract", marks=linux_only)])
+def test_notify_socket_gets_ready_before_any_client_and_the_program_never_sees_it(procs, sockets, tmp_path, where):
+    notify = sockets.keep(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+    if where == "path":
+        address = str(tmp_path / "notify")
+        notify.bind(address)
+    else:
+        address = "@trace-loader-test-%d-%s" % (os.getpid(), tmp_path.name)
+        notify.bind("\0" + address[1:])
+    notify.settimeout(TIMEOUT)
+    port, report = free_port(), tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report, base_env(NOTIFY_SOCKET=address))
+    assert notify.recv(4096) == b"READY=1"
+    assert proc.is_loader() and not report.exists()  # ready while it waits, before any client
+    with connect(port) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+    read_report(report)
+    environ = environ_of(proc.pid)  # the program's, after execve
+    assert "PATH" in environ and "NOTIFY_SOCKET" not in environ, environ
+
+
+@pytest.mark.parametrize("front_door", ["drop-in", "generic"])
+def test_ready_fd_gets_a_newline_and_is_closed_before_the_program_starts(procs, tmp_path, front_door):
+    read_end, write_end = os.pipe()
+    report = tmp_path / "report.json"
+    try:
+        if front_door == "drop-in":
+            port = free_port()
+            proc = start_drop_in(procs, write_config(tmp_path, port=port), report,
+                                 base_env(DD_APM_SOCKET_ACTIVATION_READY_FD=str(write_end)), pass_fds=[write_end])
+        else:
+            proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--ready-fd", str(write_end)],
+                                 systemd_agent(report), pass_fds=[write_end])
+            port = bound_port(proc)
+        os.close(write_end)
+        assert read_within(read_end) == b"\n"
+        assert read_within(read_end) == b""  # end of file: the loader closed its copy, the last one
+        assert proc.is_loader() and not report.exists()
+        with connect(port) as c:
+            assert answer_json(http_request(c))["pid"] == proc.pid
+    finally:
+        os.close(read_end)
+    data = read_report(report)
+    handed = sorted(int(v) for k, v in data["env"].items() if k in tl._DROP_IN_FD_VARS)
+    assert data["fds"] == ([0, 1, 2] + handed if front_door == "drop-in" else [0, 1, 2, 3]), data
+
+
+def full_pipe() -> tuple[int, int]:
+    """A pipe whose buffer is full, its write end blocking again: a write() to it would block."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        while True:
+            os.write(write_end, b"x" * 65536)
+    except BlockingIOError:
+        pass
+    os.set_blocking(write_end, True)
+    return read_end, write_end
+
+
+@pytest.mark.parametrize("case, warning", [
+    ("not open", r"Cannot write the readiness newline to fd \d+: not open when the loader started"),
+    ("read end", r"Cannot write the readiness newline to fd \d+: not writable \(read-only, or full\)"),
+    ("full pipe", r"Cannot write the readiness newline to fd \d+: not writable \(read-only, or full\)"),
+    ("notify refuses", r"Cannot send READY=1 to NOTIFY_SOCKET \S*/notify: Connection refused \(ECONNREFUSED\)"),
+])
+def test_a_readiness_channel_that_fails_costs_one_warning_not_the_start(procs, tmp_path, case, warning):
+    read_end, write_end = full_pipe() if case == "full pipe" else os.pipe()
+    fd = read_end if case == "read end" else write_end
+    env = base_env(DD_APM_SOCKET_ACTIVATION_READY_FD=str(fd))
+    if case == "notify refuses":
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as gone:
+            gone.bind(str(tmp_path / "notify"))  # closed: a socket file that nobody receives on
+        env = base_env(NOTIFY_SOCKET=str(tmp_path / "notify"))
+    port, report = free_port(), tmp_path / "report.json"
+    try:
+        proc = start_drop_in(procs, write_config(tmp_path, port=port), report, env,
+                             pass_fds=[] if case == "not open" else [fd])
+        proc.wait_for("Polling")
+        with connect(port) as c:
+            assert answer_json(http_request(c))["pid"] == proc.pid
+        one_warning(proc, warning)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 # ---------------------------------------------------------------------------
 # 4. The wait: the probe check and the hold timeout
 # ---------------------------------------------------------------------------
@@ -1504,6 +1607,10 @@ def test_main_is_callable_with_an_argv_list(capsys):
      "argument --listen: X would carry 2 fds"),
     (["--listen", "tcp://127.0.0.1:1", "--client-fd-var", "C", "--", "true"],
      "argument --client-fd-var: only used with --held-client fd under --protocol env"),
+    (["--listen", "tcp://127.0.0.1:1", "--ready-fd", "2", "--", "true"],
+     "argument --ready-fd: '2' is not a file descriptor from 3 to 2147483647 (0-2 are the standard streams)"),
+    (["--listen", "tcp://127.0.0.1:1", "--ready-fd", "fd3", "--", "true"],
+     "argument --ready-fd: 'fd3' is not a file descriptor from 3"),
     (["config.yaml", "--bogus"], "AGENT '--bogus' looks like an option"),
 ])
 def test_generic_usage_errors_exit_2_naming_the_option(args, message):
@@ -1901,6 +2008,42 @@ def test_under_systemd_socket_activate(procs, tmp_path):
     assert data["listen_fdnames"] == "unknown:connection"
 
 
+S6_TOOLS = ("s6-supervise", "s6-svc", "s6-svstat")
+
+
+@pytest.mark.skipif(not all(shutil.which(tool) for tool in S6_TOOLS), reason="s6 is not installed")
+def test_under_s6_the_service_is_ready_once_the_loader_listens(procs, tmp_path):
+    port, report = free_port(), tmp_path / "report.json"
+    service = tmp_path / "trace-agent"
+    service.mkdir()
+    (service / "notification-fd").write_text("3\n")  # s6-supervise opens fd 3 for the service's run
+    (service / "down").write_text("")  # started by s6-svc below, not as soon as s6-supervise runs
+    run = service / "run"
+    run.write_text("#!/bin/sh\nexport DD_APM_SOCKET_ACTIVATION_READY_FD=3\nexec %s\n" % " ".join(
+        [sys.executable, LOADER, write_config(tmp_path, port=port)] + agent_argv(report)))
+    run.chmod(0o755)
+    supervise = procs([shutil.which("s6-supervise"), str(service)], base_env())
+    wait_until(lambda: (service / "supervise" / "control").exists(), "s6-supervise's control fifo")
+    try:
+        # -wU: return once the service is up and has said it is ready; -T: at most this long.
+        up = subprocess.run(["s6-svc", "-wU", "-T", "%d" % (TIMEOUT * 1000), "-u", str(service)],
+                            capture_output=True, text=True, timeout=TIMEOUT + 5, check=False)
+        assert up.returncode == 0, (up.stderr, supervise.text())
+        status = subprocess.run(["s6-svstat", "-o", "up,ready,pid", str(service)], capture_output=True,
+                                text=True, timeout=TIMEOUT, check=True).stdout.split()
+        assert status[:2] == ["true", "true"], status
+        pid = int(status[2])
+        assert not report.exists()  # ready while the loader waits
+        with connect(port) as c:
+            assert answer_json(http_request(c))["pid"] == pid
+        data = read_report(report)
+        handed = [int(data["env"][var]) for var in (tl.RECEIVER_FD_VAR, tl.CLIENT_FD_VAR)]
+        assert data["fds"] == [0, 1, 2] + sorted(handed)  # s6's fd 3 is gone: the held client has that number
+    finally:
+        subprocess.run(["s6-svc", "-wd", "-T", "%d" % (TIMEOUT * 1000), "-d", str(service)],
+                       capture_output=True, timeout=TIMEOUT + 5, check=False)
+
+
 # ---------------------------------------------------------------------------
 # 9. Signals
 # ---------------------------------------------------------------------------
@@ -2277,6 +2420,25 @@ def test_bad_held_client_or_hold_timeout_fails_open_naming_variable_and_value(pr
     proc, data = fails_open(procs, tmp_path, config, base_env(**{name: value}))
     one_warning(proc, re.escape("%s: %s" % (name, message)))
     assert data["fds"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("2", "DD_APM_SOCKET_ACTIVATION_READY_FD: 2 is not a file descriptor from 3 to 2147483647"),
+    ("-1", "DD_APM_SOCKET_ACTIVATION_READY_FD: -1 is not a file descriptor from 3"),
+    ("fd3", "DD_APM_SOCKET_ACTIVATION_READY_FD: 'fd3' is not an integer"),
+    ("in the file", r"datadog\.yaml:\d+: apm_config\.socket_activation\.ready_fd: 0 is not a file descriptor from 3"),
+])
+def test_bad_ready_fd_fails_open_naming_where_it_was_found(procs, tmp_path, value, message):
+    config = write_config(tmp_path, port=free_port())
+    env = base_env()
+    if value == "in the file":
+        path = tmp_path / "datadog.yaml"
+        path.write_text(path.read_text().replace("    enabled: true\n", "    enabled: true\n    ready_fd: 0\n"))
+    else:
+        env = base_env(DD_APM_SOCKET_ACTIVATION_READY_FD=value)
+        message = re.escape(message)
+    proc, _ = fails_open(procs, tmp_path, config, env)
+    one_warning(proc, message)
 
 
 def test_bad_hold_timeout_in_the_file_names_file_line_and_key(procs, tmp_path):

@@ -677,6 +677,10 @@ _DEFAULT_PROBE_GRACE_MS = 250
 _MAX_PROBE_GRACE_MS = 60_000
 _MAX_HOLD_TIMEOUT_MS = 600_000
 _GENERIC_HOLD_TIMEOUT_MS = 1000  # drop-in: 0 (no limit), as the Go loader
+# The readiness fd (s6's notification-fd) is one the supervisor opened for us;
+# 0-2 are the standard streams, never it.
+_NO_READY_FD, _MIN_READY_FD = -1, 3
+_READY_FD = "a file descriptor from 3 to %d (0-2 are the standard streams)" % _MAX_FD
 # How the held client reaches the program: as an inherited fd, or relayed by
 # a helper process into the program's own listener (README "Generic mode").
 _HELD_FD, _HELD_RELAY = "fd", "relay"
@@ -691,6 +695,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "apm_config.socket_activation.probe_grace_period": ("DD_APM_SOCKET_ACTIVATION_PROBE_GRACE_PERIOD",),
     "apm_config.socket_activation.held_client": ("DD_APM_SOCKET_ACTIVATION_HELD_CLIENT",),
     "apm_config.socket_activation.hold_timeout": ("DD_APM_SOCKET_ACTIVATION_HOLD_TIMEOUT",),
+    "apm_config.socket_activation.ready_fd": ("DD_APM_SOCKET_ACTIVATION_READY_FD",),
     "apm_config.receiver_port": ("DD_APM_RECEIVER_PORT", "DD_RECEIVER_PORT"),
     "apm_config.receiver_socket": ("DD_APM_RECEIVER_SOCKET",),
     "apm_config.apm_non_local_traffic": ("DD_APM_NON_LOCAL_TRAFFIC",),
@@ -912,6 +917,10 @@ class _DropInSettings:
         # 0: no limit, as the Go loader, which holds a silent client for ever.
         self.hold_timeout_ms = config.in_range("apm_config.socket_activation.hold_timeout", 0, 0,
                                                _MAX_HOLD_TIMEOUT_MS)
+        ready_key = "apm_config.socket_activation.ready_fd"
+        self.ready_fd = config.integer(ready_key, _NO_READY_FD)
+        if config.has_value(ready_key) and not _MIN_READY_FD <= self.ready_fd <= _MAX_FD:
+            raise config.error(ready_key, "%d is not %s" % (self.ready_fd, _READY_FD))
         self.receiver_port = config.integer("apm_config.receiver_port", 8126)
         self.receiver_socket = config.string("apm_config.receiver_socket", _DEFAULT_SOCKET)
         # `receiver:` with nothing under it still turns OTLP on, as for the agent.
@@ -2321,12 +2330,51 @@ class _Activation:
     """How to wait and what to hand over, as each front door read it."""
 
     def __init__(self, *, probe: bool, probe_only: str = "", grace_ms: int, hold_timeout_ms: int,
-                 held_client: str) -> None:
+                 held_client: str, ready_fd: int = _NO_READY_FD) -> None:
         self.probe = probe  # the probe check is on
         self.probe_only = probe_only  # the listener it may watch ("": the first TCP one)
         self.grace_ms = grace_ms
         self.hold_timeout_ms = hold_timeout_ms
         self.held_client = held_client  # _HELD_FD or _HELD_RELAY
+        self.ready_fd = ready_fd  # _NO_READY_FD: none
+
+
+def _announce_ready(launch: _Launch, ready_fd: int, log: _Log) -> None:
+    """Tell the supervisor that every listener listens: READY=1 to $NOTIFY_SOCKET, a newline on the ready fd.
+
+    Both are used up here, so the program inherits neither. Whatever the
+    supervisor's end does (gone, refusing, full, a fd that is not open), it
+    costs one warning: the listeners are open and the wait goes on.
+    """
+    address = launch.env.pop("NOTIFY_SOCKET", "")
+    if address:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+                # sd_notify(3): a leading '@' names the abstract namespace (a NUL in sun_path).
+                notify.sendto(b"READY=1", "\0" + address[1:] if address.startswith("@") else address)
+        except OSError as exc:  # ENOENT, ECONNREFUSED, EAGAIN, EMFILE, anything else alike
+            log.warn("Cannot send READY=1 to NOTIFY_SOCKET %s: %s", _path_shown(address), _oserror_text(exc))
+    if ready_fd != _NO_READY_FD:
+        try:
+            _use_ready_fd(ready_fd, launch)
+        except OSError as exc:  # EPIPE (the supervisor is gone), EBADF (opened read-only), anything else alike
+            log.warn("Cannot write the readiness newline to fd %d: %s", ready_fd, _oserror_text(exc))
+
+
+def _use_ready_fd(fd: int, launch: _Launch) -> None:
+    """Write the newline to `fd` and close it, so that the program never inherits it."""
+    # Only a fd open when we started: any other number is one of ours (a
+    # listener, the log file) or none at all.
+    if fd not in launch.inherited_fds:
+        raise OSError(errno.EBADF, "not open when the loader started")
+    # A zero-timeout poll first: write() to a full pipe that nobody reads would block the loader for ever.
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if poller.poll(0) != [(fd, select.POLLOUT)]:
+        raise OSError(errno.EAGAIN, "not writable (read-only, or full)")
+    os.write(fd, b"\n")
+    os.close(fd)
+    launch.inherited_fds -= {fd}  # its number may come back as one of ours: never to pass through
 
 
 def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation, log: _Log) -> int:
@@ -2342,6 +2390,7 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
         spec = listener.spec
         named = spec.handoff_name if spec.kind != _INHERITED and spec.handoff_name else spec.shown_as
         log.debug("%s file descriptor is %d", named, listener.fd)
+    _announce_ready(launch, activation.ready_fd, log)
     _release_memory(_memory_steps(launch.env), log)
     probe = _choose_probe_listener(listeners, enabled=activation.probe, only=activation.probe_only)
     waiter = _Waiter(listeners, probe, grace_ms=activation.grace_ms if probe else 0,
@@ -2416,7 +2465,7 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
     # The probe check watches the TCP receiver only, never the OTLP port.
     activation = _Activation(probe=settings.handle_tcp_probe, probe_only=RECEIVER_FD_VAR,
                              grace_ms=settings.probe_grace_ms, hold_timeout_ms=settings.hold_timeout_ms,
-                             held_client=settings.held_client)
+                             held_client=settings.held_client, ready_fd=settings.ready_fd)
     return _serve(launch, specs, activation, log)
 
 
@@ -2507,6 +2556,12 @@ def _generic_parser() -> argparse.ArgumentParser:
                 raise argparse.ArgumentTypeError(str(exc)) from None
         return convert
 
+    def ready_fd(text: str) -> int:
+        fd = _decimal(text, _MAX_FD)
+        if fd is None or fd < _MIN_READY_FD:
+            raise argparse.ArgumentTypeError("%s is not %s" % (_quoted(text), _READY_FD))
+        return fd
+
     def one_of(names: tuple[str, ...]) -> Callable[[str], str]:
         # argparse's own `choices` would echo a value of any length in full.
         def convert(text: str) -> str:
@@ -2553,6 +2608,8 @@ def _generic_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probe-grace-period", type=milliseconds(_MAX_PROBE_GRACE_MS),
                         default=_DEFAULT_PROBE_GRACE_MS, metavar="MS",
                         help="how long a held silent client may delay a second one (default 250, 0: none)")
+    parser.add_argument("--ready-fd", type=ready_fd, default=_NO_READY_FD, metavar="N",
+                        help="once listening, write a newline to fd N and close it (s6's notification-fd)")
     parser.add_argument("--log-level", type=one_of(tuple(_LEVELS)), default="info", metavar="LEVEL",
                         help="trace, debug, info, warn, error, critical or off")
     return parser
@@ -2594,7 +2651,7 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
     launch = _Launch(path, program, dict(environ), label, _generic_protocol(args, for_us, unselected),
                      inherited_fds=inherited_fds)
     activation = _Activation(probe=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
-                             hold_timeout_ms=args.hold_timeout, held_client=args.held_client)
+                             hold_timeout_ms=args.hold_timeout, held_client=args.held_client, ready_fd=args.ready_fd)
     return _serve(launch, specs, activation, log)
 
 
