@@ -2019,6 +2019,21 @@ def test_log_lines_match_the_agent_format_and_go_to_the_file(procs, tmp_path):
     assert content[1:] == lines
 
 
+def test_the_readme_sample_log_line_is_one_the_loader_writes(tmp_path):
+    """The README's sample line: its time and line number are examples; its file, function and message are real."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        sample = re.search(r"`(\d{4}-[^`]* \| TRACE-LOADER \| [^`]*)`", f.read()).group(1)
+    assert LOG_LINE.match(sample), sample
+
+    def shape(line: str) -> str:
+        return re.sub(r":\d+ in ", ":LINE in ", line.partition(" UTC | ")[2])
+
+    result = run_loader([write_config(tmp_path, activation=False, level="info")] + SAYS_ITS_PID)
+    assert result.returncode == 0
+    written = [shape(line.replace(os.path.basename(LOADER), "trace_loader.py")) for line in result.stderr.splitlines()]
+    assert shape(sample) in written, (sample, result.stderr)
+
+
 def test_log_file_that_cannot_be_opened_costs_a_warning_not_the_activation(procs, tmp_path):
     port = free_port()
     report = tmp_path / "r.json"
