@@ -51,9 +51,9 @@ demo:
 	$(PYTHON) examples/demo.py
 
 ## bench: footprint and speed, side by side with a bare interpreter, systemd-socket-activate and
-## the loader at each revision in $(BENCH_BASELINE) (git revisions, spaces or commas between; empty: no baseline)
-# 9aa27d9: the revision before the relay and the hold timeout (the code as it was when issue 11 was filed);
-# db24234: the one with them, but before issue 11's code-reading changes.
+## the loader at each revision in $(BENCH_BASELINE)
+# BENCH_BASELINE: git revisions to compare against (spaces or commas between; empty: none). By default
+# 9aa27d9, the loader without the relay and the hold timeout, and db24234, the loader with them.
 BENCH_BASELINE ?= 9aa27d9 db24234
 bench:
 	BENCH_BASELINE='$(BENCH_BASELINE)' $(PYTHON) bench/bench.py
