@@ -1134,11 +1134,14 @@ def test_hold_timeout_wakes_a_server_that_speaks_first(procs, tmp_path):
 
 
 def test_hold_timeout_zero_holds_a_silent_client_without_limit(procs, tmp_path):
-    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "0")
+    # A grace longer than generic mode's default hold timeout (1000 ms), which starts earlier (at the
+    # accept): were 0 ignored, that default would wake the program first, and the wake line would say so.
+    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "0", "--probe-grace-period", "1500")
     with hold_one(proc, port):
         proc.wait_for(r"Polling\.\.\. \(state HOLDING\)")
-        kubelet_probe(port)  # the second client: GRACE, and 250 ms later the wake
-        proc.wait_for(r"Waking \S+: a second TCP client arrived and the held one stayed silent for 250 ms")
+        kubelet_probe(port)  # the second client: GRACE, and 1500 ms later the wake
+        wake = proc.wait_for(r"Waking ")[0]
+    assert re.search(r"a second TCP client arrived and the held one stayed silent for 1500 ms", wake), wake
 
 
 def test_in_grace_the_hold_timeout_wakes_when_it_comes_first(procs, tmp_path):
