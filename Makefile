@@ -1,8 +1,11 @@
-# trace-loader: every target runs from a clean checkout with only pytest
-# (and ruff + mypy for `lint`) installed; `interop` installs its servers in a venv.
+# trace-loader: every target runs from a clean checkout with only python3 (and ruff + mypy for `lint`).
+# `test` and `test-all` run pytest from each interpreter that has it, and otherwise from a venv of that
+# interpreter in $(TEST_VENV), made on first use with pytest from the package index (.ci/pytest);
+# `interop` installs its servers in a venv.
 
 PYTHON ?= python3
-PYTEST ?= $(PYTHON) -m pytest
+TEST_VENV ?= .venv-test
+PYTEST ?= .ci/pytest $(PYTHON) $(TEST_VENV)
 PYTEST_FLAGS ?= -q
 RUFF_RULES = --select E,F,W,B,UP,RUF,BLE,EXE --ignore UP031,RUF005,RUF023 --target-version py38 --line-length 120
 INTEROP_VENV ?= .venv-interop
@@ -24,7 +27,7 @@ test-all:
 	  count=$$((count + 1)); \
 	  if [ "$$py" = "$(TEST_ALL_SKIP)" ]; then echo "== $$py: done by make test"; continue; fi; \
 	  echo "== $$py ($$($$py -c 'import platform; print(platform.python_version())'))"; \
-	  $$py -m pytest $(PYTEST_FLAGS) -p no:cacheprovider test_trace_loader.py || status=1; \
+	  .ci/pytest $$py $(TEST_VENV) $(PYTEST_FLAGS) -p no:cacheprovider test_trace_loader.py || status=1; \
 	done; \
 	[ $$count -gt 0 ] || { echo "no CPython >= 3.8 found"; exit 1; }; \
 	exit $$status
