@@ -34,7 +34,7 @@ test-all:
 
 ## lint: ruff and mypy --strict
 lint:
-	$(PYTHON) -m ruff check $(RUFF_RULES) trace_loader.py test_trace_loader.py test_interop.py examples bench
+	$(PYTHON) -m ruff check $(RUFF_RULES) trace_loader.py test_trace_loader.py test_interop.py conftest.py examples bench
 	$(PYTHON) -m mypy --strict trace_loader.py examples/demo_agent.py examples/demo.py bench/bench.py
 
 ## interop: real servers (gunicorn, uvicorn, hypercorn, waitress, twistd mail) behind the loader
