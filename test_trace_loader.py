@@ -787,7 +787,7 @@ def test_unix_path_longer_than_sun_path_is_a_failure_that_says_so(procs, tmp_pat
     deep.mkdir(parents=True)
     report = tmp_path / "report.json"
     proc = start_drop_in(procs, write_config(tmp_path, socket_path=str(deep / "apm.sock")), report)
-    read_report(report)
+    assert read_report(report)["fds"] == [0, 1, 2]  # started directly: a failure, not a skipped listener
     proc.wait_for(r"unix socket path is \d+ bytes, longer than the 10[37] the kernel allows \(sun_path\)")
 
 
@@ -1023,19 +1023,23 @@ def test_hold_timeout_zero_holds_a_silent_client_without_limit(procs, tmp_path):
 
 
 def test_in_grace_the_hold_timeout_wakes_when_it_comes_first(procs, tmp_path):
-    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "400", "--probe-grace-period", "60000")
+    proc, port, report = start_relaying(procs, tmp_path, "--hold-timeout", "400", "--probe-grace-period", "60000")
     with hold_one(proc, port), connect(port):
         proc.wait_for("A second TCP client is waiting")
         proc.wait_for(r"Waking \S+: the held TCP client \S+ sent nothing for 400 ms")
+        assert read_report(report)["pid"] == proc.pid  # the program runs, both clients still silent
 
 
 def test_drop_in_hold_timeout_from_the_file(procs, tmp_path):
     port = free_port()
     config = write_config(tmp_path, port=port, hold=200)
-    proc = start_drop_in(procs, config, tmp_path / "report.json")
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, config, report)
     proc.wait_for("Polling")
     with connect(port):
         proc.wait_for(r"Waking the trace-agent: the held TCP client \S+ sent nothing for 200 ms")
+        data = read_report(report)  # the agent runs with the silent client handed over
+    assert data["pid"] == proc.pid and data["client"] is True, data
 
 
 # ---------------------------------------------------------------------------
