@@ -1,8 +1,11 @@
-# trace-loader: every target runs from a clean checkout with only pytest
-# (and ruff + mypy for `lint`) installed; `interop` installs its servers in a venv.
+# trace-loader: every target runs from a clean checkout with only python3 (and ruff + mypy for `lint`).
+# `test` and `test-all` run pytest from each interpreter that has it, and otherwise from a venv of that
+# interpreter in $(TEST_VENV), made on first use with pytest from the package index (.ci/pytest);
+# `interop` installs its servers in a venv.
 
 PYTHON ?= python3
-PYTEST ?= $(PYTHON) -m pytest
+TEST_VENV ?= .venv-test
+PYTEST ?= .ci/pytest $(PYTHON) $(TEST_VENV)
 PYTEST_FLAGS ?= -q
 RUFF_RULES = --select E,F,W,B,UP,RUF,BLE,EXE --ignore UP031,RUF005,RUF023 --target-version py38 --line-length 120
 INTEROP_VENV ?= .venv-interop
@@ -24,14 +27,14 @@ test-all:
 	  count=$$((count + 1)); \
 	  if [ "$$py" = "$(TEST_ALL_SKIP)" ]; then echo "== $$py: done by make test"; continue; fi; \
 	  echo "== $$py ($$($$py -c 'import platform; print(platform.python_version())'))"; \
-	  $$py -m pytest $(PYTEST_FLAGS) -p no:cacheprovider test_trace_loader.py || status=1; \
+	  .ci/pytest $$py $(TEST_VENV) $(PYTEST_FLAGS) -p no:cacheprovider test_trace_loader.py || status=1; \
 	done; \
 	[ $$count -gt 0 ] || { echo "no CPython >= 3.8 found"; exit 1; }; \
 	exit $$status
 
 ## lint: ruff and mypy --strict
 lint:
-	$(PYTHON) -m ruff check $(RUFF_RULES) trace_loader.py test_trace_loader.py test_interop.py examples bench
+	$(PYTHON) -m ruff check $(RUFF_RULES) trace_loader.py test_trace_loader.py test_interop.py conftest.py examples bench
 	$(PYTHON) -m mypy --strict trace_loader.py examples/demo_agent.py examples/demo.py bench/bench.py
 
 ## interop: real servers (gunicorn, uvicorn, hypercorn, waitress, twistd mail) behind the loader
@@ -51,9 +54,9 @@ demo:
 	$(PYTHON) examples/demo.py
 
 ## bench: footprint and speed, side by side with a bare interpreter, systemd-socket-activate and
-## the loader at each revision in $(BENCH_BASELINE) (git revisions, spaces or commas between; empty: no baseline)
-# 9aa27d9: the revision before the relay and the hold timeout (the code as it was when issue 11 was filed);
-# db24234: the one with them, but before issue 11's code-reading changes.
+## the loader at each revision in $(BENCH_BASELINE)
+# BENCH_BASELINE: git revisions to compare against (spaces or commas between; empty: none). By default
+# 9aa27d9, the loader without the relay and the hold timeout, and db24234, the loader with them.
 BENCH_BASELINE ?= 9aa27d9 db24234
 bench:
 	BENCH_BASELINE='$(BENCH_BASELINE)' $(PYTHON) bench/bench.py

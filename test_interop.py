@@ -14,7 +14,9 @@ the relay intact while the relay's memory stays bounded.
 
 `make interop` installs the servers in `.venv-interop/` and sets
 TRACE_LOADER_INTEROP=1, under which a missing server fails its tests; under a
-plain `pytest` a missing server skips them. Linux only (/proc).
+plain `pytest` a missing server skips them. Linux only (/proc). The harness
+(`Proc`, `wait_until`, the probes, TIMEOUT) is conftest.py's, as for
+test_trace_loader.py.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import textwrap
 import threading
@@ -38,12 +39,12 @@ from typing import Callable, Iterator, NamedTuple
 
 import pytest
 
+from conftest import TIMEOUT, Proc, bound_port, connect, kubelet_probe, read_answer, rst_probe, wait_until
+
 HERE = Path(__file__).resolve().parent
 LOADER = HERE / "trace_loader.py"
 REQUIRED = os.environ.get("TRACE_LOADER_INTEROP") == "1"
-TIMEOUT = 30.0  # hard limit for any one wait; a healthy run needs a small fraction of it
 HOLD_TIMEOUT_S = 1.0  # the loader's default --hold-timeout in generic mode
-PORT_LINE = r"Listening to .* at \S+:(\d+)(\.\.\.)?$"
 PROBE_DONE = r"TCP client closed connection|TCP client left before it was accepted"
 RELAY_LINE = r"Relaying the held TCP client .* helper pid (\d+)"
 MiB = 1 << 20
@@ -249,11 +250,6 @@ def work(tmp_path: Path) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def cmdline(pid: int) -> str:
-    with open("/proc/%d/cmdline" % pid, "rb") as f:
-        return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-
-
 def children(pid: int) -> list[int]:
     found: list[int] = []
     for path in glob.glob("/proc/%d/task/*/children" % pid):
@@ -282,10 +278,7 @@ def alive(pid: int) -> bool:
 
 
 def wait_until_gone(pid: int, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while alive(pid):
-        assert time.monotonic() < deadline, "%s (pid %d) still runs after %.0f s" % (what, pid, TIMEOUT)
-        time.sleep(0.02)  # polling observable state, bounded by the deadline
+    wait_until(lambda: not alive(pid), "%s (pid %d) to end" % (what, pid), step=0.02)
 
 
 def socket_inodes(pid: int) -> list[int]:
@@ -319,72 +312,30 @@ def listener_inodes(port: int) -> set[int]:
 # ---------------------------------------------------------------------------
 
 
-class Loader:
-    """The loader in front of `argv`, its output collected line by line; later the server, same pid."""
+class Loader(Proc):
+    """The loader in front of `argv` on a loopback port of its own, waiting; later the server, same pid.
+
+    The server's stdout goes to the test's stderr, which pytest shows with a failure.
+    """
 
     def __init__(self, work: Path, argv: list[str]) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
         env.update(HOME=str(work), PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
         command = [sys.executable, str(LOADER), "--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe",
                    "--log-level", "debug", "--", *argv]
-        self.lines: list[str] = []
-        self.eof = False
-        self.cond = threading.Condition()
-        # Its own session: teardown ends the server's workers with it.
-        self.proc = subprocess.Popen(command, cwd=str(work), env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        self.pid = self.proc.pid
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        self.port = int(self.wait_for(PORT_LINE).group(1))
+        super().__init__(command, env, cwd=str(work), stdout=sys.stderr.fileno())
+        self.port = bound_port(self)
         self.wait_for(r"Polling\.\.\.")
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            with self.cond:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
-                self.cond.notify_all()
-        with self.cond:
-            self.eof = True
-            self.cond.notify_all()
+    def group(self, pattern: str, count: int = 1) -> str:
+        """Group 1 of the `count`-th line matching `pattern`, once logged."""
+        line = self.wait_for(pattern, count)[count - 1]
+        return re.search(pattern, line).group(1)  # type: ignore[union-attr]
 
-    def log(self) -> str:
+    def relays(self) -> list[int]:
+        """The pids of the relay helpers the log names."""
         with self.cond:
-            return "\n".join(self.lines)
-
-    def matches(self, pattern: str) -> list[re.Match[str]]:
-        with self.cond:
-            return [m for m in (re.search(pattern, line) for line in self.lines) if m]
-
-    def wait_for(self, pattern: str, *, count: int = 1, timeout: float = TIMEOUT) -> re.Match[str]:
-        """The `count`-th line matching `pattern`, once logged."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                found = [m for m in (re.search(pattern, line) for line in self.lines) if m]
-                if len(found) >= count:
-                    return found[count - 1]
-                remaining = deadline - time.monotonic()
-                if self.eof or remaining <= 0:
-                    raise AssertionError("no line #%d matching %r (%s); output:\n%s" % (
-                        count, pattern, "output ended" if self.eof else "timed out", "\n".join(self.lines)))
-                self.cond.wait(remaining)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.pid, signal.SIGKILL)
-                self.proc.wait(TIMEOUT)
-        self.reader.join(TIMEOUT)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
+            return [int(m.group(1)) for m in (re.search(RELAY_LINE, line) for line in self.lines) if m]
 
 
 @pytest.fixture
@@ -398,9 +349,8 @@ def start_loader(work: Path) -> Iterator[Callable[[list[str]], Loader]]:
 
     yield start
     for loader in started:
-        loader.close()
-        for match in loader.matches(RELAY_LINE):
-            pid = int(match.group(1))
+        loader.stop()
+        for pid in loader.relays():
             if alive(pid):  # a relay left behind by a failed test: ours to end
                 os.kill(pid, signal.SIGKILL)
 
@@ -408,16 +358,6 @@ def start_loader(work: Path) -> Iterator[Callable[[list[str]], Loader]]:
 # ---------------------------------------------------------------------------
 # Clients
 # ---------------------------------------------------------------------------
-
-
-def connect(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-
-
-def probe(port: int, kind: str) -> None:
-    """A health probe: connect, send nothing, close with a FIN (kubelet: SO_LINGER 1 s) or an RST (SO_LINGER 0)."""
-    with connect(port) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 1 if kind == "FIN" else 0))
 
 
 def recv_until(sock: socket.socket, marker: bytes, buf: bytearray) -> bytes:
@@ -445,15 +385,6 @@ def http_get(sock: socket.socket, path: str) -> tuple[int, bytes]:
     return int(status_line.split()[1]), bytes(buf[:length])
 
 
-def recv_to_eof(sock: socket.socket) -> bytes:
-    data = bytearray()
-    while True:
-        part = sock.recv(65536)
-        if not part:
-            return bytes(data)
-        data += part
-
-
 def smtp_reply(sock: socket.socket, buf: bytearray) -> str:
     """One SMTP reply, multi-line ones (250-...) included."""
     lines = []
@@ -471,25 +402,24 @@ def smtp_reply(sock: socket.socket, buf: bytearray) -> str:
 
 def absorb_probes(loader: Loader) -> None:
     """FIN and RST probes are absorbed: the program does not start."""
-    kinds = ["FIN", "RST", "FIN", "RST", "FIN", "RST"]
-    for n, kind in enumerate(kinds, 1):
-        probe(loader.port, kind)
+    for n, probe in enumerate([kubelet_probe, rst_probe] * 3, 1):
+        probe(loader.port)
         loader.wait_for(PROBE_DONE, count=n)
-    assert "trace_loader.py" in cmdline(loader.pid), "the program started on a probe:\n" + loader.log()
+    assert "trace_loader.py" in loader.cmdline(), "the program started on a probe:\n" + loader.text()
     assert children(loader.pid) == [], "the loader has children while waiting"
-    assert not loader.matches(r"Waking"), loader.log()
+    assert loader.count(r"Waking") == 0, loader.text()
 
 
 def assert_serving(loader: Loader, server: Server) -> None:
     """The program runs in the loader's place, same pid."""
-    shown = cmdline(loader.pid)
+    shown = loader.cmdline()
     assert "trace_loader.py" not in shown and server.marker in shown, shown
 
 
 def check_relay(loader: Loader) -> int:
     """The relay helper named in the log, while its connection is open: not the program's child; its two
     sockets only, never the listener (the port must free when the program exits)."""
-    relay = int(loader.wait_for(RELAY_LINE).group(1))
+    relay = int(loader.group(RELAY_LINE))
     st = status(relay)
     assert st, "the relay (pid %d) is gone while its connection is open" % relay
     assert relay != loader.pid and int(st["PPid"]) != loader.pid, "the relay is the program's child"
@@ -545,7 +475,7 @@ def test_http_server_behind_loader(name: str, work: Path, start_loader: Callable
     # The first real client: held, the server woken, the connection relayed.
     first, _, sock = http_exchange(loader, "/first")
     with sock:
-        wake = loader.wait_for(r"Waking .*").group(0)
+        wake = loader.wait_for(r"Waking .*")[0]
         assert "sent data" in wake and "6 probes absorbed" in wake and "FIN: 3, RST: 3" in wake, wake
         assert_serving(loader, server)
         relay = check_relay(loader)
@@ -559,7 +489,7 @@ def test_http_server_behind_loader(name: str, work: Path, start_loader: Callable
     for path in ("/second", "/third"):
         elapsed, _, sock = http_exchange(loader, path)
         sock.close()
-    assert len(loader.matches(RELAY_LINE)) == 1, "more than one relay:\n" + loader.log()
+    assert len(loader.relays()) == 1, "more than one relay:\n" + loader.text()
     assert_serving(loader, server)
     print("%s: first request %.3f s (wake + start-up), third %.4f s" % (name, first, elapsed))
 
@@ -573,9 +503,9 @@ def test_gunicorn_answers_a_half_closed_first_client(work: Path, start_loader: C
     with connect(loader.port) as sock:
         sock.sendall(b"GET /half HTTP/1.0\r\nHost: interop\r\n\r\n")
         sock.shutdown(socket.SHUT_WR)
-        reply = recv_to_eof(sock)
+        reply = read_answer(sock)
     assert reply.startswith(b"HTTP/1.0 200 ") and reply.endswith(b" path=/half\n"), reply
-    relay = int(loader.wait_for(RELAY_LINE).group(1))
+    relay = int(loader.group(RELAY_LINE))
     wait_until_gone(relay, "the relay helper, its connection closed")
 
 
@@ -586,7 +516,7 @@ def test_smtp_server_first_protocol(work: Path, start_loader: Callable[[list[str
     loader = start_loader(server.argv(work))
     absorb_probes(loader)
 
-    accepted = len(loader.matches(r"Accepted connection on TCP listener"))
+    accepted = loader.count(r"Accepted connection on TCP listener")
     start = time.monotonic()
     with connect(loader.port) as sock:
         buf = bytearray()
@@ -595,7 +525,7 @@ def test_smtp_server_first_protocol(work: Path, start_loader: Callable[[list[str
         first = time.monotonic() - start
         assert banner.startswith("220 interop.invalid "), banner
         assert first >= HOLD_TIMEOUT_S * 0.9, "banner after %.3f s, before the hold timeout" % first
-        wake = loader.wait_for(r"Waking .*").group(0)
+        wake = loader.wait_for(r"Waking .*")[0]
         assert "sent nothing for 1000 ms" in wake, wake
         assert_serving(loader, server)
         relay = check_relay(loader)
@@ -608,7 +538,7 @@ def test_smtp_server_first_protocol(work: Path, start_loader: Callable[[list[str
     for _ in range(2):
         elapsed, banner = smtp_session(loader)
         assert elapsed < HOLD_TIMEOUT_S / 2, "banner after %.3f s once the server runs" % elapsed
-    assert len(loader.matches(RELAY_LINE)) == 1, "more than one relay:\n" + loader.log()
+    assert len(loader.relays()) == 1, "more than one relay:\n" + loader.text()
     assert_serving(loader, server)
     print("twistd-mail: first banner %.3f s (hold timeout + start-up), third %.4f s" % (first, elapsed))
 
@@ -643,7 +573,7 @@ def test_relay_64mb_both_ways(work: Path, start_loader: Callable[[list[str]], Lo
     start = time.monotonic()
     with connect(loader.port) as sock:
         sock.sendall(struct.pack("!QQ", size, size))
-        relay = int(loader.wait_for(RELAY_LINE).group(1))
+        relay = int(loader.group(RELAY_LINE))
         sampler = RssSampler(relay, progress)
         sampler.start()
         for i in range(size // MiB):
@@ -696,7 +626,7 @@ def test_relay_passes_half_close(work: Path, start_loader: Callable[[list[str]],
     loader = start_loader([sys.executable, "bulk_server.py"])
     with connect(loader.port) as sock:
         sock.sendall(struct.pack("!QQ", 5, 0) + b"hello")
-        relay = int(loader.wait_for(RELAY_LINE).group(1))
+        relay = int(loader.group(RELAY_LINE))
         buf = bytearray()
         while len(buf) < 32:
             part = sock.recv(32 - len(buf))
@@ -704,6 +634,6 @@ def test_relay_passes_half_close(work: Path, start_loader: Callable[[list[str]],
             buf += part
         assert bytes(buf) == hashlib.sha256(b"hello").digest()
         sock.shutdown(socket.SHUT_WR)  # the server answers our EOF with b"bye", then closes
-        tail = recv_to_eof(sock)
+        tail = read_answer(sock)
         assert tail == b"bye", tail
     wait_until_gone(relay, "the relay helper, its connection closed")

@@ -8,6 +8,8 @@ synchronise on the loader's log lines (`Proc.wait_for`) and on observable
 state (files, the process's cmdline, /proc) through one waiting helper,
 `wait_until`; never on bare sleeps. Sockets and processes belong to the
 `sockets` and `procs` fixtures, which close and kill them however a test ends.
+The harness test_interop.py uses too (`wait_until`, `Proc`, the probes) is in
+conftest.py; section 1 holds what only this file needs.
 
 The sections follow the data through the loader, as trace_loader.py does:
 
@@ -38,54 +40,32 @@ import shutil
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import threading
 import time
 import zipfile
 from importlib import metadata
-from typing import Callable, TypeVar
 
 import pytest
 
+import conftest
 import trace_loader as tl  # the one import: the suite runs against a renamed copy too
+from conftest import LINUX, TIMEOUT, bound_port, connect, kubelet_probe, read_answer, rst_probe, wait_until
 
 LOADER = os.path.abspath(tl.__file__)
 HERE = os.path.dirname(os.path.abspath(__file__))
 AGENT = os.path.join(HERE, "examples", "demo_agent.py")
 FIXTURE = os.path.join(HERE, "examples", "datadog.yaml")
-LINUX = sys.platform.startswith("linux")
-TIMEOUT = 20.0
 LOG_LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \| TRACE-LOADER \| (TRACE|DEBUG|INFO|WARN|ERROR|CRITICAL) \| "
     r"\([\w.]+:\d+ in \w+\) \| .+$"
 )
 
-T = TypeVar("T")
-
 
 # ---------------------------------------------------------------------------
 # 1. Harness: waiting, sockets, processes, the loader in both modes
 # ---------------------------------------------------------------------------
-
-
-def wait_until(observe: Callable[[], T], what: str, *, until: Callable[[T], object] = bool,
-               timeout: float = TIMEOUT, step: float = 0.01) -> T:
-    """Call `observe` until `until` holds for what it returns, and return that.
-
-    In the spirit of CPython's test.support.sleeping_retry: it sleeps `step`
-    between tries, and past `timeout` it fails naming `what` and what it saw
-    last, so a test never runs on to fail later with an unrelated error.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = observe()
-        if until(seen):
-            return seen
-        if time.monotonic() >= deadline:
-            raise AssertionError("timed out after %g s waiting for %s; last seen: %r" % (timeout, what, seen))
-        time.sleep(step)
 
 
 def text_of(path) -> str | None:
@@ -108,10 +88,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def connect(port: int, host: str = "127.0.0.1") -> socket.socket:
-    return socket.create_connection((host, port), timeout=TIMEOUT)
 
 
 class Sockets:
@@ -152,28 +128,6 @@ def sockets():
     made.close_all()
 
 
-def kubelet_probe(port: int) -> None:
-    """What kubelet's tcpSocket probe does: connect, SO_LINGER 1 s, close (a FIN)."""
-    with connect(port) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 1))
-
-
-def rst_probe(port: int) -> None:
-    """A load balancer's check: connect, SO_LINGER 0 s, close (an RST)."""
-    with connect(port) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-def read_answer(sock: socket.socket) -> bytes:
-    sock.settimeout(TIMEOUT)
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-
-
 def http_request(sock: socket.socket, path: str = "/v0.4/traces", body: bytes = b"") -> bytes:
     sock.sendall(b"POST %s HTTP/1.0\r\nHost: agent\r\nContent-Length: %d\r\n\r\n%s"
                  % (path.encode(), len(body), body))
@@ -200,78 +154,8 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class Proc:
-    """A running loader (later the agent, same pid), its stderr collected line by line."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], **popen: object) -> None:
-        self.argv = argv
-        # A session of its own, so stop() can end every process the test started.
-        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True,
-                                     **popen)  # type: ignore[call-overload]
-        self.pid = self.proc.pid
-        self.lines: list[str] = []
-        self.cond = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            with self.cond:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self.cond.notify_all()
-        with self.cond:
-            self.lines.append("<EOF>")
-            self.cond.notify_all()
-
-    def wait_for(self, pattern: str, count: int = 1, timeout: float = TIMEOUT) -> list[str]:
-        """The lines matching `pattern`, once there are `count` of them.
-
-        The reader thread notifies on every line, so this sleeps on the
-        condition instead of polling; it fails with the whole output when the
-        process ends first or the time is up.
-        """
-        regex = re.compile(pattern)
-
-        def found() -> list[str]:
-            return [line for line in self.lines if regex.search(line)]
-
-        with self.cond:
-            self.cond.wait_for(lambda: len(found()) >= count or "<EOF>" in self.lines, timeout)
-            if len(found()) >= count:
-                return found()
-            why = "process ended before" if "<EOF>" in self.lines else "timed out waiting for"
-            raise AssertionError("%s %r x%d; output:\n%s" % (why, pattern, count, "\n".join(self.lines)))
-
-    def count(self, pattern: str) -> int:
-        regex = re.compile(pattern)
-        with self.cond:
-            return sum(1 for line in self.lines if regex.search(line))
-
-    def text(self) -> str:
-        with self.cond:
-            return "\n".join(self.lines)
-
-    def wait_exit(self, timeout: float = TIMEOUT) -> int:
-        code = self.proc.wait(timeout)
-        self.reader.join(timeout)
-        return code
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # the whole group has already ended
-        self.proc.wait(TIMEOUT)
-        self.reader.join(TIMEOUT)
-
-    def cmdline(self) -> str:
-        if LINUX:
-            with open("/proc/%d/cmdline" % self.pid, "rb") as f:
-                return f.read().replace(b"\0", b" ").decode()
-        return subprocess.run(["ps", "-o", "args=", "-p", str(self.pid)], capture_output=True,
-                              text=True, check=False).stdout
+class Proc(conftest.Proc):
+    """conftest's process wrapper, which can tell whether the loader still runs under its pid."""
 
     def is_loader(self) -> bool:
         return os.path.basename(LOADER) in self.cmdline()
@@ -411,12 +295,6 @@ def quiet_log() -> tl._Log:
 def start_generic(procs, options: list[str], program: list[str], env: dict[str, str] | None = None,
                   **popen: object) -> Proc:
     return procs([sys.executable, LOADER] + options + ["--"] + program, env or base_env(), **popen)
-
-
-def bound_port(proc: Proc, label: str = "") -> int:
-    """The port the loader bound for tcp://...:0, as its log line names it."""
-    line = proc.wait_for(r"Listening to %s.* at \S+:\d+$" % re.escape(label))[0]
-    return int(re.search(r":(\d+)$", line).group(1))
 
 
 def systemd_agent(report) -> list[str]:
@@ -911,7 +789,7 @@ def test_unix_path_longer_than_sun_path_is_a_failure_that_says_so(procs, tmp_pat
     deep.mkdir(parents=True)
     report = tmp_path / "report.json"
     proc = start_drop_in(procs, write_config(tmp_path, socket_path=str(deep / "apm.sock")), report)
-    read_report(report)
+    assert read_report(report)["fds"] == [0, 1, 2]  # started directly: a failure, not a skipped listener
     proc.wait_for(r"unix socket path is \d+ bytes, longer than the 10[37] the kernel allows \(sun_path\)")
 
 
@@ -1238,27 +1116,34 @@ def test_hold_timeout_wakes_a_server_that_speaks_first(procs, tmp_path):
 
 
 def test_hold_timeout_zero_holds_a_silent_client_without_limit(procs, tmp_path):
-    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "0")
+    # A grace longer than generic mode's default hold timeout (1000 ms), which starts earlier (at the
+    # accept): were 0 ignored, that default would wake the program first, and the wake line would say so.
+    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "0", "--probe-grace-period", "1500")
     with hold_one(proc, port):
         proc.wait_for(r"Polling\.\.\. \(state HOLDING\)")
-        kubelet_probe(port)  # the second client: GRACE, and 250 ms later the wake
-        proc.wait_for(r"Waking \S+: a second TCP client arrived and the held one stayed silent for 250 ms")
+        kubelet_probe(port)  # the second client: GRACE, and 1500 ms later the wake
+        wake = proc.wait_for(r"Waking ")[0]
+    assert re.search(r"a second TCP client arrived and the held one stayed silent for 1500 ms", wake), wake
 
 
 def test_in_grace_the_hold_timeout_wakes_when_it_comes_first(procs, tmp_path):
-    proc, port, _ = start_relaying(procs, tmp_path, "--hold-timeout", "400", "--probe-grace-period", "60000")
+    proc, port, report = start_relaying(procs, tmp_path, "--hold-timeout", "400", "--probe-grace-period", "60000")
     with hold_one(proc, port), connect(port):
         proc.wait_for("A second TCP client is waiting")
         proc.wait_for(r"Waking \S+: the held TCP client \S+ sent nothing for 400 ms")
+        assert read_report(report)["pid"] == proc.pid  # the program runs, both clients still silent
 
 
 def test_drop_in_hold_timeout_from_the_file(procs, tmp_path):
     port = free_port()
     config = write_config(tmp_path, port=port, hold=200)
-    proc = start_drop_in(procs, config, tmp_path / "report.json")
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, config, report)
     proc.wait_for("Polling")
     with connect(port):
         proc.wait_for(r"Waking the trace-agent: the held TCP client \S+ sent nothing for 200 ms")
+        data = read_report(report)  # the agent runs with the silent client handed over
+    assert data["pid"] == proc.pid and data["client"] is True, data
 
 
 # ---------------------------------------------------------------------------
@@ -2223,6 +2108,21 @@ def test_log_lines_match_the_agent_format_and_go_to_the_file(procs, tmp_path):
     content = log_file.read_text().splitlines()
     assert content[0] == "earlier line"  # appended, never truncated
     assert content[1:] == lines
+
+
+def test_the_readme_sample_log_line_is_one_the_loader_writes(tmp_path):
+    """The README's sample line: its time and line number are examples; its file, function and message are real."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        sample = re.search(r"`(\d{4}-[^`]* \| TRACE-LOADER \| [^`]*)`", f.read()).group(1)
+    assert LOG_LINE.match(sample), sample
+
+    def shape(line: str) -> str:
+        return re.sub(r":\d+ in ", ":LINE in ", line.partition(" UTC | ")[2])
+
+    result = run_loader([write_config(tmp_path, activation=False, level="info")] + SAYS_ITS_PID)
+    assert result.returncode == 0
+    written = [shape(line.replace(os.path.basename(LOADER), "trace_loader.py")) for line in result.stderr.splitlines()]
+    assert shape(sample) in written, (sample, result.stderr)
 
 
 def test_log_file_that_cannot_be_opened_costs_a_warning_not_the_activation(procs, tmp_path):

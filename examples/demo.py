@@ -80,6 +80,9 @@ def main(argv: list[str]) -> int:
     port = int(argv[argv.index("--port") + 1]) if "--port" in argv else 8126
     try:
         with socket.socket() as check:
+            # SO_REUSEADDR, as the loader binds: the previous run's connections in TIME_WAIT
+            # do not keep it from binding, so they must not fail this check either.
+            check.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             check.bind(("127.0.0.1", port))
     except OSError as exc:
         print("demo: port %d is not free (%s); try: python3 examples/demo.py --port 18126" % (port, exc))
