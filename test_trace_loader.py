@@ -626,8 +626,8 @@ GARBAGE_IN_THE_ENVIRONMENT = [
     ("DD_APM_SOCKET_ACTIVATION_PROBE_GRACE_PERIOD", "settings", NOT_AN_INTEGER),
     ("DD_BIND_HOST", "TCP listener", r"cannot (resolve bind host {value}|listen on .*): .*"),
     ("DD_DISABLE_FILE_LOGGING", "settings", NOT_A_BOOLEAN),
-    ("DD_LOG_LEVEL", "settings",  # named by its key, as the file's log_level would be
-     r"log_level: {value} is not a log level \(trace, debug, info, warn, error, critical, off\)"),
+    ("DD_LOG_LEVEL", "settings",
+     r"{name}: {value} is not a log level \(trace, debug, info, warn, error, critical, off\)"),
     ("DD_LOG_TO_CONSOLE", "settings", NOT_A_BOOLEAN),
     ("DD_OTLP_CONFIG_RECEIVER_PROTOCOLS_GRPC_ENDPOINT", "nowhere", ""),  # only its presence counts
     ("DD_OTLP_CONFIG_TRACES_INTERNAL_PORT", "settings", NOT_AN_INTEGER),
@@ -693,6 +693,16 @@ def test_a_needed_key_holding_something_unreadable_names_line_and_key(tmp_path, 
     assert text.endswith("apm_config.receiver_port: " + message), text
     if "out of range (1-" not in message:
         assert ":3: " in text  # the line of the key
+
+
+@pytest.mark.parametrize("text, message", [
+    ("log_level: loud\n", ":1: log_level: 'loud' is not a log level"),
+    ("apm_config:\n  receiver_port: 70000\n", ":2: apm_config.receiver_port: port 70000 is out of range (1-65535)"),
+])
+def test_every_unusable_key_names_its_file_and_line(tmp_path, text, message):
+    with pytest.raises(tl._ConfigError) as info:
+        settings_of(tmp_path, text)
+    assert "cfg.yaml" + message in str(info.value), str(info.value)
 
 
 def test_unneeded_keys_may_hold_anything(tmp_path):

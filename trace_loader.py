@@ -42,7 +42,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs import time and memory; only mypy needs it
     import argparse
     import ctypes
-    from typing import Callable, Iterable, Mapping, NoReturn
+    from typing import Callable, Iterable, Mapping, NoReturn, TypeVar
+
+    _T = TypeVar("_T")
 
 __version__ = "0.2.0"
 
@@ -644,14 +646,13 @@ def _read_yaml_subset(text: str, wanted: Iterable[str], *, source: str = "<confi
 
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
-_YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
+# What a plain (unquoted) YAML scalar may spell a boolean as; the last four are YAML 1.1's.
+_YAML_BOOLS = {"true": True, "false": False, "yes": True, "on": True, "no": False, "off": False}
 _INT64 = 1 << 63
 # unicode.IsSpace, which strings.TrimSpace uses: narrower than str.isspace,
 # which also strips the ASCII separators 0x1c-0x1f.
 _GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
     "\u2028\u2029\u202f\u205f\u3000"
-_GO_PREFIXES = {"b": 2, "o": 8, "x": 16}
-_GO_DIGITS = {c: i for i, c in enumerate("0123456789abcdefghijklmnopqrstuvwxyz")}
 
 _DEFAULT_SOCKET = "/var/run/datadog/apm.socket" if sys.platform.startswith("linux") else ""
 _DEFAULT_LOG_FILE = (
@@ -729,42 +730,33 @@ class _Config:
     def has_value(self, key: str) -> bool:
         return self.from_env(key) is not None or self.from_file(key) is not None
 
-    def boolean(self, key: str, default: bool) -> bool:
-        found = self.from_env(key)
-        if found is not None:
-            return _go_bool(found[1], found[0])
-        node = self.scalar(key)
-        if node is None:
-            return default
-        if node.kind == _PLAIN and node.text.lower() in ("true", "false"):
-            return node.text.lower() == "true"
-        if node.kind == _PLAIN and node.text.lower() in _YAML11_BOOLS:
-            self.log.warn("%s:%d: %s: %s is read as a boolean (YAML 1.1); write true or false",
-                          _path_shown(self.source), node.line, key, _quoted(node.text))
-            return _YAML11_BOOLS[node.text.lower()]
-        try:
-            return _go_bool(node.text, key)
-        except _ConfigError as exc:
-            raise _ConfigError(exc.message, source=self.source, line=node.line, key=key) from None
+    def value(self, key: str, default: _T, convert: Callable[[str, str], _T]) -> _T:
+        """`convert(text, name)` of the key's value, from the environment, else the file; else `default`.
 
-    def integer(self, key: str, default: int) -> int:
+        Its error names where that value was found: the variable, or the file, line and key.
+        """
         found = self.from_env(key)
-        if found is not None:
-            return _go_int(found[1], found[0])
-        node = self.scalar(key)
-        if node is None:
-            return default
+        if found is None:
+            node = self.scalar(key)
+            if node is None:
+                return default
+            found = key, node.text
         try:
-            return _go_int(node.text, key)
+            return convert(found[1], found[0])
         except _ConfigError as exc:
-            raise _ConfigError(exc.message, source=self.source, line=node.line, key=key) from None
+            raise self.error(key, exc.message) from None
+
+    def boolean(self, key: str, default: bool) -> bool:
+        node = None if self.from_env(key) else self.scalar(key)
+        if node is not None and node.kind == _PLAIN and node.text.lower() in _YAML_BOOLS:
+            if node.text.lower() not in ("true", "false"):
+                self.log.warn("%s:%d: %s: %s is read as a boolean (YAML 1.1); write true or false",
+                              _path_shown(self.source), node.line, key, _quoted(node.text))
+            return _YAML_BOOLS[node.text.lower()]
+        return self.value(key, default, _go_bool)
 
     def string(self, key: str, default: str) -> str:
-        found = self.from_env(key)
-        if found is not None:
-            return found[1]
-        node = self.scalar(key)
-        return default if node is None else node.text
+        return self.value(key, default, lambda text, name: text)
 
     def error(self, key: str, message: str) -> _ConfigError:
         """An error about the value `key` has now, naming where that value was found."""
@@ -776,7 +768,7 @@ class _Config:
 
     def in_range(self, key: str, default: int, low: int, high: int) -> int:
         """An integer from `low` to `high` (milliseconds), or an error naming key and value."""
-        value = self.integer(key, default)
+        value = self.value(key, default, _go_int)
         if not low <= value <= high:
             raise self.error(key, "%d ms is out of range (%d-%d)" % (value, low, high))
         return value
@@ -791,9 +783,7 @@ class _Config:
     def scalar(self, key: str) -> _Node | None:
         node = self.from_file(key)
         if node is not None and not node.is_scalar:
-            raise _ConfigError(
-                "holds %s; expected a single value" % _describe_node(node), source=self.source, line=node.line, key=key
-            )
+            raise self.error(key, "holds %s; expected a single value" % _describe_node(node))
         return node
 
 
@@ -814,57 +804,25 @@ def _go_bool(text: str, name: str) -> bool:
 
 def _go_int(text: str, name: str) -> int:
     """strconv.ParseInt(strings.TrimSpace(s), 0, 64), exactly: 8126, 0x1fbe, 0o17, 017, 0b1, 1_000."""
-    value = _parse_go_int(text.strip(_GO_SPACE))
-    if value is None:
-        raise _ConfigError("%s is not an integer" % _quoted(text), key=name)
+    body = text.strip(_GO_SPACE)
+    sign = body[:1] if body[:1] in ("+", "-") else ""
+    digits = body[len(sign):]
+    if digits[:1] == "0" and digits[1:2].lower() not in ("x", "o", "b"):
+        digits = "0o" + (digits[1:] or "0")  # Go reads a leading 0 alone as octal; Python spells it 0o
+    # int(..., 0) reads the rest of Go's syntax, underscores included, once the
+    # text holds only ASCII letters, digits and '_' (int() also takes other
+    # digits, and spaces).
+    plain = digits.replace("_", "")
+    try:
+        if not (plain.isascii() and plain.isalnum()):
+            raise ValueError(text)
+        # int() refuses more than 4300 decimal digits, where Go has long overflowed.
+        value = _INT64 if len(plain) > 4300 and plain.isdigit() else int(sign + digits, 0)
+    except ValueError:
+        raise _ConfigError("%s is not an integer" % _quoted(text), key=name) from None
     if not -_INT64 <= value < _INT64:
         raise _ConfigError("%s is out of range for a 64-bit integer" % _quoted(text), key=name)
     return value
-
-
-def _parse_go_int(text: str) -> int | None:
-    """Go's integer syntax with base 0, or None; the range is checked by the caller."""
-    negative = text[:1] == "-"
-    body = text[1:] if text[:1] in ("-", "+") else text  # one sign, directly before the number
-    if not body:
-        return None
-    base, digits = 10, body
-    if body[0] == "0":
-        prefix = body[1:2].lower()
-        if len(body) >= 3 and prefix in _GO_PREFIXES:
-            base, digits = _GO_PREFIXES[prefix], body[2:]
-        else:
-            base, digits = 8, body[1:]  # a leading 0 alone means octal
-    value = 0
-    for char in digits:
-        if char == "_":
-            continue  # placement is checked below, on the whole literal
-        digit = _GO_DIGITS.get(char.lower(), 99)
-        if digit >= base:
-            return None
-        # Past 64 bits the exact value no longer matters: stop it growing, so
-        # a 100 KB string of digits costs linear time.
-        value = min(value * base + digit, _INT64 << 1)
-    if "_" in body and not _go_underscores_ok(body):
-        return None
-    return -value if negative else value
-
-
-def _go_underscores_ok(body: str) -> bool:
-    """Go's rule: an underscore only between digits, or after a base prefix."""
-    hexadecimal = body[:2].lower() == "0x"
-    previous = "digit" if len(body) >= 2 and body[0] == "0" and body[1].lower() in "box" else "start"
-    start = 2 if previous == "digit" else 0
-    for char in body[start:]:
-        if char == "_":
-            if previous != "digit":
-                return False
-            previous = "_"
-        elif char in "0123456789" or (hexadecimal and char.lower() in "abcdef"):
-            previous = "digit"
-        else:
-            return False  # not reached: the digits were checked first
-    return previous != "_"
 
 
 def _decimal(text: str, high: int) -> int | None:
@@ -896,15 +854,15 @@ class _DropInSettings:
         # 0: no limit, as the Go loader, which holds a silent client for ever.
         self.hold_timeout_ms = config.in_range("apm_config.socket_activation.hold_timeout", 0, 0,
                                                _MAX_HOLD_TIMEOUT_MS)
-        self.receiver_port = config.integer("apm_config.receiver_port", 8126)
+        self.receiver_port = config.value("apm_config.receiver_port", 8126, _go_int)
         self.receiver_socket = config.string("apm_config.receiver_socket", _DEFAULT_SOCKET)
         # `receiver:` with nothing under it still turns OTLP on, as for the agent.
         self.otlp_enabled = config.key_written("otlp_config.receiver") or any(
             name.startswith("DD_OTLP_CONFIG_RECEIVER_") and value for name, value in environ.items()
         )
-        self.otlp_port = config.integer("otlp_config.traces.internal_port", 5003)
+        self.otlp_port = config.value("otlp_config.traces.internal_port", 5003, _go_int)
         self.bind_host, self.bind_host_reason = _bind_host(config, environ)
-        self.log_level = _log_level(config.string("log_level", "info"))
+        self.log_level = config.value("log_level", "info", _log_level)
         self.log_to_console = config.boolean("log_to_console", True)
         disable_file = config.boolean("disable_file_logging", False)
         log_file = config.string("apm_config.log_file", _DEFAULT_LOG_FILE)
@@ -912,16 +870,15 @@ class _DropInSettings:
         for key, port in (("apm_config.receiver_port", self.receiver_port),
                           ("otlp_config.traces.internal_port", self.otlp_port)):
             if port > 65535 or (key.startswith("otlp") and self.otlp_enabled and port <= 0):
-                raise _ConfigError("port %d is out of range (1-65535)" % port, key=key)
+                raise config.error(key, "port %d is out of range (1-65535)" % port)
 
 
-def _log_level(text: str) -> str:
+def _log_level(text: str, name: str) -> str:
     level = text.strip().lower()
     level = _LEVEL_ALIASES.get(level, level)
     if level not in _LEVELS:
-        raise _ConfigError(
-            "%s is not a log level (trace, debug, info, warn, error, critical, off)" % _quoted(text), key="log_level"
-        )
+        raise _ConfigError("%s is not a log level (trace, debug, info, warn, error, critical, off)" % _quoted(text),
+                           key=name)
     return level
 
 
