@@ -1522,11 +1522,26 @@ def test_generic_usage_errors_exit_2_naming_the_option(args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("listen, shown", [
+    ("\x1b[2J\rX\n=tcp://127.0.0.1:1", r"'\x1b[2J\rX\n' needs NAME="),
+    ("systemd:\x1b]0;owned\x07", r"'systemd:\x1b]0;owned\x07' needs NAME="),
+])
+def test_a_listen_name_in_a_usage_error_is_escaped(listen, shown):
+    # Bytes, so that no CR is turned into a newline on the way.
+    result = subprocess.run([sys.executable, LOADER, "--protocol", "env", "--listen", listen, "--", "true"],
+                            env=base_env(), capture_output=True, stdin=subprocess.DEVNULL, timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == b"trace_loader.py: error: argument --listen: " + shown.encode() + \
+        b" (the variable that carries its fd) under --protocol env", result.stderr
+    assert not any(char in result.stderr for char in b"\x1b\r\x07"), result.stderr
+
+
 @pytest.mark.parametrize("args, status", [
     (["--bogus", "--", "true"], 2),
     (["--listen", "http://x:1", "--", "true"], 2),
     (["config.yaml"], 2),
     (["--version"], 0),
+    (["--listen", "tcp://127.0.0.1:1", "--help"], 0),
 ])
 @pytest.mark.parametrize("streams", ["closed", pytest.param("full", marks=pytest.mark.skipif(
     not os.path.exists("/dev/full"), reason="no /dev/full"))])

@@ -42,9 +42,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs import time and memory; only mypy needs it
     import argparse
     import ctypes
-    from typing import Callable, Iterable, Mapping, NoReturn, TypeVar
+    from typing import Callable, Iterable, Mapping, NoReturn, TypeVar, Union
 
     _T = TypeVar("_T")
+    _HandoffProtocol = Union["_EnvProtocol", "_SystemdProtocol"]  # see the hand-off section
 
 __version__ = "0.2.0"
 
@@ -218,9 +219,7 @@ def _quoted(value: str, limit: int = 64) -> str:
     repr() escapes every control character (CR, ESC, ...), so no value can
     forge a line or drive a terminal; README "Logging".
     """
-    if len(value) > limit:
-        return repr(value[:limit]) + "... (%d characters)" % len(value)
-    return repr(value)
+    return repr(value[:limit]) + ("... (%d characters)" % len(value) if len(value) > limit else "")
 
 
 def _escaped(value: str, limit: int = 64) -> str:
@@ -229,16 +228,11 @@ def _escaped(value: str, limit: int = 64) -> str:
     return text + "... (%d characters)" % len(value) if len(value) > limit else text
 
 
-def _path_shown(path: str) -> str:
-    """A path (or address) from outside: as it is when plainly printable and short, else escaped and cut."""
-    return _printable(path, _PATH_SHOWN_MAX)
-
-
-def _printable(value: str, limit: int = 64) -> str:
-    """`value` unquoted when it is printable and short enough; else quoted, escaped and cut (_quoted)."""
-    if value and len(value) <= limit and value.isprintable():
+def _path_shown(value: str) -> str:
+    """A path, address or label from outside: as it is when printable and short, else as _quoted shows it."""
+    if value and len(value) <= _PATH_SHOWN_MAX and value.isprintable():
         return value
-    return _quoted(value, limit)
+    return _quoted(value, _PATH_SHOWN_MAX)
 
 
 def _is_secret_name(name: str) -> bool:
@@ -920,8 +914,7 @@ class _ListenerSpec:
     log says.
     """
 
-    __slots__ = ("fd", "handoff_name", "host", "kind", "mode", "path", "port", "probe", "shown_as",
-                 "systemd_name")
+    __slots__ = ("fd", "handoff_name", "host", "kind", "mode", "path", "port", "shown_as", "systemd_name")
 
     def __init__(self, handoff_name: str, kind: str, *, shown_as: str, host: str = "", port: int = 0,
                  path: str = "", mode: int = 0o722, fd: int = -1, systemd_name: str = "") -> None:
@@ -934,7 +927,6 @@ class _ListenerSpec:
         self.mode = mode
         self.fd = fd
         self.systemd_name = systemd_name  # "" adopts every inherited socket
-        self.probe = False  # the one listener the probe check watches; see _choose_probe_listener
 
 
 class _Listener:
@@ -1010,7 +1002,7 @@ def _open_tcp_listener(host: str, port: int) -> socket.socket:
         sock.listen(_listen_backlog())
     except OSError as exc:
         sock.close()
-        where = _printable(_join_host_port(host, port))
+        where = _path_shown(_join_host_port(host, port))
         raise _ListenerError("cannot listen on %s: %s" % (where, _oserror_text(exc))) from None
     return sock
 
@@ -1470,23 +1462,12 @@ class _HandoffError(LoaderError):
     """The hand-off failed before anything irreversible: fail open cleanly."""
 
 
-class _HandoffProtocol:
-    """How the program learns its fds: `scrub` on every exec, `hand_over` on wake."""
-
-    def scrub(self, env: dict[str, str]) -> None:
-        raise NotImplementedError
-
-    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
-                  log: _Log) -> list[int]:
-        raise NotImplementedError
-
-    def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
-                 inherited_fds: frozenset[int]) -> set[int]:
-        """The fds the program will hold once hand_over() has run (0-2 included)."""
-        raise NotImplementedError
+# A hand-off protocol (_HandoffProtocol: one of the two classes below) tells
+# the program its fds: `scrub` on every exec, `hand_over` on wake; `kept_fds`
+# are those the program will hold once hand_over() has run (0-2 included).
 
 
-class _EnvProtocol(_HandoffProtocol):
+class _EnvProtocol:
     """Each fd in a variable of its own (the Datadog agent's way)."""
 
     def __init__(self, owned_vars: Iterable[str], client_var: str, *, replaced_vars: Iterable[str] = (),
@@ -1526,7 +1507,7 @@ class _EnvProtocol(_HandoffProtocol):
         return kept
 
 
-class _SystemdProtocol(_HandoffProtocol):
+class _SystemdProtocol:
     """sd_listen_fds(3): fds 3, 4, ... with LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES."""
 
     def __init__(self, *, inherited_for_us: bool) -> None:
@@ -2292,13 +2273,6 @@ def _program_label(name: str) -> str:
 # Front door 1: drop-in for the Go trace-loader.
 # ---------------------------------------------------------------------------
 
-_USAGE = """\
-usage: trace_loader.py CONFIG_FILE AGENT [AGENT_ARGS...]
-       trace_loader.py [OPTIONS] -- PROGRAM [ARGS...]
-       trace_loader.py --help | --version
-"""
-
-
 def _drop_in_specs(settings: _DropInSettings, log: _Log) -> list[_ListenerSpec]:
     specs: list[_ListenerSpec] = []
     if settings.bind_host_reason.startswith("containerized"):
@@ -2369,17 +2343,20 @@ def _valid_env_name(name: str) -> bool:
 
 
 def _parse_listen(value: str, index: int) -> _ListenerSpec:
-    """`[NAME=]tcp://HOST:PORT | tcp://[V6]:PORT | unix:///PATH[?mode=0660] | systemd:[FDNAME]`."""
+    """`[NAME=]tcp://HOST:PORT | tcp://[V6]:PORT | unix:///PATH[?mode=0660] | systemd:[FDNAME]`.
+
+    A ValueError says what is wrong with it; the caller names the value.
+    """
     name, sep, address = value.partition("=")
     if not sep or "://" in name or name.startswith("systemd:"):
         name, address = "", value
     if address.startswith("tcp://"):
-        host, port = _parse_host_port(address[len("tcp://"):], value)
+        host, port = _parse_host_port(address[len("tcp://"):])
         return _ListenerSpec(name, _TCP, host=host, port=port, shown_as=name or "TCP listener %d" % index)
     if address.startswith("unix://"):
         path, _, query = address[len("unix://"):].partition("?")
         if not path.startswith("/") and not path.startswith("@"):
-            raise ValueError("%s: a unix address needs an absolute path (unix:///run/app.sock)" % _quoted(value))
+            raise ValueError("a unix address needs an absolute path (unix:///run/app.sock)")
         mode = 0o666  # systemd's SocketMode default
         if query:
             key, _, text = query.partition("=")
@@ -2388,103 +2365,85 @@ def _parse_listen(value: str, index: int) -> _ListenerSpec:
             except ValueError:
                 mode = -1
             if not 0 <= mode <= 0o777:
-                raise ValueError("%s: expected ?mode=OCTAL (e.g. ?mode=0660)" % _quoted(value))
+                raise ValueError("expected ?mode=OCTAL (e.g. ?mode=0660)")
         return _ListenerSpec(name, _UNIX, path=path, mode=mode, shown_as=name or "unix listener %d" % index)
     if address.startswith("systemd:"):
         return _ListenerSpec(name, _INHERITED, systemd_name=address[len("systemd:"):], shown_as=address)
-    raise ValueError("%s: expected tcp://HOST:PORT, tcp://[V6]:PORT, unix:///PATH or systemd:[FDNAME]"
-                     % _quoted(value))
+    raise ValueError("expected tcp://HOST:PORT, tcp://[V6]:PORT, unix:///PATH or systemd:[FDNAME]")
 
 
-def _parse_host_port(text: str, value: str) -> tuple[str, int]:
+def _parse_host_port(text: str) -> tuple[str, int]:
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
     else:
         host, _, port_text = text.rpartition(":")
         if ":" in host:
-            raise ValueError("%s: put an IPv6 address in brackets (tcp://[::1]:8080)" % _quoted(value))
+            raise ValueError("put an IPv6 address in brackets (tcp://[::1]:8080)")
     # Port 0 asks the kernel for a free port; the log line names the one it chose.
     port = _decimal(port_text, 65535)
     if port is None:
-        raise ValueError("%s: the port must be a number from 0 to 65535" % _quoted(value))
+        raise ValueError("the port must be a number from 0 to 65535")
     return host, port
 
 
-def _milliseconds(text: str, high: int, note: str = "") -> int:
+def _milliseconds(option: str, text: str, high: int, note: str = "") -> int:
     value = _decimal(text, high)
     if value is None:
-        raise ValueError("%s: expected milliseconds from 0 to %d%s" % (_quoted(text), high, note))
+        raise ValueError("argument %s: %s: expected milliseconds from 0 to %d%s" % (option, _quoted(text), high, note))
     return value
 
 
+def _one_of(option: str, text: str, names: tuple[str, ...]) -> str:
+    """`text` in any case, as one of `names`: argparse's own `choices` would echo a value of any length in full."""
+    if text.lower() not in names:
+        raise ValueError("argument %s: %s is not one of %s" % (option, _quoted(text), ", ".join(names)))
+    return text.lower()
+
+
 def _generic_parser() -> argparse.ArgumentParser:
+    """The command line's parser; its values are strings, converted by _check_generic_options."""
     import argparse
 
-    listen_count = [0]
-
-    def listen(value: str) -> _ListenerSpec:
-        listen_count[0] += 1
-        try:
-            return _parse_listen(value, listen_count[0])
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    def milliseconds(high: int, note: str = "") -> Callable[[str], int]:
-        def convert(text: str) -> int:
-            try:
-                return _milliseconds(text, high, note)
-            except ValueError as exc:
-                raise argparse.ArgumentTypeError(str(exc)) from None
-        return convert
-
-    def one_of(names: tuple[str, ...]) -> Callable[[str], str]:
-        # argparse's own `choices` would echo a value of any length in full.
-        def convert(text: str) -> str:
-            if text.lower() not in names:
-                raise argparse.ArgumentTypeError("%s is not one of %s" % (_quoted(text), ", ".join(names)))
-            return text.lower()
-        return convert
-
     class Parser(argparse.ArgumentParser):
-        def _print_message(self, message: str, file: object = None) -> None:
-            # CPython 3.11+ itself ignores a stream it cannot write (closed,
-            # full, a broken pipe); 3.8-3.10 let the error escape, and a usage
-            # error would become an internal error.
-            _say(file or sys.stderr, message)
+        # Through _say: CPython 3.8-3.10 let a failed write to a closed or
+        # full stream escape, and help or a usage error would become an
+        # internal error.
+        def print_help(self, file: object = None) -> None:
+            _say(file or sys.stdout, self.format_help())
+
+        def error(self, message: str) -> NoReturn:
+            _say(sys.stderr, "%s%s: error: %s\n" % (self.format_usage(), self.prog, message))
+            raise SystemExit(2)
 
     parser = Parser(
         prog="trace_loader.py",
-        usage="%(prog)s [OPTIONS] -- PROGRAM [ARGS...]\n"
-              "       %(prog)s CONFIG_FILE AGENT [AGENT_ARGS...]\n"
+        usage="%(prog)s CONFIG_FILE AGENT [AGENT_ARGS...]\n"
+              "       %(prog)s [OPTIONS] -- PROGRAM [ARGS...]\n"
               "       %(prog)s --help | --version",
         description="Hold PROGRAM's sockets and exec it on the first real traffic (generic mode). "
                     "With CONFIG_FILE AGENT instead, drop-in mode for the Datadog trace-loader: the sockets "
                     "and settings come from datadog.yaml and the DD_* environment.",
         allow_abbrev=False,  # an option is spelt out, never guessed from a prefix
     )
-    parser.add_argument("--version", action="version", version="trace-loader %s" % __version__)
-    parser.add_argument("--listen", action="append", type=listen, default=[], metavar="[NAME=]ADDRESS",
+    parser.add_argument("--listen", action="append", default=[], metavar="[NAME=]ADDRESS",
                         help="tcp://HOST:PORT, tcp://[V6]:PORT, unix:///PATH[?mode=0660], or systemd:[FDNAME] "
                              "to adopt sockets this process inherited from systemd (repeatable; required)")
-    parser.add_argument("--protocol", type=one_of(("systemd", "env")), default="systemd", metavar="{systemd,env}",
+    parser.add_argument("--protocol", default="systemd", metavar="{systemd,env}",
                         help="hand-off: systemd's LISTEN_FDS (default) or one variable per fd (NAME=)")
     parser.add_argument("--handle-tcp-probe", action="store_true",
                         help="absorb TCP probes (connect, then close) on the first TCP listener")
-    parser.add_argument("--held-client", type=one_of(_HELD_CLIENT_WAYS[::-1]), default=_HELD_RELAY,
-                        metavar="{%s}" % ",".join(_HELD_CLIENT_WAYS[::-1]),
+    parser.add_argument("--held-client", default=_HELD_RELAY, metavar="{%s}" % ",".join(_HELD_CLIENT_WAYS[::-1]),
                         help="how the first real client reaches PROGRAM: relayed into its listener by a helper "
                              "process (default; any server), or as an inherited fd (a server written for it)")
     parser.add_argument("--client-fd-var", default="", metavar="VAR",
                         help="with --held-client fd under --protocol env: the variable that carries the client")
-    parser.add_argument("--hold-timeout", type=milliseconds(_MAX_HOLD_TIMEOUT_MS, " (0: no limit)"),
-                        default=_GENERIC_HOLD_TIMEOUT_MS, metavar="MS",
+    parser.add_argument("--hold-timeout", default=str(_GENERIC_HOLD_TIMEOUT_MS), metavar="MS",
                         help="wake PROGRAM when a held client stays silent this long, for protocols where the "
                              "server speaks first (default 1000, 0: no limit)")
-    parser.add_argument("--probe-grace-period", type=milliseconds(_MAX_PROBE_GRACE_MS),
-                        default=_DEFAULT_PROBE_GRACE_MS, metavar="MS",
+    parser.add_argument("--probe-grace-period", default=str(_DEFAULT_PROBE_GRACE_MS), metavar="MS",
                         help="how long a held silent client may delay a second one (default 250, 0: none)")
-    parser.add_argument("--log-level", type=one_of(tuple(_LEVELS)), default="info", metavar="LEVEL",
+    parser.add_argument("--log-level", default="info", metavar="LEVEL",
                         help="trace, debug, info, warn, error, critical or off")
     return parser
 
@@ -2493,17 +2452,10 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
                  inherited_fds: list[int]) -> int:
     parser = _generic_parser()
     args, unknown = parser.parse_known_args(options)
-    # Checked in this order so that a misspelt option is named as such, and
-    # not reported as a missing --listen.
-    if unknown:
-        parser.error("unrecognized arguments: %s" % " ".join(_quoted(word, 40) for word in unknown))
-    if not args.listen:
-        parser.error("the following arguments are required: --listen")
-    if not program:
-        parser.error("expected '-- PROGRAM [ARGS...]' after the options")
-    problem = _check_generic_options(args.listen, args)
-    if problem:
-        parser.error(problem)
+    try:
+        _check_generic_options(args, unknown, program)
+    except ValueError as exc:
+        parser.error(str(exc))
     log.configure(level=args.log_level, console=True, path=None)
     label = _program_label(program[0])
     try:
@@ -2512,62 +2464,70 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
         log.critical("Cannot start %s: %s", label, exc)
         return 1
     for_us = environ.get("LISTEN_PID", "") == str(os.getpid())
+    launch = _Launch(path, program, dict(environ), label, _generic_protocol(args, for_us, []),
+                     inherited_fds=inherited_fds)
     try:
         specs, unselected = _expand_inherited(args.listen, environ, for_us=for_us)
     except _ListenerError as exc:
-        fail_open = _Launch(path, program, dict(environ), label, _generic_protocol(args, [], for_us, []),
-                            inherited_fds=inherited_fds)
         log.warn("Failed to get listeners for %s: %s", label, exc)
-        _exec_directly(fail_open, log)
-    problem = _check_unique_names(specs, args.protocol)
-    if problem:
-        parser.error(problem)
-    launch = _Launch(path, program, dict(environ), label, _generic_protocol(args, specs, for_us, unselected),
-                     inherited_fds=inherited_fds)
+        _exec_directly(launch, log)
+    names = [spec.handoff_name for spec in specs]
+    for name in names:
+        # Checked once every systemd:[FDNAME] is expanded: one may match several sockets.
+        if args.protocol == "env" and names.count(name) > 1:
+            parser.error("argument --listen: %s would carry %d fds; under --protocol env each NAME takes one "
+                         "socket" % (name, names.count(name)))
+    launch.protocol = _generic_protocol(args, for_us, unselected)
     activation = _Activation(probe=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
                              hold_timeout_ms=args.hold_timeout, held_client=args.held_client)
     return _serve(launch, specs, activation, log)
 
 
-def _generic_protocol(args: argparse.Namespace, specs: list[_ListenerSpec], for_us: bool,
-                      unselected: list[int]) -> _HandoffProtocol:
+def _generic_protocol(args: argparse.Namespace, for_us: bool, unselected: list[int]) -> _HandoffProtocol:
     if args.protocol == "systemd":
         return _SystemdProtocol(inherited_for_us=for_us)
     client_var = args.client_fd_var if args.held_client == _HELD_FD else ""
     # LISTEN_* meant for another process are stale here: always dropped. Ours
     # stay true until the hand-off describes the same sockets by NAME instead.
-    return _EnvProtocol([s.handoff_name for s in specs] + ([] if for_us else list(_SYSTEMD_VARS)), client_var,
+    return _EnvProtocol([s.handoff_name for s in args.listen] + ([] if for_us else list(_SYSTEMD_VARS)), client_var,
                         replaced_vars=_SYSTEMD_VARS if for_us else (), unselected_fds=unselected)
 
 
-def _check_generic_options(specs: list[_ListenerSpec], args: argparse.Namespace) -> str:
-    protocol = args.protocol
-    for spec in specs:
+def _check_generic_options(args: argparse.Namespace, unknown: list[str], program: list[str]) -> None:
+    """Convert the options in place and check them together; a ValueError names the first at fault."""
+    # In this order, so that a misspelt option is named as such, and not
+    # reported as a missing --listen.
+    if unknown:
+        raise ValueError("unrecognized arguments: %s" % " ".join(_quoted(word, 40) for word in unknown))
+    if not args.listen:
+        raise ValueError("the following arguments are required: --listen")
+    for index, value in enumerate(args.listen):
+        try:
+            args.listen[index] = _parse_listen(value, index + 1)
+        except ValueError as exc:
+            raise ValueError("argument --listen: %s: %s" % (_quoted(value), exc)) from None
+    protocol = args.protocol = _one_of("--protocol", args.protocol, ("systemd", "env"))
+    args.held_client = _one_of("--held-client", args.held_client, _HELD_CLIENT_WAYS[::-1])
+    args.hold_timeout = _milliseconds("--hold-timeout", args.hold_timeout, _MAX_HOLD_TIMEOUT_MS, " (0: no limit)")
+    args.probe_grace_period = _milliseconds("--probe-grace-period", args.probe_grace_period, _MAX_PROBE_GRACE_MS)
+    args.log_level = _one_of("--log-level", args.log_level, tuple(_LEVELS))
+    if not program:
+        raise ValueError("expected '-- PROGRAM [ARGS...]' after the options")
+    for spec in args.listen:
         if protocol == "env" and not _valid_env_name(spec.handoff_name):
-            return "argument --listen: %s needs NAME= (the variable that carries its fd) under --protocol env" \
-                % spec.shown_as
+            raise ValueError("argument --listen: %s needs NAME= (the variable that carries its fd) under "
+                             "--protocol env" % _path_shown(spec.shown_as))
         if protocol == "systemd" and spec.handoff_name and not _valid_fdname(spec.handoff_name):
-            return "argument --listen: %s is not a valid fd name (printable ASCII, no ':')" \
-                % _quoted(spec.handoff_name)
+            raise ValueError("argument --listen: %s is not a valid fd name (printable ASCII, no ':')"
+                             % _quoted(spec.handoff_name))
     client_var = args.client_fd_var
     if client_var and not _valid_env_name(client_var):
-        return "argument --client-fd-var: %s is not a valid variable name" % _quoted(client_var)
+        raise ValueError("argument --client-fd-var: %s is not a valid variable name" % _quoted(client_var))
     if client_var and (protocol != "env" or args.held_client != _HELD_FD):
-        return "argument --client-fd-var: only used with --held-client fd under --protocol env"
+        raise ValueError("argument --client-fd-var: only used with --held-client fd under --protocol env")
     if protocol == "env" and args.handle_tcp_probe and args.held_client == _HELD_FD and not client_var:
-        return "--handle-tcp-probe --held-client fd with --protocol env needs --client-fd-var VAR for the client"
-    return _check_unique_names(specs, protocol)
-
-
-def _check_unique_names(specs: list[_ListenerSpec], protocol: str) -> str:
-    if protocol != "env":
-        return ""  # LISTEN_FDNAMES may repeat a name; systemd allows it
-    names = [s.handoff_name for s in specs]
-    for name in names:
-        if names.count(name) > 1:
-            return ("argument --listen: %s would carry %d fds; under --protocol env each NAME takes one socket"
-                    % (name, names.count(name)))
-    return ""
+        raise ValueError("--handle-tcp-probe --held-client fd with --protocol env needs --client-fd-var VAR for "
+                         "the client")
 
 
 def _inherited_fds(environ: Mapping[str, str], *, for_us: bool) -> list[tuple[int, str]]:
@@ -2727,15 +2687,15 @@ def _adopt_fd(fd: int, what: str) -> socket.socket:
 
 
 def _ensure_std_fds() -> None:
-    """Open /dev/null on any of fds 0-2 that is closed; give sys.stdout and sys.stderr a file again.
+    """Open /dev/null on any of fds 0-2 that is closed.
 
     Otherwise our first socket would land on 0, 1 or 2, and the program would
     take a listener for its stdin or stdout. Without /dev/null (a chroot) the
     fd stays closed, and _open_listeners refuses to open any socket: the
     program then starts directly, once the arguments and the configuration
-    have been read as always. CPython leaves sys.stderr None when fd 2 was
-    closed at start-up: a usage error must still exit 2, not fail on writing
-    its message.
+    have been read as always. CPython leaves sys.stdout or sys.stderr None
+    when fd 1 or 2 was closed at start-up; _say() then writes nowhere, and a
+    usage error still exits 2.
     """
     for _ in _closed_std_fds():
         try:
@@ -2743,13 +2703,6 @@ def _ensure_std_fds() -> None:
         except OSError:
             continue  # see above
         os.set_inheritable(new, True)
-    try:
-        if sys.stdout is None:
-            sys.stdout = open(1, "w", closefd=False)  # lives as long as the process
-        if sys.stderr is None:
-            sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")
-    except OSError:
-        pass  # still closed (no /dev/null): _say() writes nowhere
 
 
 def _say(stream: object, text: str) -> None:
@@ -2773,25 +2726,19 @@ def _split_command_line(args: list[str]) -> tuple[bool, list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """Run the loader with `argv` (default: sys.argv[1:]); the exit status, if it does not exec.
 
-    Usage errors raise SystemExit(2), as argparse does.
+    --help raises SystemExit(0), and usage errors SystemExit(2), as argparse does.
     """
     args = sys.argv[1:] if argv is None else list(argv)
     _ensure_std_fds()
-    if args in (["-h"], ["--help"]):
-        _say(sys.stdout, _generic_parser().format_help())
-        return 0
     if args == ["--version"]:
         _say(sys.stdout, "trace-loader %s\n" % __version__)
         return 0
     if not args or (len(args) < 2 and not args[0].startswith("-")):
-        _say(sys.stderr, _USAGE + "trace_loader.py: error: expected CONFIG_FILE AGENT, or options and "
-                         "'-- PROGRAM'\n")
-        return 2
+        _generic_parser().error("expected CONFIG_FILE AGENT, or options and '-- PROGRAM'")
     generic, own_args, program = _split_command_line(args)
     if not generic and program[0].startswith("-"):
-        _say(sys.stderr, _USAGE + "trace_loader.py: error: AGENT %s looks like an option; the loader's own "
-                         "options come first, before '--'\n" % _quoted(program[0]))
-        return 2
+        _generic_parser().error("AGENT %s looks like an option; the loader's own options come first, before '--'"
+                                % _quoted(program[0]))
     _set_waiting_signal_handlers()
     log = _Log()
     environ = dict(os.environ)
