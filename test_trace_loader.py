@@ -1858,6 +1858,16 @@ def test_systemd_protocol_passes_only_the_chosen_sockets(procs, sockets, tmp_pat
     assert (data["listen_fds"], data["listen_fdnames"], data["fds"]) == ("1", "b", [0, 1, 2, 3])
 
 
+def test_one_env_name_for_several_inherited_sockets_is_a_usage_error(procs, sockets):
+    # Only once systemd:web is expanded does the loader know that X would name two sockets.
+    first, second = sockets.tcp_listener(), sockets.tcp_listener()
+    argv = launch_with_fds([first, second], "web:web", [sys.executable, LOADER, "--protocol", "env", "--listen",
+                                                        "X=systemd:web", "--", "true"])
+    proc = procs(argv, base_env(), pass_fds=(first.fileno(), second.fileno()))
+    assert proc.wait_exit() == 2
+    assert "argument --listen: X would carry 2 fds; under --protocol env each NAME takes one socket" in proc.text()
+
+
 def test_generic_systemd_listen_without_passed_sockets_fails_open(procs, tmp_path):
     report = tmp_path / "report.json"
     proc = start_generic(procs, ["--listen", "systemd:"], systemd_agent(report),

@@ -878,13 +878,10 @@ def _log_level(text: str, name: str) -> str:
 
 def _bind_host(config: _Config, environ: Mapping[str, str]) -> tuple[str, str]:
     """The receiver's host, and why (the agent's own rule, README "Configuration")."""
+    if config.boolean("apm_config.apm_non_local_traffic", False):
+        return "0.0.0.0", "apm_non_local_traffic is true"
     if config.has_value("bind_host") or config.has_value("apm_config.apm_non_local_traffic"):
-        host = config.string("bind_host", "localhost")
-        if config.has_value("apm_config.apm_non_local_traffic") and config.boolean(
-            "apm_config.apm_non_local_traffic", False
-        ):
-            return "0.0.0.0", "apm_non_local_traffic is true"
-        return host, "bind_host"
+        return config.string("bind_host", "localhost"), "bind_host"
     if environ.get("DOCKER_DD_AGENT", ""):
         return "0.0.0.0", "containerized (DOCKER_DD_AGENT is set)"
     return "localhost", "default"
