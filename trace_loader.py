@@ -76,9 +76,7 @@ class _ConfigError(LoaderError):
     Carries where it was found, so the one log line can name it.
     """
 
-    def __init__(
-        self, message: str, *, source: str = "", line: int = 0, key: str = ""
-    ) -> None:
+    def __init__(self, message: str, *, source: str = "", line: int = 0, key: str = "") -> None:
         self.message = message
         self.source = source
         self.line = line
@@ -825,13 +823,10 @@ def _decimal(text: str, high: int) -> int | None:
     The length is checked before int(): CPython refuses to convert more than
     4300 digits (ValueError), and so many digits are garbage here anyway.
     """
-    if not (text.isascii() and text.isdigit()):
-        return None
     digits = text.lstrip("0") or "0"
-    if len(digits) > len(str(high)):
-        return None
-    value = int(digits)
-    return value if value <= high else None
+    if text.isascii() and text.isdigit() and len(digits) <= len(str(high)) and int(digits) <= high:
+        return int(digits)
+    return None
 
 
 class _DropInSettings:
@@ -2335,8 +2330,7 @@ def _valid_fdname(name: str) -> bool:
 
 
 def _valid_env_name(name: str) -> bool:
-    return bool(name) and name.isascii() and (name[0].isalpha() or name[0] == "_") and \
-        all(c.isalnum() or c == "_" for c in name)
+    return name.isascii() and name.isidentifier()  # ASCII: [A-Za-z_][A-Za-z0-9_]*
 
 
 def _parse_listen(value: str, index: int) -> _ListenerSpec:
