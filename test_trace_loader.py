@@ -506,8 +506,8 @@ GARBAGE_IN_THE_ENVIRONMENT = [
     ("DD_APM_SOCKET_ACTIVATION_PROBE_GRACE_PERIOD", "settings", NOT_AN_INTEGER),
     ("DD_BIND_HOST", "TCP listener", r"cannot (resolve bind host {value}|listen on .*): .*"),
     ("DD_DISABLE_FILE_LOGGING", "settings", NOT_A_BOOLEAN),
-    ("DD_LOG_LEVEL", "settings",  # named by its key, as the file's log_level would be
-     r"log_level: {value} is not a log level \(trace, debug, info, warn, error, critical, off\)"),
+    ("DD_LOG_LEVEL", "settings",
+     r"{name}: {value} is not a log level \(trace, debug, info, warn, error, critical, off\)"),
     ("DD_LOG_TO_CONSOLE", "settings", NOT_A_BOOLEAN),
     ("DD_OTLP_CONFIG_RECEIVER_PROTOCOLS_GRPC_ENDPOINT", "nowhere", ""),  # only its presence counts
     ("DD_OTLP_CONFIG_TRACES_INTERNAL_PORT", "settings", NOT_AN_INTEGER),
@@ -573,6 +573,16 @@ def test_a_needed_key_holding_something_unreadable_names_line_and_key(tmp_path, 
     assert text.endswith("apm_config.receiver_port: " + message), text
     if "out of range (1-" not in message:
         assert ":3: " in text  # the line of the key
+
+
+@pytest.mark.parametrize("text, message", [
+    ("log_level: loud\n", ":1: log_level: 'loud' is not a log level"),
+    ("apm_config:\n  receiver_port: 70000\n", ":2: apm_config.receiver_port: port 70000 is out of range (1-65535)"),
+])
+def test_every_unusable_key_names_its_file_and_line(tmp_path, text, message):
+    with pytest.raises(tl._ConfigError) as info:
+        settings_of(tmp_path, text)
+    assert "cfg.yaml" + message in str(info.value), str(info.value)
 
 
 def test_unneeded_keys_may_hold_anything(tmp_path):
@@ -1505,11 +1515,26 @@ def test_generic_usage_errors_exit_2_naming_the_option(args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("listen, shown", [
+    ("\x1b[2J\rX\n=tcp://127.0.0.1:1", r"'\x1b[2J\rX\n' needs NAME="),
+    ("systemd:\x1b]0;owned\x07", r"'systemd:\x1b]0;owned\x07' needs NAME="),
+])
+def test_a_listen_name_in_a_usage_error_is_escaped(listen, shown):
+    # Bytes, so that no CR is turned into a newline on the way.
+    result = subprocess.run([sys.executable, LOADER, "--protocol", "env", "--listen", listen, "--", "true"],
+                            env=base_env(), capture_output=True, stdin=subprocess.DEVNULL, timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == b"trace_loader.py: error: argument --listen: " + shown.encode() + \
+        b" (the variable that carries its fd) under --protocol env", result.stderr
+    assert not any(char in result.stderr for char in b"\x1b\r\x07"), result.stderr
+
+
 @pytest.mark.parametrize("args, status", [
     (["--bogus", "--", "true"], 2),
     (["--listen", "http://x:1", "--", "true"], 2),
     (["config.yaml"], 2),
     (["--version"], 0),
+    (["--listen", "tcp://127.0.0.1:1", "--help"], 0),
 ])
 @pytest.mark.parametrize("streams", ["closed", pytest.param("full", marks=pytest.mark.skipif(
     not os.path.exists("/dev/full"), reason="no /dev/full"))])
@@ -1824,6 +1849,16 @@ def test_systemd_protocol_passes_only_the_chosen_sockets(procs, sockets, tmp_pat
         assert answer_json(http_request(c))["via"] == "b@3"
     data = read_report(report)
     assert (data["listen_fds"], data["listen_fdnames"], data["fds"]) == ("1", "b", [0, 1, 2, 3])
+
+
+def test_one_env_name_for_several_inherited_sockets_is_a_usage_error(procs, sockets):
+    # Only once systemd:web is expanded does the loader know that X would name two sockets.
+    first, second = sockets.tcp_listener(), sockets.tcp_listener()
+    argv = launch_with_fds([first, second], "web:web", [sys.executable, LOADER, "--protocol", "env", "--listen",
+                                                        "X=systemd:web", "--", "true"])
+    proc = procs(argv, base_env(), pass_fds=(first.fileno(), second.fileno()))
+    assert proc.wait_exit() == 2
+    assert "argument --listen: X would carry 2 fds; under --protocol env each NAME takes one socket" in proc.text()
 
 
 def test_generic_systemd_listen_without_passed_sockets_fails_open(procs, tmp_path):

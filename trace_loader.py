@@ -42,7 +42,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs import time and memory; only mypy needs it
     import argparse
     import ctypes
-    from typing import Callable, Iterable, Iterator, Mapping, NoReturn
+    from typing import Callable, Iterable, Iterator, Mapping, NoReturn, TypeVar, Union
+
+    _T = TypeVar("_T")
+    _HandoffProtocol = Union["_EnvProtocol", "_SystemdProtocol"]  # see the hand-off section
 
 __version__ = "0.2.0"
 
@@ -73,9 +76,7 @@ class _ConfigError(LoaderError):
     Carries where it was found, so the one log line can name it.
     """
 
-    def __init__(
-        self, message: str, *, source: str = "", line: int = 0, key: str = ""
-    ) -> None:
+    def __init__(self, message: str, *, source: str = "", line: int = 0, key: str = "") -> None:
         self.message = message
         self.source = source
         self.line = line
@@ -214,9 +215,7 @@ def _quoted(value: str, limit: int = 64) -> str:
     repr() escapes every control character (CR, ESC, ...), so no value can
     forge a line or drive a terminal; README "Logging".
     """
-    if len(value) > limit:
-        return repr(value[:limit]) + "... (%d characters)" % len(value)
-    return repr(value)
+    return repr(value[:limit]) + ("... (%d characters)" % len(value) if len(value) > limit else "")
 
 
 def _escaped(value: str, limit: int = 64) -> str:
@@ -225,16 +224,11 @@ def _escaped(value: str, limit: int = 64) -> str:
     return text + "... (%d characters)" % len(value) if len(value) > limit else text
 
 
-def _path_shown(path: str) -> str:
-    """A path (or address) from outside: as it is when plainly printable and short, else escaped and cut."""
-    return _printable(path, _PATH_SHOWN_MAX)
-
-
-def _printable(value: str, limit: int = 64) -> str:
-    """`value` unquoted when it is printable and short enough; else quoted, escaped and cut (_quoted)."""
-    if value and len(value) <= limit and value.isprintable():
+def _path_shown(value: str) -> str:
+    """A path, address or label from outside: as it is when printable and short, else as _quoted shows it."""
+    if value and len(value) <= _PATH_SHOWN_MAX and value.isprintable():
         return value
-    return _quoted(value, limit)
+    return _quoted(value, _PATH_SHOWN_MAX)
 
 
 def _is_secret_name(name: str) -> bool:
@@ -660,14 +654,13 @@ def _read_yaml_subset(text: str, wanted: Iterable[str], *, source: str = "<confi
 
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
-_YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
+# What a plain (unquoted) YAML scalar may spell a boolean as; the last four are YAML 1.1's.
+_YAML_BOOLS = {"true": True, "false": False, "yes": True, "on": True, "no": False, "off": False}
 _INT64 = 1 << 63
 # unicode.IsSpace, which strings.TrimSpace uses: narrower than str.isspace,
 # which also strips the ASCII separators 0x1c-0x1f.
 _GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
     "\u2028\u2029\u202f\u205f\u3000"
-_GO_PREFIXES = {"b": 2, "o": 8, "x": 16}
-_GO_DIGITS = {c: i for i, c in enumerate("0123456789abcdefghijklmnopqrstuvwxyz")}
 
 _DEFAULT_SOCKET = "/var/run/datadog/apm.socket" if sys.platform.startswith("linux") else ""
 _DEFAULT_LOG_FILE = (
@@ -750,42 +743,33 @@ class _Config:
     def has_value(self, key: str) -> bool:
         return self.from_env(key) is not None or self.from_file(key) is not None
 
-    def boolean(self, key: str, default: bool) -> bool:
-        found = self.from_env(key)
-        if found is not None:
-            return _go_bool(found[1], found[0])
-        node = self.scalar(key)
-        if node is None:
-            return default
-        if node.kind == _PLAIN and node.text.lower() in ("true", "false"):
-            return node.text.lower() == "true"
-        if node.kind == _PLAIN and node.text.lower() in _YAML11_BOOLS:
-            self.log.warn("%s:%d: %s: %s is read as a boolean (YAML 1.1); write true or false",
-                          _path_shown(self.source), node.line, key, _quoted(node.text))
-            return _YAML11_BOOLS[node.text.lower()]
-        try:
-            return _go_bool(node.text, key)
-        except _ConfigError as exc:
-            raise _ConfigError(exc.message, source=self.source, line=node.line, key=key) from None
+    def value(self, key: str, default: _T, convert: Callable[[str, str], _T]) -> _T:
+        """`convert(text, name)` of the key's value, from the environment, else the file; else `default`.
 
-    def integer(self, key: str, default: int) -> int:
+        Its error names where that value was found: the variable, or the file, line and key.
+        """
         found = self.from_env(key)
-        if found is not None:
-            return _go_int(found[1], found[0])
-        node = self.scalar(key)
-        if node is None:
-            return default
+        if found is None:
+            node = self.scalar(key)
+            if node is None:
+                return default
+            found = key, node.text
         try:
-            return _go_int(node.text, key)
+            return convert(found[1], found[0])
         except _ConfigError as exc:
-            raise _ConfigError(exc.message, source=self.source, line=node.line, key=key) from None
+            raise self.error(key, exc.message) from None
+
+    def boolean(self, key: str, default: bool) -> bool:
+        node = None if self.from_env(key) else self.scalar(key)
+        if node is not None and node.kind == _PLAIN and node.text.lower() in _YAML_BOOLS:
+            if node.text.lower() not in ("true", "false"):
+                self.log.warn("%s:%d: %s: %s is read as a boolean (YAML 1.1); write true or false",
+                              _path_shown(self.source), node.line, key, _quoted(node.text))
+            return _YAML_BOOLS[node.text.lower()]
+        return self.value(key, default, _go_bool)
 
     def string(self, key: str, default: str) -> str:
-        found = self.from_env(key)
-        if found is not None:
-            return found[1]
-        node = self.scalar(key)
-        return default if node is None else node.text
+        return self.value(key, default, lambda text, name: text)
 
     def error(self, key: str, message: str) -> _ConfigError:
         """An error about the value `key` has now, naming where that value was found."""
@@ -797,7 +781,7 @@ class _Config:
 
     def in_range(self, key: str, default: int, low: int, high: int) -> int:
         """An integer from `low` to `high` (milliseconds), or an error naming key and value."""
-        value = self.integer(key, default)
+        value = self.value(key, default, _go_int)
         if not low <= value <= high:
             raise self.error(key, "%d ms is out of range (%d-%d)" % (value, low, high))
         return value
@@ -812,9 +796,7 @@ class _Config:
     def scalar(self, key: str) -> _Node | None:
         node = self.from_file(key)
         if node is not None and not node.is_scalar:
-            raise _ConfigError(
-                "holds %s; expected a single value" % _describe_node(node), source=self.source, line=node.line, key=key
-            )
+            raise self.error(key, "holds %s; expected a single value" % _describe_node(node))
         return node
 
 
@@ -835,57 +817,25 @@ def _go_bool(text: str, name: str) -> bool:
 
 def _go_int(text: str, name: str) -> int:
     """strconv.ParseInt(strings.TrimSpace(s), 0, 64), exactly: 8126, 0x1fbe, 0o17, 017, 0b1, 1_000."""
-    value = _parse_go_int(text.strip(_GO_SPACE))
-    if value is None:
-        raise _ConfigError("%s is not an integer" % _quoted(text), key=name)
+    body = text.strip(_GO_SPACE)
+    sign = body[:1] if body[:1] in ("+", "-") else ""
+    digits = body[len(sign):]
+    if digits[:1] == "0" and digits[1:2].lower() not in ("x", "o", "b"):
+        digits = "0o" + (digits[1:] or "0")  # Go reads a leading 0 alone as octal; Python spells it 0o
+    # int(..., 0) reads the rest of Go's syntax, underscores included, once the
+    # text holds only ASCII letters, digits and '_' (int() also takes other
+    # digits, and spaces).
+    plain = digits.replace("_", "")
+    try:
+        if not (plain.isascii() and plain.isalnum()):
+            raise ValueError(text)
+        # int() refuses more than 4300 decimal digits, where Go has long overflowed.
+        value = _INT64 if len(plain) > 4300 and plain.isdigit() else int(sign + digits, 0)
+    except ValueError:
+        raise _ConfigError("%s is not an integer" % _quoted(text), key=name) from None
     if not -_INT64 <= value < _INT64:
         raise _ConfigError("%s is out of range for a 64-bit integer" % _quoted(text), key=name)
     return value
-
-
-def _parse_go_int(text: str) -> int | None:
-    """Go's integer syntax with base 0, or None; the range is checked by the caller."""
-    negative = text[:1] == "-"
-    body = text[1:] if text[:1] in ("-", "+") else text  # one sign, directly before the number
-    if not body:
-        return None
-    base, digits = 10, body
-    if body[0] == "0":
-        prefix = body[1:2].lower()
-        if len(body) >= 3 and prefix in _GO_PREFIXES:
-            base, digits = _GO_PREFIXES[prefix], body[2:]
-        else:
-            base, digits = 8, body[1:]  # a leading 0 alone means octal
-    value = 0
-    for char in digits:
-        if char == "_":
-            continue  # placement is checked below, on the whole literal
-        digit = _GO_DIGITS.get(char.lower(), 99)
-        if digit >= base:
-            return None
-        # Past 64 bits the exact value no longer matters: stop it growing, so
-        # a 100 KB string of digits costs linear time.
-        value = min(value * base + digit, _INT64 << 1)
-    if "_" in body and not _go_underscores_ok(body):
-        return None
-    return -value if negative else value
-
-
-def _go_underscores_ok(body: str) -> bool:
-    """Go's rule: an underscore only between digits, or after a base prefix."""
-    hexadecimal = body[:2].lower() == "0x"
-    previous = "digit" if len(body) >= 2 and body[0] == "0" and body[1].lower() in "box" else "start"
-    start = 2 if previous == "digit" else 0
-    for char in body[start:]:
-        if char == "_":
-            if previous != "digit":
-                return False
-            previous = "_"
-        elif char in "0123456789" or (hexadecimal and char.lower() in "abcdef"):
-            previous = "digit"
-        else:
-            return False  # not reached: the digits were checked first
-    return previous != "_"
 
 
 def _decimal(text: str, high: int) -> int | None:
@@ -894,13 +844,10 @@ def _decimal(text: str, high: int) -> int | None:
     The length is checked before int(): CPython refuses to convert more than
     4300 digits (ValueError), and so many digits are garbage here anyway.
     """
-    if not (text.isascii() and text.isdigit()):
-        return None
     digits = text.lstrip("0") or "0"
-    if len(digits) > len(str(high)):
-        return None
-    value = int(digits)
-    return value if value <= high else None
+    if text.isascii() and text.isdigit() and len(digits) <= len(str(high)) and int(digits) <= high:
+        return int(digits)
+    return None
 
 
 class _DropInSettings:
@@ -918,18 +865,18 @@ class _DropInSettings:
         self.hold_timeout_ms = config.in_range("apm_config.socket_activation.hold_timeout", 0, 0,
                                                _MAX_HOLD_TIMEOUT_MS)
         ready_key = "apm_config.socket_activation.ready_fd"
-        self.ready_fd = config.integer(ready_key, _NO_READY_FD)
+        self.ready_fd = config.value(ready_key, _NO_READY_FD, _go_int)
         if config.has_value(ready_key) and not _MIN_READY_FD <= self.ready_fd <= _MAX_FD:
             raise config.error(ready_key, "%d is not %s" % (self.ready_fd, _READY_FD))
-        self.receiver_port = config.integer("apm_config.receiver_port", 8126)
+        self.receiver_port = config.value("apm_config.receiver_port", 8126, _go_int)
         self.receiver_socket = config.string("apm_config.receiver_socket", _DEFAULT_SOCKET)
         # `receiver:` with nothing under it still turns OTLP on, as for the agent.
         self.otlp_enabled = config.key_written("otlp_config.receiver") or any(
             name.startswith("DD_OTLP_CONFIG_RECEIVER_") and value for name, value in environ.items()
         )
-        self.otlp_port = config.integer("otlp_config.traces.internal_port", 5003)
+        self.otlp_port = config.value("otlp_config.traces.internal_port", 5003, _go_int)
         self.bind_host, self.bind_host_reason = _bind_host(config, environ)
-        self.log_level = _log_level(config.string("log_level", "info"))
+        self.log_level = config.value("log_level", "info", _log_level)
         self.log_to_console = config.boolean("log_to_console", True)
         disable_file = config.boolean("disable_file_logging", False)
         log_file = config.string("apm_config.log_file", _DEFAULT_LOG_FILE)
@@ -937,28 +884,24 @@ class _DropInSettings:
         for key, port in (("apm_config.receiver_port", self.receiver_port),
                           ("otlp_config.traces.internal_port", self.otlp_port)):
             if port > 65535 or (key.startswith("otlp") and self.otlp_enabled and port <= 0):
-                raise _ConfigError("port %d is out of range (1-65535)" % port, key=key)
+                raise config.error(key, "port %d is out of range (1-65535)" % port)
 
 
-def _log_level(text: str) -> str:
+def _log_level(text: str, name: str) -> str:
     level = text.strip().lower()
     level = _LEVEL_ALIASES.get(level, level)
     if level not in _LEVELS:
-        raise _ConfigError(
-            "%s is not a log level (trace, debug, info, warn, error, critical, off)" % _quoted(text), key="log_level"
-        )
+        raise _ConfigError("%s is not a log level (trace, debug, info, warn, error, critical, off)" % _quoted(text),
+                           key=name)
     return level
 
 
 def _bind_host(config: _Config, environ: Mapping[str, str]) -> tuple[str, str]:
     """The receiver's host, and why (the agent's own rule, README "Configuration")."""
+    if config.boolean("apm_config.apm_non_local_traffic", False):
+        return "0.0.0.0", "apm_non_local_traffic is true"
     if config.has_value("bind_host") or config.has_value("apm_config.apm_non_local_traffic"):
-        host = config.string("bind_host", "localhost")
-        if config.has_value("apm_config.apm_non_local_traffic") and config.boolean(
-            "apm_config.apm_non_local_traffic", False
-        ):
-            return "0.0.0.0", "apm_non_local_traffic is true"
-        return host, "bind_host"
+        return config.string("bind_host", "localhost"), "bind_host"
     if environ.get("DOCKER_DD_AGENT", ""):
         return "0.0.0.0", "containerized (DOCKER_DD_AGENT is set)"
     return "localhost", "default"
@@ -988,8 +931,7 @@ class _ListenerSpec:
     log says.
     """
 
-    __slots__ = ("fd", "handoff_name", "host", "kind", "mode", "path", "port", "probe", "shown_as",
-                 "systemd_name")
+    __slots__ = ("fd", "handoff_name", "host", "kind", "mode", "path", "port", "shown_as", "systemd_name")
 
     def __init__(self, handoff_name: str, kind: str, *, shown_as: str, host: str = "", port: int = 0,
                  path: str = "", mode: int = 0o722, fd: int = -1, systemd_name: str = "") -> None:
@@ -1002,7 +944,6 @@ class _ListenerSpec:
         self.mode = mode
         self.fd = fd
         self.systemd_name = systemd_name  # "" adopts every inherited socket
-        self.probe = False  # the one listener the probe check watches; see _choose_probe_listener
 
 
 class _Listener:
@@ -1078,7 +1019,7 @@ def _open_tcp_listener(host: str, port: int) -> socket.socket:
         sock.listen(_listen_backlog())
     except OSError as exc:
         sock.close()
-        where = _printable(_join_host_port(host, port))
+        where = _path_shown(_join_host_port(host, port))
         raise _ListenerError("cannot listen on %s: %s" % (where, _oserror_text(exc))) from None
     return sock
 
@@ -1544,23 +1485,12 @@ class _HandoffError(LoaderError):
     """The hand-off failed before anything irreversible: fail open cleanly."""
 
 
-class _HandoffProtocol:
-    """How the program learns its fds: `scrub` on every exec, `hand_over` on wake."""
-
-    def scrub(self, env: dict[str, str]) -> None:
-        raise NotImplementedError
-
-    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
-                  log: _Log) -> list[int]:
-        raise NotImplementedError
-
-    def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
-                 inherited_fds: frozenset[int]) -> set[int]:
-        """The fds the program will hold once hand_over() has run (0-2 included)."""
-        raise NotImplementedError
+# A hand-off protocol (_HandoffProtocol: one of the two classes below) tells
+# the program its fds: `scrub` on every exec, `hand_over` on wake; `kept_fds`
+# are those the program will hold once hand_over() has run (0-2 included).
 
 
-class _EnvProtocol(_HandoffProtocol):
+class _EnvProtocol:
     """Each fd in a variable of its own (the Datadog agent's way)."""
 
     def __init__(self, owned_vars: Iterable[str], client_var: str, *, replaced_vars: Iterable[str] = (),
@@ -1600,7 +1530,7 @@ class _EnvProtocol(_HandoffProtocol):
         return kept
 
 
-class _SystemdProtocol(_HandoffProtocol):
+class _SystemdProtocol:
     """sd_listen_fds(3): fds 3, 4, ... with LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES."""
 
     def __init__(self, *, inherited_for_us: bool) -> None:
@@ -2410,13 +2340,6 @@ def _program_label(name: str) -> str:
 # Front door 1: drop-in for the Go trace-loader.
 # ---------------------------------------------------------------------------
 
-_USAGE = """\
-usage: trace_loader.py CONFIG_FILE AGENT [AGENT_ARGS...]
-       trace_loader.py [OPTIONS] -- PROGRAM [ARGS...]
-       trace_loader.py --help | --version
-"""
-
-
 def _drop_in_specs(settings: _DropInSettings, log: _Log) -> list[_ListenerSpec]:
     specs: list[_ListenerSpec] = []
     if settings.bind_host_reason.startswith("containerized"):
@@ -2482,22 +2405,22 @@ def _valid_fdname(name: str) -> bool:
 
 
 def _valid_env_name(name: str) -> bool:
-    return bool(name) and name.isascii() and (name[0].isalpha() or name[0] == "_") and \
-        all(c.isalnum() or c == "_" for c in name)
+    return name.isascii() and name.isidentifier()  # ASCII: [A-Za-z_][A-Za-z0-9_]*
 
 
 def _parse_listen(value: str, index: int) -> _ListenerSpec:
-    """`[NAME=]tcp://HOST:PORT | tcp://[V6]:PORT | unix:///PATH[?mode=0660] | systemd:[FDNAME]`."""
-    name, sep, address = value.partition("=")
-    if not sep or "://" in name or name.startswith("systemd:"):
-        name, address = "", value
+    """`[NAME=]tcp://HOST:PORT | tcp://[V6]:PORT | unix:///PATH[?mode=0660] | systemd:[FDNAME]`.
+
+    A ValueError says what is wrong with it; the caller names the value.
+    """
+    name, address = _split_listen_name(value)
     if address.startswith("tcp://"):
-        host, port = _parse_host_port(address[len("tcp://"):], value)
+        host, port = _parse_host_port(address[len("tcp://"):])
         return _ListenerSpec(name, _TCP, host=host, port=port, shown_as=name or "TCP listener %d" % index)
     if address.startswith("unix://"):
         path, _, query = address[len("unix://"):].partition("?")
         if not path.startswith("/") and not path.startswith("@"):
-            raise ValueError("%s: a unix address needs an absolute path (unix:///run/app.sock)" % _quoted(value))
+            raise ValueError("a unix address needs an absolute path (unix:///run/app.sock)")
         mode = 0o666  # systemd's SocketMode default
         if query:
             key, _, text = query.partition("=")
@@ -2506,111 +2429,102 @@ def _parse_listen(value: str, index: int) -> _ListenerSpec:
             except ValueError:
                 mode = -1
             if not 0 <= mode <= 0o777:
-                raise ValueError("%s: expected ?mode=OCTAL (e.g. ?mode=0660)" % _quoted(value))
+                raise ValueError("expected ?mode=OCTAL (e.g. ?mode=0660)")
         return _ListenerSpec(name, _UNIX, path=path, mode=mode, shown_as=name or "unix listener %d" % index)
     if address.startswith("systemd:"):
         return _ListenerSpec(name, _INHERITED, systemd_name=address[len("systemd:"):], shown_as=address)
-    raise ValueError("%s: expected tcp://HOST:PORT, tcp://[V6]:PORT, unix:///PATH or systemd:[FDNAME]"
-                     % _quoted(value))
+    raise ValueError("expected tcp://HOST:PORT, tcp://[V6]:PORT, unix:///PATH or systemd:[FDNAME]")
 
 
-def _parse_host_port(text: str, value: str) -> tuple[str, int]:
+def _split_listen_name(value: str) -> tuple[str, str]:
+    """`[NAME=]ADDRESS` as (NAME, ADDRESS): an '=' inside the address (unix's ?mode=) names nothing."""
+    name, sep, address = value.partition("=")
+    if not sep or "://" in name or name.startswith("systemd:"):
+        return "", value
+    return name, address
+
+
+def _ready_fd(text: str) -> int:
+    fd = _decimal(text, _MAX_FD)
+    if fd is None or fd < _MIN_READY_FD:
+        raise ValueError("argument --ready-fd: %s is not %s" % (_quoted(text), _READY_FD))
+    return fd
+
+
+def _parse_host_port(text: str) -> tuple[str, int]:
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
     else:
         host, _, port_text = text.rpartition(":")
         if ":" in host:
-            raise ValueError("%s: put an IPv6 address in brackets (tcp://[::1]:8080)" % _quoted(value))
+            raise ValueError("put an IPv6 address in brackets (tcp://[::1]:8080)")
     # Port 0 asks the kernel for a free port; the log line names the one it chose.
     port = _decimal(port_text, 65535)
     if port is None:
-        raise ValueError("%s: the port must be a number from 0 to 65535" % _quoted(value))
+        raise ValueError("the port must be a number from 0 to 65535")
     return host, port
 
 
-def _milliseconds(text: str, high: int, note: str = "") -> int:
+def _milliseconds(option: str, text: str, high: int, note: str = "") -> int:
     value = _decimal(text, high)
     if value is None:
-        raise ValueError("%s: expected milliseconds from 0 to %d%s" % (_quoted(text), high, note))
+        raise ValueError("argument %s: %s: expected milliseconds from 0 to %d%s" % (option, _quoted(text), high, note))
     return value
 
 
+def _one_of(option: str, text: str, names: tuple[str, ...]) -> str:
+    """`text` in any case, as one of `names`: argparse's own `choices` would echo a value of any length in full."""
+    if text.lower() not in names:
+        raise ValueError("argument %s: %s is not one of %s" % (option, _quoted(text), ", ".join(names)))
+    return text.lower()
+
+
 def _generic_parser() -> argparse.ArgumentParser:
+    """The command line's parser; its values are strings, converted by _check_generic_options."""
     import argparse
 
-    listen_count = [0]
-
-    def listen(value: str) -> _ListenerSpec:
-        listen_count[0] += 1
-        try:
-            return _parse_listen(value, listen_count[0])
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    def milliseconds(high: int, note: str = "") -> Callable[[str], int]:
-        def convert(text: str) -> int:
-            try:
-                return _milliseconds(text, high, note)
-            except ValueError as exc:
-                raise argparse.ArgumentTypeError(str(exc)) from None
-        return convert
-
-    def ready_fd(text: str) -> int:
-        fd = _decimal(text, _MAX_FD)
-        if fd is None or fd < _MIN_READY_FD:
-            raise argparse.ArgumentTypeError("%s is not %s" % (_quoted(text), _READY_FD))
-        return fd
-
-    def one_of(names: tuple[str, ...]) -> Callable[[str], str]:
-        # argparse's own `choices` would echo a value of any length in full.
-        def convert(text: str) -> str:
-            if text.lower() not in names:
-                raise argparse.ArgumentTypeError("%s is not one of %s" % (_quoted(text), ", ".join(names)))
-            return text.lower()
-        return convert
-
     class Parser(argparse.ArgumentParser):
-        def _print_message(self, message: str, file: object = None) -> None:
-            # CPython 3.11+ itself ignores a stream it cannot write (closed,
-            # full, a broken pipe); 3.8-3.10 let the error escape, and a usage
-            # error would become an internal error.
-            _say(file or sys.stderr, message)
+        # Through _say: CPython 3.8-3.10 let a failed write to a closed or
+        # full stream escape, and help or a usage error would become an
+        # internal error.
+        def print_help(self, file: object = None) -> None:
+            _say(file or sys.stdout, self.format_help())
+
+        def error(self, message: str) -> NoReturn:
+            _say(sys.stderr, "%s%s: error: %s\n" % (self.format_usage(), self.prog, message))
+            raise SystemExit(2)
 
     parser = Parser(
         prog="trace_loader.py",
-        usage="%(prog)s [OPTIONS] -- PROGRAM [ARGS...]\n"
-              "       %(prog)s CONFIG_FILE AGENT [AGENT_ARGS...]\n"
+        usage="%(prog)s CONFIG_FILE AGENT [AGENT_ARGS...]\n"
+              "       %(prog)s [OPTIONS] -- PROGRAM [ARGS...]\n"
               "       %(prog)s --help | --version",
         description="Hold PROGRAM's sockets and exec it on the first real traffic (generic mode). "
                     "With CONFIG_FILE AGENT instead, drop-in mode for the Datadog trace-loader: the sockets "
                     "and settings come from datadog.yaml and the DD_* environment.",
         allow_abbrev=False,  # an option is spelt out, never guessed from a prefix
     )
-    parser.add_argument("--version", action="version", version="trace-loader %s" % __version__)
-    parser.add_argument("--listen", action="append", type=listen, default=[], metavar="[NAME=]ADDRESS",
+    parser.add_argument("--listen", action="append", default=[], metavar="[NAME=]ADDRESS",
                         help="tcp://HOST:PORT, tcp://[V6]:PORT, unix:///PATH[?mode=0660], or systemd:[FDNAME] "
                              "to adopt sockets this process inherited from systemd (repeatable; required)")
-    parser.add_argument("--protocol", type=one_of(("systemd", "env")), default="systemd", metavar="{systemd,env}",
+    parser.add_argument("--protocol", default="systemd", metavar="{systemd,env}",
                         help="hand-off: systemd's LISTEN_FDS (default) or one variable per fd (NAME=)")
     parser.add_argument("--handle-tcp-probe", action="store_true",
                         help="absorb TCP probes (connect, then close) on the first TCP listener")
-    parser.add_argument("--held-client", type=one_of(_HELD_CLIENT_WAYS[::-1]), default=_HELD_RELAY,
-                        metavar="{%s}" % ",".join(_HELD_CLIENT_WAYS[::-1]),
+    parser.add_argument("--held-client", default=_HELD_RELAY, metavar="{%s}" % ",".join(_HELD_CLIENT_WAYS[::-1]),
                         help="how the first real client reaches PROGRAM: relayed into its listener by a helper "
                              "process (default; any server), or as an inherited fd (a server written for it)")
     parser.add_argument("--client-fd-var", default="", metavar="VAR",
                         help="with --held-client fd under --protocol env: the variable that carries the client")
-    parser.add_argument("--hold-timeout", type=milliseconds(_MAX_HOLD_TIMEOUT_MS, " (0: no limit)"),
-                        default=_GENERIC_HOLD_TIMEOUT_MS, metavar="MS",
+    parser.add_argument("--hold-timeout", default=str(_GENERIC_HOLD_TIMEOUT_MS), metavar="MS",
                         help="wake PROGRAM when a held client stays silent this long, for protocols where the "
                              "server speaks first (default 1000, 0: no limit)")
-    parser.add_argument("--probe-grace-period", type=milliseconds(_MAX_PROBE_GRACE_MS),
-                        default=_DEFAULT_PROBE_GRACE_MS, metavar="MS",
+    parser.add_argument("--probe-grace-period", default=str(_DEFAULT_PROBE_GRACE_MS), metavar="MS",
                         help="how long a held silent client may delay a second one (default 250, 0: none)")
-    parser.add_argument("--ready-fd", type=ready_fd, default=_NO_READY_FD, metavar="N",
+    parser.add_argument("--ready-fd", metavar="N",
                         help="once listening, write a newline to fd N and close it (s6's notification-fd)")
-    parser.add_argument("--log-level", type=one_of(tuple(_LEVELS)), default="info", metavar="LEVEL",
+    parser.add_argument("--log-level", default="info", metavar="LEVEL",
                         help="trace, debug, info, warn, error, critical or off")
     return parser
 
@@ -2619,17 +2533,10 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
                  inherited_fds: list[int]) -> int:
     parser = _generic_parser()
     args, unknown = parser.parse_known_args(options)
-    # Checked in this order so that a misspelt option is named as such, and
-    # not reported as a missing --listen.
-    if unknown:
-        parser.error("unrecognized arguments: %s" % " ".join(_quoted(word, 40) for word in unknown))
-    if not args.listen:
-        parser.error("the following arguments are required: --listen")
-    if not program:
-        parser.error("expected '-- PROGRAM [ARGS...]' after the options")
-    problem = _check_generic_options(args.listen, args)
-    if problem:
-        parser.error(problem)
+    try:
+        _check_generic_options(args, unknown, program)
+    except ValueError as exc:
+        parser.error(str(exc))
     log.configure(level=args.log_level, console=True, path=None)
     label = _program_label(program[0])
     try:
@@ -2638,18 +2545,20 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
         log.critical("Cannot start %s: %s", label, exc)
         return 1
     for_us = environ.get("LISTEN_PID", "") == str(os.getpid())
+    launch = _Launch(path, program, dict(environ), label, _generic_protocol(args, for_us, []),
+                     inherited_fds=inherited_fds)
     try:
         specs, unselected = _expand_inherited(args.listen, environ)
     except _ListenerError as exc:
-        fail_open = _Launch(path, program, dict(environ), label, _generic_protocol(args, for_us, []),
-                            inherited_fds=inherited_fds)
         log.warn("Failed to get listeners for %s: %s", label, exc)
-        _exec_directly(fail_open, log)
-    problem = _check_unique_names(specs, args.protocol)
-    if problem:
-        parser.error(problem)
-    launch = _Launch(path, program, dict(environ), label, _generic_protocol(args, for_us, unselected),
-                     inherited_fds=inherited_fds)
+        _exec_directly(launch, log)
+    names = [spec.handoff_name for spec in specs]
+    for name in names:
+        # Checked once every systemd:[FDNAME] is expanded: one may match several sockets.
+        if args.protocol == "env" and names.count(name) > 1:
+            parser.error("argument --listen: %s would carry %d fds; under --protocol env each NAME takes one "
+                         "socket" % (name, names.count(name)))
+    launch.protocol = _generic_protocol(args, for_us, unselected)
     activation = _Activation(probe=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
                              hold_timeout_ms=args.hold_timeout, held_client=args.held_client, ready_fd=args.ready_fd)
     return _serve(launch, specs, activation, log)
@@ -2668,38 +2577,51 @@ def _generic_protocol(args: argparse.Namespace, for_us: bool, unselected: list[i
 
 
 def _env_handoff_vars(args: argparse.Namespace) -> list[str]:
-    """The variables --listen NAME= names under --protocol env (under systemd's, NAME is an fd name)."""
-    return [spec.handoff_name for spec in args.listen] if args.protocol == "env" else []
+    """The variables --listen NAME= names under --protocol env (under systemd's, NAME is an fd name).
+
+    Reads the options as parsed or as converted: the last-resort exec has only the former.
+    """
+    if str(args.protocol).lower() != "env":
+        return []
+    return [_split_listen_name(value)[0] if isinstance(value, str) else value.handoff_name for value in args.listen]
 
 
-def _check_generic_options(specs: list[_ListenerSpec], args: argparse.Namespace) -> str:
-    protocol = args.protocol
-    for spec in specs:
+def _check_generic_options(args: argparse.Namespace, unknown: list[str], program: list[str]) -> None:
+    """Convert the options in place and check them together; a ValueError names the first at fault."""
+    # In this order, so that a misspelt option is named as such, and not
+    # reported as a missing --listen.
+    if unknown:
+        raise ValueError("unrecognized arguments: %s" % " ".join(_quoted(word, 40) for word in unknown))
+    if not args.listen:
+        raise ValueError("the following arguments are required: --listen")
+    for index, value in enumerate(args.listen):
+        try:
+            args.listen[index] = _parse_listen(value, index + 1)
+        except ValueError as exc:
+            raise ValueError("argument --listen: %s: %s" % (_quoted(value), exc)) from None
+    protocol = args.protocol = _one_of("--protocol", args.protocol, ("systemd", "env"))
+    args.held_client = _one_of("--held-client", args.held_client, _HELD_CLIENT_WAYS[::-1])
+    args.hold_timeout = _milliseconds("--hold-timeout", args.hold_timeout, _MAX_HOLD_TIMEOUT_MS, " (0: no limit)")
+    args.probe_grace_period = _milliseconds("--probe-grace-period", args.probe_grace_period, _MAX_PROBE_GRACE_MS)
+    args.log_level = _one_of("--log-level", args.log_level, tuple(_LEVELS))
+    args.ready_fd = _NO_READY_FD if args.ready_fd is None else _ready_fd(args.ready_fd)
+    if not program:
+        raise ValueError("expected '-- PROGRAM [ARGS...]' after the options")
+    for spec in args.listen:
         if protocol == "env" and not _valid_env_name(spec.handoff_name):
-            return "argument --listen: %s needs NAME= (the variable that carries its fd) under --protocol env" \
-                % spec.shown_as
+            raise ValueError("argument --listen: %s needs NAME= (the variable that carries its fd) under "
+                             "--protocol env" % _path_shown(spec.shown_as))
         if protocol == "systemd" and spec.handoff_name and not _valid_fdname(spec.handoff_name):
-            return "argument --listen: %s is not a valid fd name (printable ASCII, no ':')" \
-                % _quoted(spec.handoff_name)
+            raise ValueError("argument --listen: %s is not a valid fd name (printable ASCII, no ':')"
+                             % _quoted(spec.handoff_name))
     client_var = args.client_fd_var
     if client_var and not _valid_env_name(client_var):
-        return "argument --client-fd-var: %s is not a valid variable name" % _quoted(client_var)
+        raise ValueError("argument --client-fd-var: %s is not a valid variable name" % _quoted(client_var))
     if client_var and (protocol != "env" or args.held_client != _HELD_FD):
-        return "argument --client-fd-var: only used with --held-client fd under --protocol env"
+        raise ValueError("argument --client-fd-var: only used with --held-client fd under --protocol env")
     if protocol == "env" and args.handle_tcp_probe and args.held_client == _HELD_FD and not client_var:
-        return "--handle-tcp-probe --held-client fd with --protocol env needs --client-fd-var VAR for the client"
-    return _check_unique_names(specs, protocol)
-
-
-def _check_unique_names(specs: list[_ListenerSpec], protocol: str) -> str:
-    if protocol != "env":
-        return ""  # LISTEN_FDNAMES may repeat a name; systemd allows it
-    names = [s.handoff_name for s in specs]
-    for name in names:
-        if names.count(name) > 1:
-            return ("argument --listen: %s would carry %d fds; under --protocol env each NAME takes one socket"
-                    % (name, names.count(name)))
-    return ""
+        raise ValueError("--handle-tcp-probe --held-client fd with --protocol env needs --client-fd-var VAR for "
+                         "the client")
 
 
 def _inherited_fds(environ: Mapping[str, str]) -> list[tuple[int, str]]:
@@ -2864,15 +2786,15 @@ def _fd_number(var: str, text: str) -> int:
 
 
 def _ensure_std_fds() -> None:
-    """Open /dev/null on any of fds 0-2 that is closed; give sys.stdout and sys.stderr a file again.
+    """Open /dev/null on any of fds 0-2 that is closed.
 
     Otherwise our first socket would land on 0, 1 or 2, and the program would
     take a listener for its stdin or stdout. Without /dev/null (a chroot) the
     fd stays closed, and _open_listeners refuses to open any socket: the
     program then starts directly, once the arguments and the configuration
-    have been read as always. CPython leaves sys.stderr None when fd 2 was
-    closed at start-up: a usage error must still exit 2, not fail on writing
-    its message.
+    have been read as always. CPython leaves sys.stdout or sys.stderr None
+    when fd 1 or 2 was closed at start-up; _say() then writes nowhere, and a
+    usage error still exits 2.
     """
     for _ in _closed_std_fds():
         try:
@@ -2880,13 +2802,6 @@ def _ensure_std_fds() -> None:
         except OSError:
             continue  # see above
         os.set_inheritable(new, True)
-    try:
-        if sys.stdout is None:
-            sys.stdout = open(1, "w", closefd=False)  # lives as long as the process
-        if sys.stderr is None:
-            sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")
-    except OSError:
-        pass  # still closed (no /dev/null): _say() writes nowhere
 
 
 def _say(stream: object, text: str) -> None:
@@ -2910,25 +2825,19 @@ def _split_command_line(args: list[str]) -> tuple[bool, list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """Run the loader with `argv` (default: sys.argv[1:]); the exit status, if it does not exec.
 
-    Usage errors raise SystemExit(2), as argparse does.
+    --help raises SystemExit(0), and usage errors SystemExit(2), as argparse does.
     """
     args = sys.argv[1:] if argv is None else list(argv)
     _ensure_std_fds()
-    if args in (["-h"], ["--help"]):
-        _say(sys.stdout, _generic_parser().format_help())
-        return 0
     if args == ["--version"]:
         _say(sys.stdout, "trace-loader %s\n" % __version__)
         return 0
     if not args or (len(args) < 2 and not args[0].startswith("-")):
-        _say(sys.stderr, _USAGE + "trace_loader.py: error: expected CONFIG_FILE AGENT, or options and "
-                         "'-- PROGRAM'\n")
-        return 2
+        _generic_parser().error("expected CONFIG_FILE AGENT, or options and '-- PROGRAM'")
     generic, own_args, program = _split_command_line(args)
     if not generic and program[0].startswith("-"):
-        _say(sys.stderr, _USAGE + "trace_loader.py: error: AGENT %s looks like an option; the loader's own "
-                         "options come first, before '--'\n" % _quoted(program[0]))
-        return 2
+        _generic_parser().error("AGENT %s looks like an option; the loader's own options come first, before '--'"
+                                % _quoted(program[0]))
     _set_waiting_signal_handlers()
     log = _Log()
     environ = dict(os.environ)
