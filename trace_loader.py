@@ -963,8 +963,7 @@ class _ListenerSpec:
     log says.
     """
 
-    __slots__ = ("fd", "handoff_name", "host", "kind", "mode", "path", "port", "probe", "shown_as",
-                 "systemd_name")
+    __slots__ = ("fd", "handoff_name", "host", "kind", "mode", "path", "port", "shown_as", "systemd_name")
 
     def __init__(self, handoff_name: str, kind: str, *, shown_as: str, host: str = "", port: int = 0,
                  path: str = "", mode: int = 0o722, fd: int = -1, systemd_name: str = "") -> None:
@@ -977,7 +976,6 @@ class _ListenerSpec:
         self.mode = mode
         self.fd = fd
         self.systemd_name = systemd_name  # "" adopts every inherited socket
-        self.probe = False  # the one listener the probe check watches; see _choose_probe_listener
 
 
 class _Listener:
@@ -1029,14 +1027,10 @@ def _tcp_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[obje
 
 def _dual_stack_supported() -> bool:
     try:
-        probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as trial:
+            trial.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     except OSError:
-        return False  # no IPv6 in this kernel or namespace: fall back to IPv4
-    with probe:
-        try:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        except OSError:
-            return False
+        return False  # no IPv6 in this kernel or namespace, or no dual stack: IPv4 only
     return True
 
 
@@ -1075,52 +1069,40 @@ def _validate_unix_path(path: str) -> None:
     if b"\0" in encoded:
         raise _ListenerError("unix socket path %s contains a NUL byte" % _quoted(path))
     if len(encoded) > _SUN_PATH_MAX:
-        raise _ListenerError(
-            "unix socket path is %d bytes, longer than the %d the kernel allows (sun_path): %s"
-            % (len(encoded), _SUN_PATH_MAX, _path_shown(path))
-        )
+        raise _ListenerError("unix socket path is %d bytes, longer than the %d the kernel allows (sun_path): %s"
+                             % (len(encoded), _SUN_PATH_MAX, _path_shown(path)))
 
 
 def _clear_stale_socket(path: str) -> None:
     """Make room for the socket: remove a stale one, refuse anything else."""
+    shown = _path_shown(path)
     try:
-        info = os.lstat(path)  # lstat: judge a symlink itself, never its target
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise _ListenerError("cannot inspect %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
-    if stat.S_ISLNK(info.st_mode):
-        raise _ListenerError("%s is a symbolic link; refusing to replace it" % _path_shown(path))
-    if not stat.S_ISSOCK(info.st_mode):
-        raise _ListenerError(
-            "%s exists and is %s, not a socket; refusing to remove it" % (_path_shown(path), _file_kind(info.st_mode))
-        )
-    if _unix_socket_is_served(path):
-        raise _ListenerError("%s is served by a live process; refusing to take it over" % _path_shown(path))
-    try:
+        mode = os.lstat(path).st_mode  # lstat: judge a symlink itself, never its target
+        if stat.S_ISLNK(mode):
+            raise _ListenerError("%s is a symbolic link; refusing to replace it" % shown)
+        if not stat.S_ISSOCK(mode):
+            raise _ListenerError("%s exists and is %s, not a socket; refusing to remove it" % (shown, _file_kind(mode)))
+        if _unix_socket_is_served(path):
+            raise _ListenerError("%s is served by a live process; refusing to take it over" % shown)
         os.unlink(path)
     except FileNotFoundError:
-        pass  # gone between lstat and unlink: the room we wanted
+        pass  # no such file, or gone since we looked: the room we wanted
     except OSError as exc:
-        raise _ListenerError("cannot remove stale socket %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
+        raise _ListenerError("cannot clear the way for unix socket %s: %s" % (shown, _oserror_text(exc))) from None
 
 
 def _unix_socket_is_served(path: str) -> bool:
     """A connect() answers whether anyone listens: refused means stale."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with probe:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         # Non-blocking: a live server with a full backlog answers EAGAIN at
         # once instead of making us wait in connect().
-        probe.setblocking(False)
+        sock.setblocking(False)
         try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
+            sock.connect(path)
+        except ConnectionRefusedError:
             return False
         except BlockingIOError:
-            return True
-        except OSError as exc:
-            raise _ListenerError(
-                "cannot tell whether %s is in use: %s" % (_path_shown(path), _oserror_text(exc))) from None
+            pass  # served, and its backlog is full
     return True
 
 
@@ -1166,16 +1148,24 @@ def _wrap_sockets(found: list[tuple[int, str]], *, source: str = "") -> list[soc
     return wrapped
 
 
+def _refuse_closed_std_fds() -> None:
+    """Raise _ListenerError while fd 0, 1 or 2 is closed: the first socket we open would land there."""
+    closed = _closed_std_fds()
+    if closed:
+        # main() fills them with /dev/null; a chroot without it leaves them
+        # closed, and the program would take a listener for its stdin.
+        raise _ListenerError("fd %s is closed and %s could not be opened in its place: a socket would land there"
+                             % (" and ".join(str(fd) for fd in closed), os.devnull))
+
+
+def _closed_std_fds() -> list[int]:
+    return [fd for fd in (0, 1, 2) if not _is_open(fd)]
+
+
 def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
     """Open every spec in order; on failure close what was opened and raise."""
     opened: list[_Listener] = []
     try:
-        closed = _closed_std_fds()
-        if closed:
-            # main() fills them with /dev/null; a chroot without it leaves them
-            # closed, and the program would take a listener for its stdin.
-            raise _ListenerError("fd %s is closed and %s could not be opened in its place: a socket would land "
-                                 "there" % (" and ".join(str(fd) for fd in closed), os.devnull))
         for spec in specs:
             sock = _open_listener(spec, log)
             if sock is not None:
@@ -1188,18 +1178,6 @@ def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
             raise _ListenerError(_oserror_text(exc)) from None
         raise
     return opened
-
-
-def _closed_std_fds() -> list[int]:
-    closed = []
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                raise  # open but unusable: for the caller (in _open_listeners, a listener error: fail open)
-            closed.append(fd)
-    return closed
 
 
 def _open_listener(spec: _ListenerSpec, log: _Log) -> socket.socket | None:
@@ -1680,7 +1658,7 @@ def _open_fds() -> list[int]:
 
 def _is_open(fd: int) -> bool:
     try:
-        os.fstat(fd)
+        os.get_inheritable(fd)  # fcntl(F_GETFD), which fails only on an fd that is not open (EBADF)
     except OSError:
         return False
     return True
@@ -2311,6 +2289,7 @@ class _Activation:
 
 def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation, log: _Log) -> int:
     try:
+        _refuse_closed_std_fds()
         listeners = _open_listeners(specs, log)
     except LoaderError as exc:
         log.warn("Failed to get listeners for %s: %s", launch.label, exc)
