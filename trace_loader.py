@@ -30,6 +30,7 @@ in ``main()``. README.md is the operator's guide; docs/ holds the design.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import signal
@@ -1503,8 +1504,7 @@ class _HandoffProtocol:
     def scrub(self, env: dict[str, str]) -> None:
         raise NotImplementedError
 
-    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
-                  log: _Log) -> list[int]:
+    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None) -> list[int]:
         raise NotImplementedError
 
     def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
@@ -1529,20 +1529,15 @@ class _EnvProtocol(_HandoffProtocol):
         for name in self.owned_vars:
             env.pop(name, None)
 
-    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
-                  log: _Log) -> list[int]:
+    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None) -> list[int]:
         for name in self.replaced_vars:
             env.pop(name, None)
         for fd in self.unselected_fds:
             _close_on_exec_if_open(fd)
-        fds = []
-        for listener in listeners:
-            env[listener.spec.handoff_name] = str(listener.fd)
-            fds.append(listener.fd)
-        if client is not None and self.client_var:
-            env[self.client_var] = str(client.sock.fileno())
-            fds.append(client.sock.fileno())
-        return fds
+        handed = [(lsn.spec.handoff_name, lsn.fd) for lsn in listeners]
+        handed += [(self.client_var, client.sock.fileno())] if client is not None and self.client_var else []
+        env.update((name, str(fd)) for name, fd in handed)
+        return [fd for _, fd in handed]
 
     def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
                  inherited_fds: frozenset[int]) -> set[int]:
@@ -1560,21 +1555,20 @@ class _SystemdProtocol(_HandoffProtocol):
         # LISTEN_* addressed to this very process belong to the program too
         # when we fail open (same pid after execve): keep them then.
         self.inherited_for_us = inherited_for_us
-        import fcntl  # noqa: F401 -- now, while an fd is free to load it (see _dup_at_or_above)
 
     def scrub(self, env: dict[str, str]) -> None:
         if not self.inherited_for_us:
             for name in _SYSTEMD_VARS:
                 env.pop(name, None)
 
-    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
-                  log: _Log) -> list[int]:
-        sources = [lsn.fd for lsn in listeners] + ([client.sock.fileno()] if client is not None else [])
+    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None) -> list[int]:
         # "unknown" is the name systemd reports for a socket it was given no
         # name for; "connection" the one it gives an accepted connection.
-        names = [lsn.spec.handoff_name or "unknown" for lsn in listeners]
-        names += ["connection"] if client is not None else []
-        targets = _move_fds_to(sources, _SD_LISTEN_FDS_START, log)
+        handed = [(lsn.fd, lsn.spec.handoff_name or "unknown") for lsn in listeners]
+        handed += [(client.sock.fileno(), "connection")] if client is not None else []
+        # Only generic mode hands over this way, and it logs to stderr alone:
+        # no log file of ours can sit on the fds we fill.
+        targets = _move_fds_to([fd for fd, _ in handed], _SD_LISTEN_FDS_START)
         for fd in _open_fds():
             if fd > 2 and fd not in targets:
                 # Under systemd's protocol the program gets 0-2 and its
@@ -1584,7 +1578,7 @@ class _SystemdProtocol(_HandoffProtocol):
             env.pop(name, None)
         env["LISTEN_FDS"] = str(len(targets))
         env["LISTEN_PID"] = str(os.getpid())  # execve keeps our pid for the program
-        env["LISTEN_FDNAMES"] = ":".join(names)
+        env["LISTEN_FDNAMES"] = ":".join(name for _, name in handed)
         return targets
 
     def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
@@ -1593,7 +1587,7 @@ class _SystemdProtocol(_HandoffProtocol):
         return set(range(_SD_LISTEN_FDS_START + len(listeners) + (client is not None)))
 
 
-def _move_fds_to(sources: list[int], start: int, log: _Log) -> list[int]:
+def _move_fds_to(sources: list[int], start: int) -> list[int]:
     """dup2 each source fd to start, start+1, ... without clobbering another.
 
     A source already in its place stays there, and one above the range is
@@ -1603,24 +1597,22 @@ def _move_fds_to(sources: list[int], start: int, log: _Log) -> list[int]:
     and only then, when nothing can fail any more (dup2 allocates no fd),
     everything is put into place. A failure while copying (EMFILE) closes
     the copies and leaves every fd as it was, so the caller can still fail
-    open cleanly.
+    open cleanly. The originals left behind are the caller's to close.
     """
     end = start + len(sources)
     targets = list(range(start, end))
     copies: dict[int, int] = {}
     try:
-        if 0 <= log.file_fd < end:  # keep the log fd out of the range we fill
-            log.file_fd = _dup_at_or_above(log.file_fd, end, close_original=True)
         for fd, target in zip(sources, targets):
             if fd != target and start <= fd < end:
-                copies[fd] = _dup_at_or_above(fd, end)
+                # The lowest free fd >= end, closed on exec. fcntl is imported
+                # with the module: an import needs a free fd, which EMFILE
+                # would deny us here.
+                copies[fd] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, end)
     except OSError as exc:
         for copy in copies.values():
             os.close(copy)
         raise _HandoffError("cannot copy the sockets into place: %s" % _oserror_text(exc)) from None
-    for fd in sources:
-        if fd >= end:
-            os.set_inheritable(fd, False)  # the original stays behind, closed by execve
     for fd, target in zip(sources, targets):
         if fd != target:
             os.dup2(copies.get(fd, fd), target, inheritable=True)
@@ -1629,30 +1621,18 @@ def _move_fds_to(sources: list[int], start: int, log: _Log) -> list[int]:
     return targets
 
 
-def _dup_at_or_above(fd: int, floor: int, *, close_original: bool = False) -> int:
-    # F_DUPFD_CLOEXEC: the lowest free fd >= floor, closed on exec. fcntl was
-    # first imported when the systemd protocol was chosen: a first import
-    # needs a free fd, which EMFILE would deny us here.
-    import fcntl
-
-    new_fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
-    if close_original:
-        os.close(fd)
-    return new_fd
-
-
 def _open_fds() -> list[int]:
     """Every open fd: from /proc/self/fd or /dev/fd, else a scan bounded by RLIMIT_NOFILE.
 
     Minimal chroots and some sandboxes have neither directory; the scan
-    costs one fstat per possible fd, and only there.
+    costs one fcntl per possible fd, and only there.
     """
     for fd_dir in ("/proc/self/fd", "/dev/fd"):
         try:
-            names = os.listdir(fd_dir)  # the listing's own fd is closed by the time we return
+            listed = os.listdir(fd_dir)  # its own fd is in the list, and closed by now: _is_open() drops it
         except OSError:
             continue
-        return sorted(fd for fd in (int(name) for name in names) if _is_open(fd))
+        return sorted(fd for fd in map(int, listed) if _is_open(fd))
     return [fd for fd in range(_fd_limit()) if _is_open(fd)]
 
 
@@ -2165,7 +2145,7 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake,
     launch.protocol.scrub(env)
     try:
         _check_room_to_start(launch.protocol.kept_fds(listeners, client, launch.inherited_fds))
-        fds = launch.protocol.hand_over(env, listeners, client, log)
+        fds = launch.protocol.hand_over(env, listeners, client)
     except _HandoffError as exc:
         log.warn("Failed to hand the sockets over to %s: %s", launch.label, exc)
         _exec_directly(launch, log, client)
