@@ -1991,20 +1991,18 @@ def _find_program(name: str, environ: Mapping[str, str]) -> str:
 
 
 def _check_runnable(path: str) -> None:
-    shown = _path_shown(path)
     try:
-        info = os.stat(path)
+        mode = os.stat(path).st_mode
     except (OSError, ValueError) as exc:
-        raise LoaderError("%s: %s" % (shown, _oserror_text(exc))) from None
-    if stat.S_ISDIR(info.st_mode):
-        raise LoaderError("%s is a directory" % shown)
-    if not stat.S_ISREG(info.st_mode):
-        raise LoaderError("%s is not a regular file" % shown)
-    if not os.access(path, os.X_OK):
-        raise LoaderError("%s is not executable" % shown)
-    problem = _exec_format_problem(path)
+        raise LoaderError("%s: %s" % (_path_shown(path), _oserror_text(exc))) from None
+    if not stat.S_ISREG(mode):
+        problem = "is a directory" if stat.S_ISDIR(mode) else "is not a regular file"
+    elif not os.access(path, os.X_OK):
+        problem = "is not executable"
+    else:
+        problem = _exec_format_problem(path)
     if problem:
-        raise LoaderError("%s %s" % (shown, problem))
+        raise LoaderError("%s %s" % (_path_shown(path), problem))
 
 
 # What the kernel runs without a '#!': ELF, and Mach-O on macOS (both byte orders, fat binaries).
@@ -2027,10 +2025,9 @@ def _exec_format_problem(path: str, *, depth: int = 0) -> str:
     if head.startswith(b"#!"):
         if depth >= _MAX_SCRIPT_CHAIN:
             return "is one '#!' script too many in a row, or a loop (execve would fail with ELOOP)"
-        interpreter = _script_interpreter(head)
-        if not interpreter:
+        name = os.fsdecode(_script_interpreter(head))
+        if not name:
             return "starts with '#!' but names no interpreter"
-        name = os.fsdecode(interpreter)
         shown = _escaped(name, _PATH_SHOWN_MAX)
         if not (os.path.isfile(name) and os.access(name, os.X_OK)):
             return "starts with '#!%s', and that interpreter is missing or not executable" % shown
@@ -2046,21 +2043,18 @@ def _script_interpreter(head: bytes) -> bytes:
     """The interpreter a '#!' line names, as Linux's binfmt_script reads it.
 
     The line ends at '\n' only: a '\r' before it is part of the name. The
-    name is the first word, and ends at a space, a tab or a NUL byte.
+    name is the first word: it ends at a space, a tab or a NUL byte.
     """
-    line = head[2:].split(b"\n", 1)[0].lstrip(b" \t")
-    for terminator in (b"\0", b"\t", b" "):
-        line = line.split(terminator, 1)[0]
-    return line
+    line = head[2:].split(b"\n", 1)[0].split(b"\0", 1)[0].replace(b"\t", b" ")
+    return line.lstrip(b" ").split(b" ", 1)[0]
 
 
 def _binfmt_misc_active() -> bool:
     """Linux may run other formats through binfmt_misc handlers; then we cannot judge."""
     try:
-        entries = os.listdir("/proc/sys/fs/binfmt_misc")
+        return bool(set(os.listdir("/proc/sys/fs/binfmt_misc")) - {"register", "status"})
     except OSError:
-        return False
-    return any(entry not in ("register", "status") for entry in entries)
+        return False  # not Linux, or binfmt_misc not mounted: no handler
 
 
 class _Launch:
