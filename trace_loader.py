@@ -1009,12 +1009,11 @@ def _listen_backlog() -> int:
 
 def _tcp_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[object, ...]]:
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if host in _WILDCARD_HOSTS and socket.has_ipv6 and _dual_stack_supported():
-        # Like Go: a wildcard listens on [::] with IPV6_V6ONLY off, so one
-        # socket takes both IPv4 and IPv6 clients.
-        return socket.AF_INET6, ("::", port, 0, 0)
     if host in _WILDCARD_HOSTS:
-        return socket.AF_INET, ("0.0.0.0", port)
+        # Like Go: a wildcard listens on [::] with IPV6_V6ONLY off, so one
+        # socket takes both IPv4 and IPv6 clients; else on IPv4 only.
+        dual_stack = socket.has_ipv6 and _dual_stack_supported()
+        return (socket.AF_INET6, ("::", port, 0, 0)) if dual_stack else (socket.AF_INET, ("0.0.0.0", port))
     try:
         infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
@@ -1185,8 +1184,7 @@ def _open_listener(spec: _ListenerSpec, log: _Log) -> socket.socket | None:
     if spec.kind == _TCP:
         sock = _open_tcp_listener(spec.host, spec.port)
         # The bound port, which the kernel chose when the address said 0.
-        port = int(sock.getsockname()[1])
-        log.info("Listening to %s at %s", spec.shown_as, _join_host_port(spec.host, port))
+        log.info("Listening to %s at %s", spec.shown_as, _join_host_port(spec.host, int(sock.getsockname()[1])))
         return sock
     if spec.kind == _UNIX:
         unix_sock = _open_unix_listener(spec.path, spec.mode, log)
