@@ -1149,7 +1149,7 @@ def _wrap_sockets(found: list[tuple[int, str]], *, source: str = "") -> list[soc
 
 
 def _refuse_closed_std_fds() -> None:
-    """Raise _ListenerError while fd 0, 1 or 2 is closed: the first socket we open would land there."""
+    """Raise _ListenerError if fd 0, 1 or 2 is closed: the first socket we open would land there."""
     closed = _closed_std_fds()
     if closed:
         # main() fills them with /dev/null; a chroot without it leaves them
@@ -2052,7 +2052,7 @@ def _binfmt_misc_active() -> bool:
     try:
         return bool(set(os.listdir("/proc/sys/fs/binfmt_misc")) - {"register", "status"})
     except OSError:
-        return False  # not Linux, or binfmt_misc not mounted: no handler
+        return False  # not Linux, or no /proc to tell: judge by the magic alone
 
 
 class _Launch:
