@@ -1036,18 +1036,23 @@ def _dual_stack_supported() -> bool:
 
 def _open_tcp_listener(host: str, port: int) -> socket.socket:
     family, address = _tcp_address(host, port)
+    return _listening_socket(family, address, _printable(_join_host_port(host, port)))
+
+
+def _listening_socket(family: int, address: tuple[object, ...] | str, where: str) -> socket.socket:
+    """A stream socket bound to `address` and listening; on failure closed, and an error naming `where`."""
     sock = socket.socket(family, socket.SOCK_STREAM)  # close-on-exec until handed over
     try:
-        # SO_REUSEADDR: as the Go listener does, so a restart can rebind while
-        # old connections sit in TIME_WAIT.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family != socket.AF_UNIX:
+            # SO_REUSEADDR: as the Go listener does, so a restart can rebind
+            # while old connections sit in TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6 and address[0] == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(address)
         sock.listen(_listen_backlog())
     except OSError as exc:
         sock.close()
-        where = _printable(_join_host_port(host, port))
         raise _ListenerError("cannot listen on %s: %s" % (where, _oserror_text(exc))) from None
     return sock
 
@@ -1116,20 +1121,15 @@ def _open_unix_listener(path: str, mode: int, log: _Log) -> socket.socket | None
             log.error("Could not start UDS listener: socket directory does not exist: %s", _path_shown(path))
             return None
         _clear_stale_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # bind() creates the file with 0777 & ~umask: setting the umask first
     # gives it its final mode at once, with no window where it is wider
     # (the Go loader binds, then chmods).
     old_umask = os.umask(0o777 & ~mode)
     try:
-        sock.bind("\0" + path[1:] if abstract else path)
-        sock.listen(_listen_backlog())
-    except OSError as exc:
-        sock.close()
-        raise _ListenerError("cannot listen on unix socket %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
+        return _listening_socket(socket.AF_UNIX, "\0" + path[1:] if abstract else path,
+                                 "unix socket " + _path_shown(path))
     finally:
         os.umask(old_umask)
-    return sock
 
 
 def _wrap_sockets(found: list[tuple[int, str]], *, source: str = "") -> list[socket.socket]:
