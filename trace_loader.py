@@ -982,15 +982,12 @@ class _ListenerSpec:
 class _Listener:
     """An open listening socket and the spec it came from."""
 
-    __slots__ = ("spec", "sock")
+    __slots__ = ("fd", "spec", "sock")
 
     def __init__(self, spec: _ListenerSpec, sock: socket.socket) -> None:
         self.spec = spec
         self.sock = sock
-
-    @property
-    def fd(self) -> int:
-        return self.sock.fileno()
+        self.fd = sock.fileno()  # a listener stays open on this fd until execve or failure
 
 
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
