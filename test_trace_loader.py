@@ -2534,6 +2534,26 @@ def test_emfile_on_accept_still_starts_the_agent_and_queued_clients_are_answered
     assert sorted(answer_json(read_answer(c))["path"] for c in clients) == ["/q0", "/q1", "/q2"]
 
 
+def test_emfile_while_clearing_a_stale_unix_socket_fails_open_naming_the_socket(procs, tmp_path):
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    stale = tmp_path / "apm.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # closed without a listen(): a stale socket file
+    # 0-2 and the TCP receiver (3) fill a soft limit of 4: the connect() that
+    # tells a stale socket from a live one has no fd left for its socket.
+    config = write_config(tmp_path, port=free_port(), socket_path=str(stale))
+    agent = ["/bin/sh", "-c", 'ulimit -S -n 1024 && exec "$0" "$@"', *SAYS_ITS_PID]
+    # -S: site's .pth files would need a second free fd at start-up.
+    proc = procs([sys.executable, "-I", "-S", LOADER, config, *agent], base_env(),
+                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (4, hard)))
+    proc.wait_for(r"WARN .* Failed to get listeners for the trace-agent: cannot clear the way for unix socket %s: "
+                  r"Too many open files \(EMFILE\)" % re.escape(str(stale)))
+    proc.wait_for("started as %d" % proc.pid)
+    assert stat.S_ISSOCK(os.lstat(str(stale)).st_mode)  # refused to judge it, so left it alone
+
+
 @pytest.mark.parametrize("closed", [0, 1, 2])
 def test_closed_standard_fd_never_receives_a_socket(procs, tmp_path, closed):
     port = free_port()

@@ -30,6 +30,7 @@ in ``main()``. README.md is the operator's guide; docs/ holds the design.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import signal
@@ -949,15 +950,12 @@ class _ListenerSpec:
 class _Listener:
     """An open listening socket and the spec it came from."""
 
-    __slots__ = ("spec", "sock")
+    __slots__ = ("fd", "spec", "sock")
 
     def __init__(self, spec: _ListenerSpec, sock: socket.socket) -> None:
         self.spec = spec
         self.sock = sock
-
-    @property
-    def fd(self) -> int:
-        return self.sock.fileno()
+        self.fd = sock.fileno()  # a listener stays open on this fd until execve or failure
 
 
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
@@ -976,12 +974,11 @@ def _listen_backlog() -> int:
 
 def _tcp_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[object, ...]]:
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if host in _WILDCARD_HOSTS and socket.has_ipv6 and _dual_stack_supported():
-        # Like Go: a wildcard listens on [::] with IPV6_V6ONLY off, so one
-        # socket takes both IPv4 and IPv6 clients.
-        return socket.AF_INET6, ("::", port, 0, 0)
     if host in _WILDCARD_HOSTS:
-        return socket.AF_INET, ("0.0.0.0", port)
+        # Like Go: a wildcard listens on [::] with IPV6_V6ONLY off, so one
+        # socket takes both IPv4 and IPv6 clients; else on IPv4 only.
+        dual_stack = socket.has_ipv6 and _dual_stack_supported()
+        return (socket.AF_INET6, ("::", port, 0, 0)) if dual_stack else (socket.AF_INET, ("0.0.0.0", port))
     try:
         infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
@@ -995,31 +992,32 @@ def _tcp_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[obje
 
 def _dual_stack_supported() -> bool:
     try:
-        probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as trial:
+            trial.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     except OSError:
-        return False  # no IPv6 in this kernel or namespace: fall back to IPv4
-    with probe:
-        try:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        except OSError:
-            return False
+        return False  # no IPv6 in this kernel or namespace, or no dual stack: IPv4 only
     return True
 
 
 def _open_tcp_listener(host: str, port: int) -> socket.socket:
     family, address = _tcp_address(host, port)
+    return _listening_socket(family, address, _path_shown(_join_host_port(host, port)))
+
+
+def _listening_socket(family: int, address: tuple[object, ...] | str, where: str) -> socket.socket:
+    """A stream socket bound to `address` and listening; on failure closed, and an error naming `where`."""
     sock = socket.socket(family, socket.SOCK_STREAM)  # close-on-exec until handed over
     try:
-        # SO_REUSEADDR: as the Go listener does, so a restart can rebind while
-        # old connections sit in TIME_WAIT.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family != socket.AF_UNIX:
+            # SO_REUSEADDR: as the Go listener does, so a restart can rebind
+            # while old connections sit in TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6 and address[0] == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(address)
         sock.listen(_listen_backlog())
     except OSError as exc:
         sock.close()
-        where = _path_shown(_join_host_port(host, port))
         raise _ListenerError("cannot listen on %s: %s" % (where, _oserror_text(exc))) from None
     return sock
 
@@ -1041,52 +1039,40 @@ def _validate_unix_path(path: str) -> None:
     if b"\0" in encoded:
         raise _ListenerError("unix socket path %s contains a NUL byte" % _quoted(path))
     if len(encoded) > _SUN_PATH_MAX:
-        raise _ListenerError(
-            "unix socket path is %d bytes, longer than the %d the kernel allows (sun_path): %s"
-            % (len(encoded), _SUN_PATH_MAX, _path_shown(path))
-        )
+        raise _ListenerError("unix socket path is %d bytes, longer than the %d the kernel allows (sun_path): %s"
+                             % (len(encoded), _SUN_PATH_MAX, _path_shown(path)))
 
 
 def _clear_stale_socket(path: str) -> None:
     """Make room for the socket: remove a stale one, refuse anything else."""
+    shown = _path_shown(path)
     try:
-        info = os.lstat(path)  # lstat: judge a symlink itself, never its target
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise _ListenerError("cannot inspect %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
-    if stat.S_ISLNK(info.st_mode):
-        raise _ListenerError("%s is a symbolic link; refusing to replace it" % _path_shown(path))
-    if not stat.S_ISSOCK(info.st_mode):
-        raise _ListenerError(
-            "%s exists and is %s, not a socket; refusing to remove it" % (_path_shown(path), _file_kind(info.st_mode))
-        )
-    if _unix_socket_is_served(path):
-        raise _ListenerError("%s is served by a live process; refusing to take it over" % _path_shown(path))
-    try:
+        mode = os.lstat(path).st_mode  # lstat: judge a symlink itself, never its target
+        if stat.S_ISLNK(mode):
+            raise _ListenerError("%s is a symbolic link; refusing to replace it" % shown)
+        if not stat.S_ISSOCK(mode):
+            raise _ListenerError("%s exists and is %s, not a socket; refusing to remove it" % (shown, _file_kind(mode)))
+        if _unix_socket_is_served(path):
+            raise _ListenerError("%s is served by a live process; refusing to take it over" % shown)
         os.unlink(path)
     except FileNotFoundError:
-        pass  # gone between lstat and unlink: the room we wanted
+        pass  # no such file, or gone since we looked: the room we wanted
     except OSError as exc:
-        raise _ListenerError("cannot remove stale socket %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
+        raise _ListenerError("cannot clear the way for unix socket %s: %s" % (shown, _oserror_text(exc))) from None
 
 
 def _unix_socket_is_served(path: str) -> bool:
     """A connect() answers whether anyone listens: refused means stale."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with probe:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         # Non-blocking: a live server with a full backlog answers EAGAIN at
         # once instead of making us wait in connect().
-        probe.setblocking(False)
+        sock.setblocking(False)
         try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
+            sock.connect(path)
+        except ConnectionRefusedError:
             return False
         except BlockingIOError:
-            return True
-        except OSError as exc:
-            raise _ListenerError(
-                "cannot tell whether %s is in use: %s" % (_path_shown(path), _oserror_text(exc))) from None
+            pass  # served, and its backlog is full
     return True
 
 
@@ -1100,20 +1086,15 @@ def _open_unix_listener(path: str, mode: int, log: _Log) -> socket.socket | None
             log.error("Could not start UDS listener: socket directory does not exist: %s", _path_shown(path))
             return None
         _clear_stale_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # bind() creates the file with 0777 & ~umask: setting the umask first
     # gives it its final mode at once, with no window where it is wider
     # (the Go loader binds, then chmods).
     old_umask = os.umask(0o777 & ~mode)
     try:
-        sock.bind("\0" + path[1:] if abstract else path)
-        sock.listen(_listen_backlog())
-    except OSError as exc:
-        sock.close()
-        raise _ListenerError("cannot listen on unix socket %s: %s" % (_path_shown(path), _oserror_text(exc))) from None
+        return _listening_socket(socket.AF_UNIX, "\0" + path[1:] if abstract else path,
+                                 "unix socket " + _path_shown(path))
     finally:
         os.umask(old_umask)
-    return sock
 
 
 def _wrap_sockets(found: list[tuple[int, str]], *, source: str = "") -> list[socket.socket]:
@@ -1132,16 +1113,24 @@ def _wrap_sockets(found: list[tuple[int, str]], *, source: str = "") -> list[soc
     return wrapped
 
 
+def _refuse_closed_std_fds() -> None:
+    """Raise _ListenerError if fd 0, 1 or 2 is closed: the first socket we open would land there."""
+    closed = _closed_std_fds()
+    if closed:
+        # main() fills them with /dev/null; a chroot without it leaves them
+        # closed, and the program would take a listener for its stdin.
+        raise _ListenerError("fd %s is closed and %s could not be opened in its place: a socket would land there"
+                             % (" and ".join(str(fd) for fd in closed), os.devnull))
+
+
+def _closed_std_fds() -> list[int]:
+    return [fd for fd in (0, 1, 2) if not _is_open(fd)]
+
+
 def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
     """Open every spec in order; on failure close what was opened and raise."""
     opened: list[_Listener] = []
     try:
-        closed = _closed_std_fds()
-        if closed:
-            # main() fills them with /dev/null; a chroot without it leaves them
-            # closed, and the program would take a listener for its stdin.
-            raise _ListenerError("fd %s is closed and %s could not be opened in its place: a socket would land "
-                                 "there" % (" and ".join(str(fd) for fd in closed), os.devnull))
         for spec in specs:
             sock = _open_listener(spec, log)
             if sock is not None:
@@ -1156,24 +1145,11 @@ def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
     return opened
 
 
-def _closed_std_fds() -> list[int]:
-    closed = []
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                raise  # open but unusable: for the caller (in _open_listeners, a listener error: fail open)
-            closed.append(fd)
-    return closed
-
-
 def _open_listener(spec: _ListenerSpec, log: _Log) -> socket.socket | None:
     if spec.kind == _TCP:
         sock = _open_tcp_listener(spec.host, spec.port)
         # The bound port, which the kernel chose when the address said 0.
-        port = int(sock.getsockname()[1])
-        log.info("Listening to %s at %s", spec.shown_as, _join_host_port(spec.host, port))
+        log.info("Listening to %s at %s", spec.shown_as, _join_host_port(spec.host, int(sock.getsockname()[1])))
         return sock
     if spec.kind == _UNIX:
         unix_sock = _open_unix_listener(spec.path, spec.mode, log)
@@ -1506,20 +1482,15 @@ class _EnvProtocol:
         for name in self.owned_vars:
             env.pop(name, None)
 
-    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
-                  log: _Log) -> list[int]:
+    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None) -> list[int]:
         for name in self.replaced_vars:
             env.pop(name, None)
         for fd in self.unselected_fds:
             _close_on_exec_if_open(fd)
-        fds = []
-        for listener in listeners:
-            env[listener.spec.handoff_name] = str(listener.fd)
-            fds.append(listener.fd)
-        if client is not None and self.client_var:
-            env[self.client_var] = str(client.sock.fileno())
-            fds.append(client.sock.fileno())
-        return fds
+        handed = [(lsn.spec.handoff_name, lsn.fd) for lsn in listeners]
+        handed += [(self.client_var, client.sock.fileno())] if client is not None and self.client_var else []
+        env.update((name, str(fd)) for name, fd in handed)
+        return [fd for _, fd in handed]
 
     def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
                  inherited_fds: frozenset[int]) -> set[int]:
@@ -1537,21 +1508,20 @@ class _SystemdProtocol:
         # LISTEN_* addressed to this very process belong to the program too
         # when we fail open (same pid after execve): keep them then.
         self.inherited_for_us = inherited_for_us
-        import fcntl  # noqa: F401 -- now, while an fd is free to load it (see _dup_at_or_above)
 
     def scrub(self, env: dict[str, str]) -> None:
         if not self.inherited_for_us:
             for name in _SYSTEMD_VARS:
                 env.pop(name, None)
 
-    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
-                  log: _Log) -> list[int]:
-        sources = [lsn.fd for lsn in listeners] + ([client.sock.fileno()] if client is not None else [])
+    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None) -> list[int]:
         # "unknown" is the name systemd reports for a socket it was given no
         # name for; "connection" the one it gives an accepted connection.
-        names = [lsn.spec.handoff_name or "unknown" for lsn in listeners]
-        names += ["connection"] if client is not None else []
-        targets = _move_fds_to(sources, _SD_LISTEN_FDS_START, log)
+        handed = [(lsn.fd, lsn.spec.handoff_name or "unknown") for lsn in listeners]
+        handed += [(client.sock.fileno(), "connection")] if client is not None else []
+        # Only generic mode hands over this way, and it logs to stderr alone:
+        # no log file of ours can sit on the fds we fill.
+        targets = _move_fds_to([fd for fd, _ in handed], _SD_LISTEN_FDS_START)
         for fd in _open_fds():
             if fd > 2 and fd not in targets:
                 # Under systemd's protocol the program gets 0-2 and its
@@ -1561,7 +1531,7 @@ class _SystemdProtocol:
             env.pop(name, None)
         env["LISTEN_FDS"] = str(len(targets))
         env["LISTEN_PID"] = str(os.getpid())  # execve keeps our pid for the program
-        env["LISTEN_FDNAMES"] = ":".join(names)
+        env["LISTEN_FDNAMES"] = ":".join(name for _, name in handed)
         return targets
 
     def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
@@ -1570,7 +1540,7 @@ class _SystemdProtocol:
         return set(range(_SD_LISTEN_FDS_START + len(listeners) + (client is not None)))
 
 
-def _move_fds_to(sources: list[int], start: int, log: _Log) -> list[int]:
+def _move_fds_to(sources: list[int], start: int) -> list[int]:
     """dup2 each source fd to start, start+1, ... without clobbering another.
 
     A source already in its place stays there, and one above the range is
@@ -1580,24 +1550,22 @@ def _move_fds_to(sources: list[int], start: int, log: _Log) -> list[int]:
     and only then, when nothing can fail any more (dup2 allocates no fd),
     everything is put into place. A failure while copying (EMFILE) closes
     the copies and leaves every fd as it was, so the caller can still fail
-    open cleanly.
+    open cleanly. The originals left behind are the caller's to close.
     """
     end = start + len(sources)
     targets = list(range(start, end))
     copies: dict[int, int] = {}
     try:
-        if 0 <= log.file_fd < end:  # keep the log fd out of the range we fill
-            log.file_fd = _dup_at_or_above(log.file_fd, end, close_original=True)
         for fd, target in zip(sources, targets):
             if fd != target and start <= fd < end:
-                copies[fd] = _dup_at_or_above(fd, end)
+                # The lowest free fd >= end, closed on exec. fcntl is imported
+                # with the module: an import needs a free fd, which EMFILE
+                # would deny us here.
+                copies[fd] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, end)
     except OSError as exc:
         for copy in copies.values():
             os.close(copy)
         raise _HandoffError("cannot copy the sockets into place: %s" % _oserror_text(exc)) from None
-    for fd in sources:
-        if fd >= end:
-            os.set_inheritable(fd, False)  # the original stays behind, closed by execve
     for fd, target in zip(sources, targets):
         if fd != target:
             os.dup2(copies.get(fd, fd), target, inheritable=True)
@@ -1606,36 +1574,24 @@ def _move_fds_to(sources: list[int], start: int, log: _Log) -> list[int]:
     return targets
 
 
-def _dup_at_or_above(fd: int, floor: int, *, close_original: bool = False) -> int:
-    # F_DUPFD_CLOEXEC: the lowest free fd >= floor, closed on exec. fcntl was
-    # first imported when the systemd protocol was chosen: a first import
-    # needs a free fd, which EMFILE would deny us here.
-    import fcntl
-
-    new_fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
-    if close_original:
-        os.close(fd)
-    return new_fd
-
-
 def _open_fds() -> list[int]:
     """Every open fd: from /proc/self/fd or /dev/fd, else a scan bounded by RLIMIT_NOFILE.
 
     Minimal chroots and some sandboxes have neither directory; the scan
-    costs one fstat per possible fd, and only there.
+    costs one fcntl per possible fd, and only there.
     """
     for fd_dir in ("/proc/self/fd", "/dev/fd"):
         try:
-            names = os.listdir(fd_dir)  # the listing's own fd is closed by the time we return
+            listed = os.listdir(fd_dir)  # its own fd is in the list, and closed by now: _is_open() drops it
         except OSError:
             continue
-        return sorted(fd for fd in (int(name) for name in names) if _is_open(fd))
+        return sorted(fd for fd in map(int, listed) if _is_open(fd))
     return [fd for fd in range(_fd_limit()) if _is_open(fd)]
 
 
 def _is_open(fd: int) -> bool:
     try:
-        os.fstat(fd)
+        os.get_inheritable(fd)  # fcntl(F_GETFD), which fails only on an fd that is not open (EBADF)
     except OSError:
         return False
     return True
@@ -1992,20 +1948,18 @@ def _find_program(name: str, environ: Mapping[str, str]) -> str:
 
 
 def _check_runnable(path: str) -> None:
-    shown = _path_shown(path)
     try:
-        info = os.stat(path)
+        mode = os.stat(path).st_mode
     except (OSError, ValueError) as exc:
-        raise LoaderError("%s: %s" % (shown, _oserror_text(exc))) from None
-    if stat.S_ISDIR(info.st_mode):
-        raise LoaderError("%s is a directory" % shown)
-    if not stat.S_ISREG(info.st_mode):
-        raise LoaderError("%s is not a regular file" % shown)
-    if not os.access(path, os.X_OK):
-        raise LoaderError("%s is not executable" % shown)
-    problem = _exec_format_problem(path)
+        raise LoaderError("%s: %s" % (_path_shown(path), _oserror_text(exc))) from None
+    if not stat.S_ISREG(mode):
+        problem = "is a directory" if stat.S_ISDIR(mode) else "is not a regular file"
+    elif not os.access(path, os.X_OK):
+        problem = "is not executable"
+    else:
+        problem = _exec_format_problem(path)
     if problem:
-        raise LoaderError("%s %s" % (shown, problem))
+        raise LoaderError("%s %s" % (_path_shown(path), problem))
 
 
 # What the kernel runs without a '#!': ELF, and Mach-O on macOS (both byte orders, fat binaries).
@@ -2028,10 +1982,9 @@ def _exec_format_problem(path: str, *, depth: int = 0) -> str:
     if head.startswith(b"#!"):
         if depth >= _MAX_SCRIPT_CHAIN:
             return "is one '#!' script too many in a row, or a loop (execve would fail with ELOOP)"
-        interpreter = _script_interpreter(head)
-        if not interpreter:
+        name = os.fsdecode(_script_interpreter(head))
+        if not name:
             return "starts with '#!' but names no interpreter"
-        name = os.fsdecode(interpreter)
         shown = _escaped(name, _PATH_SHOWN_MAX)
         if not (os.path.isfile(name) and os.access(name, os.X_OK)):
             return "starts with '#!%s', and that interpreter is missing or not executable" % shown
@@ -2047,21 +2000,18 @@ def _script_interpreter(head: bytes) -> bytes:
     """The interpreter a '#!' line names, as Linux's binfmt_script reads it.
 
     The line ends at '\n' only: a '\r' before it is part of the name. The
-    name is the first word, and ends at a space, a tab or a NUL byte.
+    name is the first word: it ends at a space, a tab or a NUL byte.
     """
-    line = head[2:].split(b"\n", 1)[0].lstrip(b" \t")
-    for terminator in (b"\0", b"\t", b" "):
-        line = line.split(terminator, 1)[0]
-    return line
+    line = head[2:].split(b"\n", 1)[0].split(b"\0", 1)[0].replace(b"\t", b" ")
+    return line.lstrip(b" ").split(b" ", 1)[0]
 
 
 def _binfmt_misc_active() -> bool:
     """Linux may run other formats through binfmt_misc handlers; then we cannot judge."""
     try:
-        entries = os.listdir("/proc/sys/fs/binfmt_misc")
+        return bool(set(os.listdir("/proc/sys/fs/binfmt_misc")) - {"register", "status"})
     except OSError:
-        return False
-    return any(entry not in ("register", "status") for entry in entries)
+        return False  # not Linux, or no /proc to tell: judge by the magic alone
 
 
 class _Launch:
@@ -2146,7 +2096,7 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake,
     launch.protocol.scrub(env)
     try:
         _check_room_to_start(launch.protocol.kept_fds(listeners, client, launch.inherited_fds))
-        fds = launch.protocol.hand_over(env, listeners, client, log)
+        fds = launch.protocol.hand_over(env, listeners, client)
     except _HandoffError as exc:
         log.warn("Failed to hand the sockets over to %s: %s", launch.label, exc)
         _exec_directly(launch, log, client)
@@ -2309,6 +2259,7 @@ def _use_ready_fd(fd: int, launch: _Launch) -> None:
 
 def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation, log: _Log) -> int:
     try:
+        _refuse_closed_std_fds()
         listeners = _open_listeners(specs, log)
     except LoaderError as exc:
         log.warn("Failed to get listeners for %s: %s", launch.label, exc)
