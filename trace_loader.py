@@ -1876,8 +1876,11 @@ def _relay_bytes(client: socket.socket, upstream: socket.socket) -> None:
     """
     import threading  # the helper's alone: the loader itself never starts a thread
 
-    client.setblocking(True)
-    upstream.setblocking(True)
+    for sock in (client, upstream):
+        sock.setblocking(True)
+        # The endpoints' writes are coalesced already, by their own Nagle or not: passed on at once,
+        # or a small write that follows another waits out the peer's delayed ACK (40 ms).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     threading.stack_size(_RELAY_STACK)
     failed: list[bool] = []
     back = threading.Thread(target=_copy, args=(upstream, client, failed))

@@ -568,7 +568,8 @@ def ended(pid: int, timeout: float) -> bool:
     return False
 
 
-def bench_relay(python: str, runs: int, env: dict[str, str], size: int = 256 * MB) -> dict[str, Stats]:
+def bench_relay(python: str, runs: int, env: dict[str, str], size: int = 256 * MB,
+                pings: int = 2000) -> dict[str, Stats]:
     rates: dict[str, list[float]] = {}
     helper_cpu: list[float] = []
     buf = memoryview(bytearray(MB))
@@ -586,6 +587,12 @@ def bench_relay(python: str, runs: int, env: dict[str, str], size: int = 256 * M
             with socket.create_connection(("127.0.0.1", port)) as direct:
                 direct.settimeout(60)
                 call(direct, b"P", 0, buf)
+                pair = [("relayed", relayed), ("direct", direct)][::-1 if run % 2 else 1]
+                trips = {name: [call(sock, b"P", 0, buf) for _ in range(pings)] for name, sock in pair}
+                for name, values in trips.items():
+                    rates.setdefault("round trip %s us" % name, []).append(stats(values)["median"] * 1e6)
+                rates.setdefault("added round trip / direct", []).append(
+                    stats(trips["relayed"])["median"] / stats(trips["direct"])["median"] - 1)
                 before = process_cpu_ns(helper)
                 for op, what in ((b"U", "upload"), (b"D", "download")):
                     # Side by side: the two back to back, who goes first alternating per run.
