@@ -29,6 +29,7 @@ The sections follow the data through the loader, as trace_loader.py does:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -1408,6 +1409,38 @@ def test_relay_passes_urgent_bytes_on_both_ways(procs, tmp_path):
         assert c.recv(1, socket.MSG_OOB) == b"?"
         c.shutdown(socket.SHUT_WR)
         assert read_answer(c) == b"got !"  # the program read the urgent byte as urgent data
+    relay_helper_pid(proc)
+
+
+# A program that reads urgent bytes in place (SO_OOBINLINE) and answers the SHA-256 of all it read.
+HASHES_THE_STREAM = (
+    "import hashlib, socket\n"
+    "listener = socket.socket(fileno=3)\n"
+    "c, _ = listener.accept()\n"
+    "c.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)\n"
+    "digest = hashlib.sha256()\n"
+    "while True:\n"
+    "    data = c.recv(65536)\n"
+    "    if not data:\n"
+    "        break\n"
+    "    digest.update(data)\n"
+    "c.sendall(digest.hexdigest().encode())\n"
+)
+
+
+def test_relay_keeps_urgent_bytes_in_place_in_a_stream(procs, tmp_path):
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe"],
+                         [sys.executable, "-c", HASHES_THE_STREAM])
+    port = bound_port(proc)
+    sent = hashlib.sha256()
+    with connect(port) as c:
+        for i in range(200):  # urgent bytes faster than a reader takes them: each overtakes the one before
+            part = b"%05d" % i * 10000
+            c.sendall(part)
+            c.send(b"!", socket.MSG_OOB)
+            sent.update(part + b"!")
+        c.shutdown(socket.SHUT_WR)
+        assert read_answer(c).decode() == sent.hexdigest()  # every byte once, in order
     relay_helper_pid(proc)
 
 

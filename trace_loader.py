@@ -1713,6 +1713,7 @@ _RELAY_CHUNK = 256 * 1024  # one buffer per direction: memory stays bounded
 # A copying thread's stack: a few frames deep, where the default is 8 MiB of
 # address space (it counts against RLIMIT_AS).
 _RELAY_STACK = 256 * 1024
+_SIOCATMARK = 0x40047307 if sys.platform == "darwin" else 0x8905  # <sys/sockio.h>, <asm/sockios.h>
 
 
 def _relay_target(listener: socket.socket) -> tuple[socket.AddressFamily, tuple[object, ...]]:
@@ -1903,16 +1904,18 @@ def _copy(source: socket.socket, sink: socket.socket, failed: list[bool]) -> Non
     """
     buffer = bytearray(_RELAY_CHUNK)
     view = memoryview(buffer)
+    # An urgent (MSG_OOB) byte stays in the stream, in its place (SO_OOBINLINE): none is lost or
+    # doubled when a newer one overtakes it. poll() reports one as POLLPRI, which alone would not
+    # wake a blocking recv(), and recv() stops at its mark.
+    source.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
     poller = select.poll()
-    # POLLPRI: an urgent (MSG_OOB) byte, which alone would not wake a blocking recv().
     poller.register(source.fileno(), select.POLLIN | select.POLLPRI)
     while True:
         ready = poller.poll()[0][1]
         try:
-            # Data, end of stream or an error: recv() says which. It stops at
-            # the urgent mark, so the urgent byte follows what came before it.
-            size = source.recv_into(buffer) if ready & ~select.POLLPRI else -1
-            urgent = source.recv(1, socket.MSG_OOB) if ready & select.POLLPRI else b""
+            # Data, end of stream or an error: recv() says which.
+            urgent = bool(ready & select.POLLPRI) and _at_urgent_mark(source)
+            size = source.recv_into(buffer, 1 if urgent else 0)
         except OSError:
             # Nothing more comes from the source, and nothing can reach it:
             # the other direction, reading our sink, has nothing left to do.
@@ -1924,13 +1927,20 @@ def _copy(source: socket.socket, sink: socket.socket, failed: list[bool]) -> Non
             if size == 0:
                 sink.shutdown(socket.SHUT_WR)
                 return
-            if size > 0:
-                sink.sendall(view[:size])
             if urgent:
-                sink.send(urgent, socket.MSG_OOB)
+                sink.send(view[:1], socket.MSG_OOB)  # passed on as urgent, after what came before it
+            else:
+                sink.sendall(view[:size])
         except OSError:
             failed.append(True)  # the other direction, reading the sink, meets its reset itself
             return
+
+
+def _at_urgent_mark(sock: socket.socket) -> bool:
+    """The next byte to read is the urgent one (sockatmark(3))."""
+    import fcntl  # the helper's alone, and only once an urgent byte came
+
+    return fcntl.ioctl(sock.fileno(), _SIOCATMARK, bytes(4)) != bytes(4)
 
 
 def _shutdown_quietly(sock: socket.socket, how: int) -> None:
