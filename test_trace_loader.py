@@ -32,6 +32,7 @@ The sections follow the data through the loader, as trace_loader.py does:
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import re
@@ -1300,7 +1301,7 @@ def test_relay_is_the_generic_default_and_the_program_gets_only_its_listener(pro
 
 
 @needs_proc
-def test_relay_helper_holds_two_sockets_default_signals_and_ends_with_its_client(procs, sockets, tmp_path):
+def test_relay_helper_holds_two_sockets_ignores_stop_signals_and_ends_with_its_client(procs, sockets, tmp_path):
     proc, port, _ = start_relaying(procs, tmp_path)
     c = sockets.connect(port)
     c.sendall(b"POST /slow HTTP/1.0\r\nContent-Length: 4\r\n\r\n")  # the body comes later: the relay waits
@@ -1310,7 +1311,10 @@ def test_relay_helper_holds_two_sockets_default_signals_and_ends_with_its_client
     kinds = sorted(os.readlink("/proc/%d/fd/%s" % (helper, fd)).split(":")[0] for fd in fds)
     assert kinds == ["socket", "socket"]  # no listener, no stderr, no log file
     status = proc_status_of(helper)
-    assert int(status["SigCgt"], 16) == 0 and int(status["SigBlk"], 16) == 0, status
+    ignored = sum(1 << (signum - 1) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                                                   signal.SIGALRM, signal.SIGPIPE, signal.SIGRTMIN))
+    assert int(status["SigIgn"], 16) & ignored == ignored, status  # it outlives a stop sent to the group
+    assert int(status["SigCgt"], 16) & ignored == 0 and int(status["SigBlk"], 16) == 0, status
     assert int(status["PPid"]) != proc.pid  # double fork: never a child the program must reap
     c.sendall(b"body")
     assert answer_json(read_answer(c))["body_bytes"] == 4
@@ -1325,6 +1329,149 @@ def test_relay_passes_a_half_close_on(procs, tmp_path):
         c.shutdown(socket.SHUT_WR)  # like `nc -N`: done sending, still reading
         assert answer_json(read_answer(c))["path"] == "/half"
     relay_helper_pid(proc)
+
+
+# A program that answers 413 once it has the headers and closes with the upload unread: the kernel resets.
+ANSWERS_413_EARLY = (
+    "import socket\n"
+    "listener = socket.socket(fileno=3)\n"
+    "c, _ = listener.accept()\n"
+    "head = b''\n"
+    "while b'\\r\\n\\r\\n' not in head:\n"
+    "    head += c.recv(4096)\n"
+    "c.sendall(b'HTTP/1.1 413 Payload Too Large\\r\\nContent-Length: 0\\r\\n\\r\\n')\n"
+    "c.close()\n"
+)
+
+
+def read_until_reset(sock: socket.socket) -> bytes:
+    """What arrives before the end of stream or a reset."""
+    sock.settimeout(TIMEOUT)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    except ConnectionResetError:
+        return data
+
+
+def test_relay_delivers_an_answer_sent_before_a_reset(procs, tmp_path):
+    size = 32 << 20  # far more than the socket buffers on the way hold
+    for attempt in range(5):
+        proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe"],
+                             [sys.executable, "-c", ANSWERS_413_EARLY])
+        port = bound_port(proc)
+        with connect(port) as c:
+            try:
+                c.sendall(b"POST /upload HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (size, b"x" * size))
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # the program reset the connection: the answer it sent first must still be there
+            answer = read_until_reset(c)
+        assert answer.startswith(b"HTTP/1.1 413 Payload Too Large\r\n"), (attempt, answer)
+        relay_helper_pid(proc)
+        proc.stop()
+
+
+# A program that answers an urgent byte with one: what it read, then "?" as urgent data.
+ANSWERS_URGENT = (
+    "import select, socket\n"
+    "listener = socket.socket(fileno=3)\n"
+    "c, _ = listener.accept()\n"
+    "data = b''\n"
+    "while data != b'hello':\n"
+    "    data += c.recv(5 - len(data))\n"
+    "poller = select.poll()\n"
+    "poller.register(c, select.POLLPRI)\n"
+    "poller.poll(%d)\n"
+    "c.sendall(b'got ' + c.recv(1, socket.MSG_OOB))\n"
+    "c.send(b'?', socket.MSG_OOB)\n"
+    "c.shutdown(socket.SHUT_WR)\n"
+    "while c.recv(4096):\n"
+    "    pass\n"
+) % (TIMEOUT * 1000)
+
+
+def test_relay_passes_urgent_bytes_on_both_ways(procs, tmp_path):
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--log-level", "debug"],
+                         [sys.executable, "-c", ANSWERS_URGENT])
+    port = bound_port(proc)
+    with connect(port) as c:
+        c.sendall(b"hello")
+        c.send(b"!", socket.MSG_OOB)  # held with the client until the relay starts
+        poller = select.poll()
+        poller.register(c, select.POLLPRI)
+        assert poller.poll(TIMEOUT * 1000), "no urgent byte came back"
+        assert c.recv(1, socket.MSG_OOB) == b"?"
+        c.shutdown(socket.SHUT_WR)
+        assert read_answer(c) == b"got !"  # the program read the urgent byte as urgent data
+    relay_helper_pid(proc)
+
+
+# A program that reads urgent bytes in place (SO_OOBINLINE) and answers the SHA-256 of all it read.
+HASHES_THE_STREAM = (
+    "import hashlib, socket\n"
+    "listener = socket.socket(fileno=3)\n"
+    "c, _ = listener.accept()\n"
+    "c.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)\n"
+    "digest = hashlib.sha256()\n"
+    "while True:\n"
+    "    data = c.recv(65536)\n"
+    "    if not data:\n"
+    "        break\n"
+    "    digest.update(data)\n"
+    "c.sendall(digest.hexdigest().encode())\n"
+)
+
+
+def test_relay_keeps_urgent_bytes_in_place_in_a_stream(procs, tmp_path):
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe"],
+                         [sys.executable, "-c", HASHES_THE_STREAM])
+    port = bound_port(proc)
+    sent = hashlib.sha256()
+    with connect(port) as c:
+        for i in range(200):  # urgent bytes faster than a reader takes them: each overtakes the one before
+            part = b"%05d" % i * 10000
+            c.sendall(part)
+            c.send(b"!", socket.MSG_OOB)
+            sent.update(part + b"!")
+        c.shutdown(socket.SHUT_WR)
+        assert read_answer(c).decode() == sent.hexdigest()  # every byte once, in order
+    relay_helper_pid(proc)
+
+
+# A program that finishes its in-flight request on SIGTERM, then exits.
+FINISHES_ON_SIGTERM = (
+    "import signal, socket, sys\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+    "listener = socket.socket(fileno=3)\n"
+    "c, _ = listener.accept()\n"
+    "head = b''\n"
+    "while b'\\r\\n\\r\\n' not in head:\n"
+    "    head += c.recv(4096)\n"
+    "sys.stderr.write('program: request in flight\\n')\n"
+    "sys.stderr.flush()\n"
+    "signal.sigwait({signal.SIGTERM})\n"
+    "c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: 13\\r\\n\\r\\nfinished well')\n"
+    "c.close()\n"
+)
+
+
+@needs_proc
+def test_relay_outlives_a_stop_signal_sent_to_the_process_group(procs, tmp_path):
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--log-level", "debug"],
+                         [sys.executable, "-c", FINISHES_ON_SIGTERM])
+    port = bound_port(proc)
+    with connect(port) as c:
+        c.sendall(b"GET /slow HTTP/1.0\r\n\r\n")
+        helper = relay_helper_pid(proc)
+        proc.wait_for("program: request in flight")
+        os.killpg(proc.pid, signal.SIGTERM)  # systemd's KillMode=control-group, or Ctrl-C in a terminal
+        assert read_answer(c).endswith(b"\r\n\r\nfinished well")
+    assert proc.wait_exit() == 0
+    wait_gone(helper)  # and it ends with its connection
 
 
 def test_fd_hands_the_client_over_and_no_helper_runs(procs, tmp_path):

@@ -1627,8 +1627,10 @@ def _close_on_exec_if_open(fd: int) -> None:
 # ---------------------------------------------------------------------------
 
 _RELAY_CHUNK = 256 * 1024  # one buffer per direction: memory stays bounded
-_RELAY_TURN_CHUNKS = 16
-_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # a write to a closed peer is EPIPE, not a signal
+# A copying thread's stack: a few frames deep, where the default is 8 MiB of
+# address space (it counts against RLIMIT_AS).
+_RELAY_STACK = 256 * 1024
+_SIOCATMARK = 0x40047307 if sys.platform == "darwin" else 0x8905  # <sys/sockio.h>, <asm/sockios.h>
 
 
 def _relay_target(listener: socket.socket) -> tuple[socket.AddressFamily, tuple[object, ...]]:
@@ -1735,18 +1737,14 @@ def _middle_child(read_end: int, write_end: int, client: socket.socket, upstream
 
 
 def _relay_helper(client: socket.socket, upstream: socket.socket) -> None:
-    """The helper's whole life: its two sockets, default signals, bytes both ways."""
+    """The helper's whole life: its two sockets, stop signals ignored, bytes both ways."""
     keep = {client.fileno(), upstream.fileno()}
     for fd in _open_fds():
         if fd not in keep:
             # No fd but its two sockets: never a listener (the port must free
             # when the program exits), never the loader's stderr pipe.
             os.close(fd)
-    _default_signal_dispositions()
-    if not _NOSIGNAL and hasattr(signal, "SIGPIPE"):
-        # No MSG_NOSIGNAL (macOS): the one exception to the defaults, or a
-        # write to a peer that just left would kill the helper, not fail.
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    _ignore_signals_in_helper()
     try:
         _finish_connect(upstream)
     except OSError:
@@ -1756,6 +1754,20 @@ def _relay_helper(client: socket.socket, upstream: socket.socket) -> None:
         upstream.close()
         return
     _relay_bytes(client, upstream)
+
+
+def _ignore_signals_in_helper() -> None:
+    # A stop signal sent to the whole process group (systemd's
+    # KillMode=control-group, Ctrl-C) must not cut the relayed request: the
+    # helper ends when its connection ends, so a program that finishes its
+    # in-flight requests on SIGTERM finishes this one too. SIG_IGN, not a
+    # handler: the helper never execs. SIGPIPE too: a write to a peer that
+    # left fails with EPIPE instead (there is no MSG_NOSIGNAL on macOS).
+    for signum in [*_signals_named((*_STOP_SIGNALS, *_IGNORED_SIGNALS, "SIGPIPE")), *_realtime_signals()]:
+        try:
+            signal.signal(signum, signal.SIG_IGN)
+        except (OSError, ValueError):
+            pass  # a real-time signal the C library reserves for itself: not ours to set
 
 
 def _finish_connect(upstream: socket.socket) -> None:
@@ -1773,74 +1785,87 @@ def _finish_connect(upstream: socket.socket) -> None:
         raise OSError(error, os.strerror(error))
 
 
-class _Direction:
-    """One direction of the relay: one fixed buffer, so memory stays bounded."""
-
-    def __init__(self, source: socket.socket, sink: socket.socket) -> None:
-        self.source = source
-        self.sink = sink
-        self.buffer = bytearray(_RELAY_CHUNK)
-        self.pending = memoryview(self.buffer)[:0]  # read, not yet written
-        self.done = False
-
-    def wanted(self) -> tuple[int, int]:
-        """(fd, poll events) this direction waits for."""
-        if self.done:
-            return -1, 0
-        if self.pending:
-            return self.sink.fileno(), select.POLLOUT
-        return self.source.fileno(), select.POLLIN
-
-    def pump(self) -> None:
-        """Move what can move now; OSError means a reset (or worse) on either side."""
-        if self.done:
-            return  # its end of stream is passed on already, once
-        try:
-            # A few chunks at most, then the other direction gets its turn.
-            for _ in range(_RELAY_TURN_CHUNKS):
-                if not self.pending:
-                    size = self.source.recv_into(self.buffer)
-                    if size == 0:
-                        # End of stream: a half-close, passed on as one.
-                        self.sink.shutdown(socket.SHUT_WR)
-                        self.done = True
-                        return
-                    self.pending = memoryview(self.buffer)[:size]
-                sent = self.sink.send(self.pending, _NOSIGNAL)
-                self.pending = self.pending[sent:]
-        except BlockingIOError:
-            return  # nothing to read, or no room to write: poll() tells when
-
-
 def _relay_bytes(client: socket.socket, upstream: socket.socket) -> None:
-    client.setblocking(False)
-    upstream.setblocking(False)
-    directions = (_Direction(client, upstream), _Direction(upstream, client))
+    """Both directions at once, a thread each; then both sockets closed, with a reset if either failed.
+
+    A thread per direction, each blocked in its own calls, adds less to a
+    round trip than one poll() loop serving both; the GIL is released in
+    every blocking call, so the two run in parallel where it counts.
+    """
+    import threading  # the helper's alone: the loader itself never starts a thread
+
+    for sock in (client, upstream):
+        sock.setblocking(True)
+        # The endpoints' writes are coalesced already, by their own Nagle or not: passed on at once,
+        # or a small write that follows another waits out the peer's delayed ACK (40 ms).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    threading.stack_size(_RELAY_STACK)
+    failed: list[bool] = []
+    back = threading.Thread(target=_copy, args=(upstream, client, failed))
+    back.start()
+    _copy(client, upstream, failed)
+    back.join()
+    for sock in (client, upstream):
+        if failed:
+            _close_with_reset(sock)  # the reset is passed on, after all that could be delivered was
+        else:
+            sock.close()
+
+
+def _copy(source: socket.socket, sink: socket.socket, failed: list[bool]) -> None:
+    """One direction, until the source's end of stream, passed on as a half-close (shutdown(SHUT_WR)).
+
+    A reset ends this direction only: the other one goes on delivering what
+    its side already sent (a 413 answered before the program reset an
+    unread upload), and _relay_bytes passes the reset on once both ended.
+    """
+    buffer = bytearray(_RELAY_CHUNK)
+    view = memoryview(buffer)
+    # An urgent (MSG_OOB) byte stays in the stream, in its place (SO_OOBINLINE): none is lost or
+    # doubled when a newer one overtakes it. poll() reports one as POLLPRI, which alone would not
+    # wake a blocking recv(), and recv() stops at its mark.
+    source.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
     poller = select.poll()
-    registered: dict[int, int] = {}
+    poller.register(source.fileno(), select.POLLIN | select.POLLPRI)
+    while True:
+        ready = poller.poll()[0][1]
+        try:
+            # Data, end of stream or an error: recv() says which.
+            urgent = bool(ready & select.POLLPRI) and _at_urgent_mark(source)
+            size = source.recv_into(buffer, 1 if urgent else 0)
+        except OSError:
+            # Nothing more comes from the source, and nothing can reach it:
+            # the other direction, reading our sink, has nothing left to do.
+            # shutdown(SHUT_RD) wakes it (what is queued stays readable on Linux).
+            failed.append(True)
+            _shutdown_quietly(sink, socket.SHUT_RD)
+            return
+        try:
+            if size == 0:
+                sink.shutdown(socket.SHUT_WR)
+                return
+            if urgent:
+                sink.send(view[:1], socket.MSG_OOB)  # passed on as urgent, after what came before it
+            else:
+                sink.sendall(view[:size])
+        except OSError:
+            failed.append(True)  # the other direction, reading the sink, meets its reset itself
+            return
+
+
+def _at_urgent_mark(sock: socket.socket) -> bool:
+    """The next byte to read is the urgent one (sockatmark(3))."""
+    import fcntl  # the helper's alone, and only once an urgent byte came
+
+    return fcntl.ioctl(sock.fileno(), _SIOCATMARK, bytes(4)) != bytes(4)
+
+
+def _shutdown_quietly(sock: socket.socket, how: int) -> None:
     try:
-        while not all(d.done for d in directions):
-            wanted: dict[int, int] = {}
-            for direction in directions:
-                fd, events = direction.wanted()
-                if events:
-                    wanted[fd] = wanted.get(fd, 0) | events
-            for fd in set(registered) - set(wanted):
-                poller.unregister(fd)  # a socket we wait nothing from must not report HUP forever
-            for fd, events in wanted.items():
-                if registered.get(fd) != events:
-                    poller.register(fd, events)  # registering again modifies
-            registered = wanted
-            poller.poll()
-            for direction in directions:
-                direction.pump()
-    except OSError:
-        # A reset on either side ends both: pass it on as a reset.
-        _close_with_reset(client)
-        _close_with_reset(upstream)
-        return
-    client.close()
-    upstream.close()
+        sock.shutdown(how)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:  # already reset: its reader has woken up by itself
+            raise
 
 
 # ---------------------------------------------------------------------------
@@ -1900,17 +1925,6 @@ def _exit_as_init(signum: int, frame: object) -> None:
 
 def _ignore_signal(signum: int, frame: object) -> None:
     """Catch and drop: an ignored disposition would outlive execve."""
-
-
-def _default_signal_dispositions() -> None:
-    """Every disposition the loader changed, back to the default (the relay helper's start)."""
-    for signum in [*_signals_named(_STOP_SIGNALS + _IGNORED_SIGNALS), *_realtime_signals()]:
-        try:
-            if signal.getsignal(signum) not in (signal.SIG_IGN, signal.SIG_DFL, None):
-                signal.signal(signum, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass  # reserved by the C library, as above
-    _reset_signals_for_exec()
 
 
 def _reset_signals_for_exec() -> None:

@@ -14,9 +14,9 @@ Figures (median of --runs runs, with min and max; ratios against the peers):
   5. wake latency: connect+send to first response byte, via the loader, vs.
      the same agent already listening, vs. that agent started at the connect
   6. burst: 1,000 clients within ~100 ms before the agent wakes
-  7. relay throughput: MB/s through the held client relayed by the helper
-     (generic mode, --held-client relay) vs. a direct connection to the
-     same server, both on the same server in the same run
+  7. relay: round trip and MB/s each way through the held client relayed by
+     the helper (generic mode, --held-client relay) vs. a direct connection
+     to the same server, both on the same server in the same run
   8. hold-timeout wake: a silent client of a server-first protocol, from the
      connect to the banner's first byte, less --hold-timeout, vs. the same
      server already listening and started at the connect
@@ -568,7 +568,8 @@ def ended(pid: int, timeout: float) -> bool:
     return False
 
 
-def bench_relay(python: str, runs: int, env: dict[str, str], size: int = 256 * MB) -> dict[str, Stats]:
+def bench_relay(python: str, runs: int, env: dict[str, str], size: int = 256 * MB,
+                pings: int = 2000) -> dict[str, Stats]:
     rates: dict[str, list[float]] = {}
     helper_cpu: list[float] = []
     buf = memoryview(bytearray(MB))
@@ -586,6 +587,12 @@ def bench_relay(python: str, runs: int, env: dict[str, str], size: int = 256 * M
             with socket.create_connection(("127.0.0.1", port)) as direct:
                 direct.settimeout(60)
                 call(direct, b"P", 0, buf)
+                pair = [("relayed", relayed), ("direct", direct)][::-1 if run % 2 else 1]
+                trips = {name: [call(sock, b"P", 0, buf) for _ in range(pings)] for name, sock in pair}
+                for name, values in trips.items():
+                    rates.setdefault("round trip %s us" % name, []).append(stats(values)["median"] * 1e6)
+                rates.setdefault("added round trip / direct", []).append(
+                    stats(trips["relayed"])["median"] / stats(trips["direct"])["median"] - 1)
                 before = process_cpu_ns(helper)
                 for op, what in ((b"U", "upload"), (b"D", "download")):
                     # Side by side: the two back to back, who goes first alternating per run.
@@ -753,8 +760,8 @@ def print_table(result: dict[str, object]) -> None:
                   "bare Python loop)",
         "latency": "5. wake latency: connect+send to first response byte",
         "burst": "6. burst: 1,000 clients before the agent wakes",
-        "relay": "7. relay throughput, 256 MB each way: the held client relayed by the helper vs. a direct "
-                 "connection to the same server (ratio: per run, back to back)",
+        "relay": "7. relay: round trip (median of 2,000 pings) and throughput (256 MB each way), the held client "
+                 "relayed by the helper vs. a direct connection to the same server (ratios: per run, back to back)",
         "hold": "8. hold-timeout wake: a silent client, connect to the server's banner (server-first protocol)",
         "yaml": "9. YAML reader growth: CPU time on N and 2N lines, 11 reads of each (ratio of the best times; "
                 "linear ~2.0)",
