@@ -135,21 +135,16 @@ class _Log:
     def configure(self, *, level: str, console: bool, path: str | None) -> None:
         self.threshold = _LEVELS[level]
         self.console = console
-        if path and level != "off":
-            self.file_fd = self._open_log_file(path)
-
-    def _open_log_file(self, path: str) -> int:
+        if not path or level == "off":
+            return
         # O_APPEND: the agent appends to the same file after execve. os.open
         # makes the fd non-inheritable (PEP 446), so the agent never sees it.
         # O_NONBLOCK: a FIFO named as log file must not hang the loader.
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
         try:
-            fd = os.open(path, flags, 0o640)
+            self.file_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o640)
         except (OSError, ValueError) as exc:
             self.warn("Cannot open log file %s (%s); logging to the console only",
                       _path_shown(path), _oserror_text(exc))
-            return -1
-        return fd
 
     def enabled(self, level: str) -> bool:
         return _LEVELS[level] >= self.threshold
@@ -159,14 +154,11 @@ class _Log:
             # Before formatting: every log call passes its arguments for this
             # to format, so a debug line costs nothing at info level.
             return
-        if args:
-            message = message % args
-        caller = sys._getframe(2)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        source = os.path.basename(caller.f_code.co_filename)
+        caller = sys._getframe(2)  # the caller of debug(), info(), ...
         line = "%s | TRACE-LOADER | %s | (%s:%d in %s) | %s" % (
-            stamp, level.upper(), source, caller.f_lineno, caller.f_code.co_name,
-            message.translate(_CONTROL_ESCAPES),
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), level.upper(),
+            os.path.basename(caller.f_code.co_filename), caller.f_lineno, caller.f_code.co_name,
+            (message % args if args else message).translate(_CONTROL_ESCAPES),
         )
         # backslashreplace: environment values may carry undecodable bytes
         # (surrogate escapes); a log line must never raise on them.
