@@ -313,10 +313,9 @@ class _YamlReader:
 
     def __init__(self, wanted: Iterable[str], source: str) -> None:
         self.source = source
-        self.wanted = frozenset(wanted)
-        self.prefixes = frozenset(
-            ".".join(p.split(".")[:i]) for p in self.wanted for i in range(1, p.count(".") + 1)
-        )
+        wanted = frozenset(wanted)
+        self.prefixes = frozenset(".".join(p.split(".")[:i]) for p in wanted for i in range(1, p.count(".") + 1))
+        self.paths = wanted | self.prefixes  # the paths this reader reads: the wanted ones and their parents
         self.nodes: dict[str, _Node] = {}
         self.anchors: dict[str, _Node] = {}
         # Open block mappings we descend into: (indent of their keys, path).
@@ -350,7 +349,7 @@ class _YamlReader:
 
     def read_line(self, lineno: int, indent: int, body: str) -> None:
         if indent == self.skip_dashes_at and _is_dash_item(body):
-            return
+            return  # an item of a list written at its key's indentation
         self.skip_above, self.skip_dashes_at = _NO_SKIP, -1
         if body[0] == "\t":
             raise self.error(lineno, "a tab in the indentation (YAML allows spaces only)")
@@ -405,7 +404,7 @@ class _YamlReader:
         if key == "<<" and descending:
             raise self.error(lineno, "merge keys (<<) are not supported where the loader reads its settings",
                              parent)
-        if path not in self.wanted and path not in self.prefixes:
+        if path not in self.paths:
             if rest.startswith("&"):
                 self.value(rest, lineno)  # for the anchor, wherever we pass it
             self.skip(indent, dashes=True)
