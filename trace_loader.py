@@ -550,9 +550,8 @@ def _read_config_file(path: str) -> str:
         if not stat.S_ISREG(info.st_mode):
             raise _ConfigError("is not a regular file (%s)" % _file_kind(info.st_mode), source=path)
         if info.st_size > _MAX_CONFIG_BYTES:
-            raise _ConfigError(
-                "is %d bytes; this loader reads at most %d" % (info.st_size, _MAX_CONFIG_BYTES), source=path
-            )
+            raise _ConfigError("is %d bytes; this loader reads at most %d" % (info.st_size, _MAX_CONFIG_BYTES),
+                               source=path)
         # A buffered read(n) reads until n bytes or the end, into one buffer.
         with open(fd, "rb", closefd=False) as file:
             data = file.read(_MAX_CONFIG_BYTES + 1)
