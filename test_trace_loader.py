@@ -627,6 +627,40 @@ def test_merge_key_where_settings_are_read_is_an_error(tmp_path):
         settings_of(tmp_path, "base: &b\n  enabled: false\napm_config:\n  <<: *b\n")
 
 
+def test_a_line_that_is_no_key_at_the_top_level_says_where(tmp_path):
+    with pytest.raises(tl._ConfigError) as info:
+        settings_of(tmp_path, "apm_config:\n  enabled: true\nreceiver port 8126\n")
+    assert str(info.value).endswith("cfg.yaml:3: expected 'key: value' at the top level, found 'receiver port 8126'")
+
+
+def test_an_anchor_on_a_comment_holds_no_value(tmp_path):
+    # `&x # note` anchors an empty value: the comment must not become the socket path.
+    with pytest.raises(tl._ConfigError) as info:
+        settings_of(tmp_path, "paths: &x # the socket\napm_config:\n  receiver_socket: *x\n")
+    assert str(info.value).endswith(":3: apm_config.receiver_socket: holds an alias (*x) to an anchor this reader "
+                                    "does not follow; expected a single value")
+
+
+def test_what_the_reader_finds_is_kept_by_kind_and_named_where_the_error_is_made():
+    text = ("apm_config:\n  receiver_port: [1]\n  receiver_socket: *nowhere\n  enabled: |\n    x\n"
+            "  error_tracking_standalone:\n    enabled: 1\n      2\nbind_host: !!str x\nlog_level:\n- debug\n"
+            "log_to_console: \"\\ud800\"\n")
+    nodes = tl._read_yaml_subset(text, tl._KEYS)
+    assert all(node.kind.isidentifier() for node in nodes.values()), [node.kind for node in nodes.values()]
+    shown = {path: tl._describe_node(node) for path, node in nodes.items()}
+    assert shown == {
+        "apm_config": "a mapping",
+        "apm_config.receiver_port": "a flow collection ([...)",
+        "apm_config.receiver_socket": "an alias (*nowhere) to an anchor this reader does not follow",
+        "apm_config.enabled": "a multi-line string (|)",
+        "apm_config.error_tracking_standalone": "a mapping",
+        "apm_config.error_tracking_standalone.enabled": "a value continued on the next line",
+        "bind_host": "a tagged value (!!str)",
+        "log_level": "a list",
+        "log_to_console": "the escape \\ud800, a surrogate code point, which YAML does not allow",
+    }
+
+
 def test_invalid_utf8_names_its_line(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_bytes(b"a: 1\nb: \xff\xfe\n")

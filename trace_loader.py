@@ -137,21 +137,16 @@ class _Log:
     def configure(self, *, level: str, console: bool, path: str | None) -> None:
         self.threshold = _LEVELS[level]
         self.console = console
-        if path and level != "off":
-            self.file_fd = self._open_log_file(path)
-
-    def _open_log_file(self, path: str) -> int:
+        if not path or level == "off":
+            return
         # O_APPEND: the agent appends to the same file after execve. os.open
         # makes the fd non-inheritable (PEP 446), so the agent never sees it.
         # O_NONBLOCK: a FIFO named as log file must not hang the loader.
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
         try:
-            fd = os.open(path, flags, 0o640)
+            self.file_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o640)
         except (OSError, ValueError) as exc:
             self.warn("Cannot open log file %s (%s); logging to the console only",
                       _path_shown(path), _oserror_text(exc))
-            return -1
-        return fd
 
     def enabled(self, level: str) -> bool:
         return _LEVELS[level] >= self.threshold
@@ -161,14 +156,11 @@ class _Log:
             # Before formatting: every log call passes its arguments for this
             # to format, so a debug line costs nothing at info level.
             return
-        if args:
-            message = message % args
-        caller = sys._getframe(2)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        source = os.path.basename(caller.f_code.co_filename)
+        caller = sys._getframe(2)  # the caller of debug(), info(), ...
         line = "%s | TRACE-LOADER | %s | (%s:%d in %s) | %s" % (
-            stamp, level.upper(), source, caller.f_lineno, caller.f_code.co_name,
-            message.translate(_CONTROL_ESCAPES),
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), level.upper(),
+            os.path.basename(caller.f_code.co_filename), caller.f_lineno, caller.f_code.co_name,
+            (message % args if args else message).translate(_CONTROL_ESCAPES),
         )
         # backslashreplace: environment values may carry undecodable bytes
         # (surrogate escapes); a log line must never raise on them.
@@ -260,7 +252,7 @@ def _url_password_masked(value: str) -> str:
 # It only descends into the keys the loader needs (`wanted` paths); every
 # other key's whole value (lists, block strings, flow collections, anything)
 # is skipped by indentation alone. Under a wanted key it reads block mappings
-# and plain or quoted scalars; anything else it records as "opaque", which is
+# and plain or quoted scalars; anything else it records by its kind, which is
 # an error only if the loader then asks for that key. One pass, each line once.
 # ---------------------------------------------------------------------------
 
@@ -268,20 +260,41 @@ _MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a real datadog.yaml is ~200 KB
 
 _NULLS = frozenset({"", "~", "null", "Null", "NULL"})
 
-
-# What a wanted path holds. Anything else the reader found there is kept as
-# its own description ("a list", "a flow collection ([...)"), for the error
-# that names it if the loader then needs that key.
-_PLAIN, _QUOTED, _NULL, _MAPPING = "plain", "quoted", "null", "mapping"
+# What a wanted path holds: a scalar (plain or quoted), null, a mapping, or a
+# construct this reader does not read, kept with its detail as text for the
+# error that names it if the loader then needs that key.
+_PLAIN, _QUOTED, _NULL, _MAPPING, _LIST = "plain", "quoted", "null", "mapping", "list"
+_CONTINUED, _ALIAS, _BLOCK, _FLOW, _TAGGED = "continued", "alias", "block", "flow", "tagged"
+_SURROGATE, _UNCLOSED, _RESERVED, _NESTED = "surrogate", "unclosed", "reserved", "nested"
+# How an error names each kind: "{}" is the detail, "{:.1}" its first character.
+_KIND_TEXT = {
+    _MAPPING: "a mapping",
+    _LIST: "a list",
+    _CONTINUED: "a value continued on the next line",
+    _ALIAS: "an alias (*{}) to an anchor this reader does not follow",
+    _BLOCK: "a multi-line string ({})",
+    _FLOW: "a flow collection ({:.1}...)",
+    _TAGGED: "a tagged value ({})",
+    _SURROGATE: "the escape {}, a surrogate code point, which YAML does not allow",
+    _UNCLOSED: "a quoted string that does not end on its line, or text after it",
+    _RESERVED: "a value starting with the reserved character {:.1}",
+    _NESTED: "a nested 'key: value' on one line",
+}
+# The first character of a value that is one of those constructs.
+_INDICATOR_KINDS = {"|": _BLOCK, ">": _BLOCK, "[": _FLOW, "{": _FLOW, "!": _TAGGED, "@": _RESERVED, "`": _RESERVED,
+                    "%": _RESERVED}
+# How a line that holds no `key: value` this reader reads may start.
+_NOT_A_KEY = ("? ", "[", "{", "|", ">", "!", "&", "*", "@", "`")
+_NO_SKIP = sys.maxsize
 
 
 class _Node:
-    """A value found at a wanted path: its kind, text and line."""
+    """What a wanted path holds: its kind, its text (a construct's detail) and its line."""
 
     __slots__ = ("kind", "text", "line")
 
     def __init__(self, kind: str, text: str, line: int) -> None:
-        self.kind = kind  # _PLAIN, _QUOTED, _NULL, _MAPPING, or the description of something else
+        self.kind = kind
         self.text = text
         self.line = line
 
@@ -293,63 +306,49 @@ class _Node:
 class _YamlReader:
     """One pass over the lines; `nodes` maps dotted paths to what they hold."""
 
-    def __init__(self, text: str, wanted: Iterable[str], source: str) -> None:
-        self.text = text
+    def __init__(self, wanted: Iterable[str], source: str) -> None:
         self.source = source
-        self.wanted = frozenset(wanted)
-        self.prefixes = frozenset(
-            ".".join(p.split(".")[:i]) for p in self.wanted for i in range(1, p.count(".") + 1)
-        )
+        wanted = frozenset(wanted)
+        self.prefixes = frozenset(".".join(p.split(".")[:i]) for p in wanted for i in range(1, p.count(".") + 1))
+        self.paths = wanted | self.prefixes  # the paths this reader reads: the wanted ones and their parents
         self.nodes: dict[str, _Node] = {}
         self.anchors: dict[str, _Node] = {}
         # Open block mappings we descend into: (indent of their keys, path).
         self.stack: list[tuple[int, str]] = [(-1, "")]
-        self.pending: tuple[int, str, int] | None = None  # key with no value yet
-        self.skip_above: int | None = None  # skip lines indented deeper than this
-        self.skip_dashes_at: int | None = None  # also "- " items at this indent
-        self.scalar_at: tuple[int, str] | None = None  # last wanted scalar's key
+        self.last: tuple[int, str] | None = None  # the last wanted key, whose value the next line may go on with
+        self.skip_above = _NO_SKIP  # skip lines indented deeper than this,
+        self.skip_dashes_at = -1  # and "- " items at this indent
 
-    def error(self, lineno: int, message: str, key: str = "") -> _ConfigError:
-        return _ConfigError(message, source=self.source, line=lineno, key=key)
+    def error(self, line: int, message: str, key: str = "") -> _ConfigError:
+        return _ConfigError(message, source=self.source, line=line, key=key)
 
-    def read(self) -> dict[str, _Node]:
+    def read(self, text: str) -> dict[str, _Node]:
         started = False
-        for index, line in enumerate(_lines(self.text)):
-            lineno = index + 1
+        for lineno, line in enumerate(_lines(text), 1):
             body = line.lstrip(" ")
+            indent = len(line) - len(body)
+            if indent > self.skip_above:
+                continue  # inside a value the loader does not need: most lines of a real file
             content = body.lstrip(" \t")
-            if not content or content.startswith("#"):
+            if not content or content[0] == "#":
                 continue  # blank lines and comments never change the structure
             if line.startswith(("---", "...")) and line[3:4] in ("", " ", "\t"):
-                if started or line.startswith("..."):
+                if started or line[0] == ".":
                     break  # only the first document counts, as for the agent
-                if line[3:].strip() and not line[3:].strip().startswith("#"):
+                if _strip_comment(line[3:]):
                     raise self.error(lineno, "content on the '---' line is not supported")
-                continue
-            if line.startswith("%") and not started:
-                continue  # a %YAML or %TAG directive
-            started = True
-            self.read_line(lineno, len(line) - len(body), body)
-        self.close_pending()
+            elif started or line[0] != "%":  # '%' before any content: a %YAML or %TAG directive
+                started = True
+                self.read_line(lineno, indent, body)
         return self.nodes
 
     def read_line(self, lineno: int, indent: int, body: str) -> None:
-        if self.skip_above is not None:
-            if indent > self.skip_above or (
-                indent == self.skip_dashes_at and _is_dash_item(body)
-            ):
-                return
-            self.skip_above = self.skip_dashes_at = None
-        if body.startswith("\t"):
+        if indent == self.skip_dashes_at and _is_dash_item(body):
+            return  # an item of a list written at its key's indentation
+        self.skip_above, self.skip_dashes_at = _NO_SKIP, -1
+        if body[0] == "\t":
             raise self.error(lineno, "a tab in the indentation (YAML allows spaces only)")
-        if self.scalar_at is not None:
-            key_indent, path = self.scalar_at
-            self.scalar_at = None
-            if indent > key_indent:  # the value goes on: a multi-line scalar
-                self.nodes[path] = _Node("a value continued on the next line", "", self.nodes[path].line)
-                self.skip(key_indent)
-                return
-        if self.pending is not None and self.open_pending(lineno, indent, body):
+        if self.last is not None and self.continues_last(indent, body):
             return
         while len(self.stack) > 1 and self.stack[-1][0] > indent:
             self.stack.pop()
@@ -360,96 +359,74 @@ class _YamlReader:
             raise self.error(lineno, "indentation of %d spaces matches no enclosing key" % indent)
         self.read_entry(lineno, indent, body, parent)
 
-    def open_pending(self, lineno: int, indent: int, body: str) -> bool:
-        """A key ended its line with no value: what do the next lines make it?"""
-        assert self.pending is not None
-        key_indent, path, key_line = self.pending
-        self.pending = None
-        if _is_dash_item(body) and indent >= key_indent:
-            self.nodes[path] = _Node("a list", "", key_line)
+    def continues_last(self, indent: int, body: str) -> bool:
+        """Whether this line goes on with the last wanted key's value; what that value then is."""
+        assert self.last is not None
+        key_indent, path = self.last
+        self.last = None
+        node = self.nodes[path]
+        empty = node.kind == _NULL and not node.text  # nothing after the colon: what comes below says
+        if empty and _is_dash_item(body) and indent >= key_indent:
+            self.nodes[path] = _Node(_LIST, "", node.line)
             self.skip(key_indent, dashes=indent == key_indent)
             return True
-        if indent > key_indent:
-            self.nodes[path] = _Node(_MAPPING, "", key_line)
+        if indent <= key_indent:
+            return False
+        if empty:
+            self.nodes[path] = _Node(_MAPPING, "", node.line)
             self.stack.append((indent, path))
             return False
-        self.nodes[path] = _Node(_NULL, "", key_line)
-        return False
-
-    def close_pending(self) -> None:
-        if self.pending is not None:
-            _, path, key_line = self.pending
-            self.nodes[path] = _Node(_NULL, "", key_line)
-            self.pending = None
+        self.nodes[path] = _Node(_CONTINUED, "", node.line)
+        self.skip(key_indent)
+        return True
 
     def skip(self, indent: int, *, dashes: bool = False) -> None:
         self.skip_above = indent
-        self.skip_dashes_at = indent if dashes else None
+        self.skip_dashes_at = indent if dashes else -1
 
     def read_entry(self, lineno: int, indent: int, body: str, parent: str) -> None:
         descending = parent == "" or parent in self.prefixes
-        if _is_dash_item(body) or body.startswith(("? ", "[", "{", "|", ">", "!", "&", "*", "@", "`")):
-            if descending and parent:
-                raise self.error(lineno, "expected 'key: value', found %s" % _quoted(body.strip(), 24), parent)
-            if not parent:
-                raise self.error(lineno, "expected 'key: value' at the top level, found %s" % _quoted(body.strip(), 24))
-            self.skip(indent, dashes=True)
-            return
-        parsed = _split_key(body)
+        parsed = None if _is_dash_item(body) or body.startswith(_NOT_A_KEY) else _split_key(body)
         if parsed is None:
             if descending:
-                raise self.error(lineno, "expected 'key: value', found %s" % _quoted(body.strip(), 24), parent)
-            self.skip(indent)
+                where = "" if parent else " at the top level"
+                raise self.error(lineno, "expected 'key: value'%s, found %s" % (where, _quoted(body.strip(), 24)),
+                                 parent)
+            self.skip(indent, dashes=True)
             return
         key, rest = parsed
         path = (parent + "." if parent else "") + key.lower()  # keys are case-insensitive, as in viper
         if key == "<<" and descending:
             raise self.error(lineno, "merge keys (<<) are not supported where the loader reads its settings",
                              parent)
-        self.forget(path)  # a duplicate key: the last one wins, as for the agent
-        if path not in self.wanted and path not in self.prefixes:
-            self.note_anchor(rest, lineno)
+        if path not in self.paths:
+            if rest.startswith("&"):
+                self.value(rest, lineno)  # for the anchor, wherever we pass it
             self.skip(indent, dashes=True)
             return
-        self.read_value(lineno, indent, path, rest)
-
-    def forget(self, path: str) -> None:
         for known in [k for k in self.nodes if k == path or k.startswith(path + ".")]:
-            del self.nodes[known]
+            del self.nodes[known]  # a duplicate key: the last one wins, as for the agent
+        node = self.nodes[path] = self.value(rest, lineno)
+        if node.is_scalar or node.kind == _NULL:
+            self.last = (indent, path)
+        else:
+            self.skip(indent)
 
-    def note_anchor(self, rest: str, lineno: int) -> None:
-        """Remember `key: &name scalar` anywhere we pass, for later aliases."""
-        if rest.startswith("&"):
-            name, _, value = rest[1:].partition(" ")
-            node = _scalar_node(value.strip(), lineno)
-            if node is not None and node.is_scalar:
-                self.anchors[name] = node
-
-    def read_value(self, lineno: int, indent: int, path: str, rest: str) -> None:
+    def value(self, rest: str, line: int) -> _Node:
+        """What `key: rest` holds; `&name` before a scalar keeps it for later `*name` aliases."""
         anchor = ""
         if rest.startswith("&"):
             anchor, _, rest = rest[1:].partition(" ")
             rest = rest.strip()
-        if not rest or rest.startswith("#"):
-            self.pending = (indent, path, lineno)
-            return
         if rest.startswith("*"):
             name = _strip_comment(rest[1:])
             target = self.anchors.get(name)
-            node = (
-                _Node(target.kind, target.text, lineno)
-                if target is not None
-                else _Node("an alias (*%s) to an anchor this reader does not follow" % name, "", lineno)
-            )
+            node = _Node(_ALIAS, name, line) if target is None else _Node(target.kind, target.text, line)
         else:
-            node = _scalar_node(rest, lineno) or _Node(_opaque_kind(rest), "", lineno)
+            node = _value_node(rest, line)
         if anchor and node.is_scalar:
             self.anchors[anchor] = node
-        self.nodes[path] = node
-        if node.is_scalar or node.kind == _NULL:
-            self.scalar_at = (indent, path)
-        else:
-            self.skip(indent)
+        return node
 
 
 def _lines(text: str) -> Iterator[str]:
@@ -471,7 +448,8 @@ def _is_dash_item(body: str) -> bool:
 
 
 def _strip_comment(text: str) -> str:
-    """Cut a ` # comment` off a plain scalar (a '#' inside a word stays)."""
+    """`text` up to a comment: a '#' that starts it or follows a space or tab (one inside a word stays)."""
+    text = " " + text
     for marker in (" #", "\t#"):
         cut = text.find(marker)
         if cut >= 0:
@@ -482,71 +460,39 @@ def _strip_comment(text: str) -> str:
 def _split_key(body: str) -> tuple[str, str] | None:
     """`key: rest` -> (key, rest); quoted keys allowed; None if no key here."""
     if body[0] in "\"'":
-        key, end = _read_quoted(body, 0)
-        if key is None or not body[end:].lstrip(" ").startswith(":"):
+        key, end = _read_quoted(body)
+        rest = body[end:].lstrip(" ")
+        if key is None or rest[:1] != ":":
             return None
-        rest = body[end:].lstrip(" ")[1:]
-        if rest and rest[0] not in " \t":
+        rest = rest[1:]
+    else:
+        colon = body.find(":")
+        while colon >= 0 and body[colon + 1: colon + 2] not in ("", " ", "\t"):
+            colon = body.find(":", colon + 1)
+        key, rest = body[:colon].rstrip(), body[colon + 1:]
+        if colon < 0 or not key or " #" in key:
             return None
-        return key, rest.strip()
-    colon = body.find(":")
-    while colon >= 0:
-        after = body[colon + 1: colon + 2]
-        if after in ("", " ", "\t"):
-            key = body[:colon].rstrip()
-            if not key or " #" in key:
-                return None
-            return key, body[colon + 1:].strip()
-        colon = body.find(":", colon + 1)
-    return None
+    return (key, rest.strip()) if rest[:1] in ("", " ", "\t") else None
 
 
-def _opaque_kind(rest: str) -> str:
-    if rest.startswith(("|", ">")):
-        return "a multi-line string (%s)" % rest.split()[0]
-    if rest.startswith(("[", "{")):
-        return "a flow collection (%s...)" % rest[0]
-    if rest.startswith("!"):
-        return "a tagged value (%s)" % rest.split()[0]
-    if _is_dash_item(rest):
-        return "a list"
-    if rest.startswith("\"") and _surrogate_escape(rest):
-        return "the escape %s, a surrogate code point, which YAML does not allow" % _surrogate_escape(rest)
+def _value_node(rest: str, line: int) -> _Node:
+    """A value on its key's line: a scalar, null, or a construct this reader does not read."""
     if rest.startswith(("\"", "'")):
-        return "a quoted string that does not end on its line, or text after it"
-    if rest.startswith(("@", "`", "%")):
-        return "a value starting with the reserved character %s" % rest[0]
-    return "a nested 'key: value' on one line"
-
-
-def _surrogate_escape(text: str) -> str:
-    """The first \\uD800-\\uDFFF style escape in `text`, or ''."""
-    for marker, width in (("\\u", 4), ("\\U", 8)):
-        start = text.find(marker)
-        while start >= 0:
-            digits = text[start + 2: start + 2 + width]
-            if len(digits) == width and _is_hex(digits) and 0xD800 <= int(digits, 16) <= 0xDFFF:
-                return text[start: start + 2 + width]
-            start = text.find(marker, start + 2)
-    return ""
-
-
-def _scalar_node(rest: str, lineno: int) -> _Node | None:
-    """A one-line scalar, or None when `rest` is some other construct."""
-    if rest.startswith(("\"", "'")):
-        text, end = _read_quoted(rest, 0)
-        if text is None:
-            return None
-        tail = rest[end:].strip()
-        if tail and not tail.startswith("#"):
-            return None
-        return _Node(_QUOTED, text, lineno)
-    if rest.startswith(("|", ">", "[", "{", "!", "&", "*", "@", "`", "%")) or _is_dash_item(rest):
-        return None
+        text, end = _read_quoted(rest)
+        if text is None or _strip_comment(rest[end:]):
+            return _Node(_UNCLOSED, "", line)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # an escaped lone surrogate
+            return _Node(_SURROGATE, "\\u%04x" % ord(text[exc.start]), line)
+        return _Node(_QUOTED, text, line)
+    kind = _LIST if _is_dash_item(rest) else _INDICATOR_KINDS.get(rest[:1], "")
+    if kind:
+        return _Node(kind, rest.split()[0], line)
     text = _strip_comment(rest)
-    if ": " in text or text.endswith(":"):
-        return None
-    return _Node(_NULL if text in _NULLS else _PLAIN, text, lineno)
+    if rest.startswith("&") or ": " in text or text.endswith(":"):
+        return _Node(_NESTED, "", line)
+    return _Node(_NULL if text in _NULLS else _PLAIN, text, line)
 
 
 _ESCAPES = {
@@ -555,44 +501,35 @@ _ESCAPES = {
     "N": "\x85", "_": "\xa0", "L": "\u2028", "P": "\u2029",
 }
 _HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
-def _read_quoted(text: str, pos: int) -> tuple[str | None, int]:
-    """Read a quoted scalar starting at `pos`; (None, pos) if it does not end here."""
-    quote = text[pos]
+def _read_quoted(text: str) -> tuple[str | None, int]:
+    """The quoted scalar `text` starts with, and the index past it; (None, 0) if it does not end on this line."""
+    quote = text[0]
     out: list[str] = []
-    i = pos + 1
+    i = 1
     while i < len(text):
         char = text[i]
-        if char == quote:
-            if quote == "'" and text[i + 1: i + 2] == "'":
-                out.append("'")  # '' is an escaped single quote
-                i += 2
-                continue
-            return "".join(out), i + 1
-        if char == "\\" and quote == '"':
-            code = text[i + 1: i + 2]
-            if code in _ESCAPES:
-                out.append(_ESCAPES[code])
-                i += 2
-                continue
-            width = _HEX_ESCAPES.get(code, 0)
-            digits = text[i + 2: i + 2 + width]
-            if not width or len(digits) != width or not _is_hex(digits):
-                return None, pos
-            value = int(digits, 16)
-            if value > 0x10FFFF or 0xD800 <= value <= 0xDFFF:
-                return None, pos  # beyond Unicode, or a lone surrogate: YAML allows neither
-            out.append(chr(value))
-            i += 2 + width
-            continue
-        out.append(char)
         i += 1
-    return None, pos
-
-
-def _is_hex(digits: str) -> bool:
-    return digits.isascii() and all(c in "0123456789abcdefABCDEF" for c in digits)
+        if char == quote:
+            if quote == '"' or text[i: i + 1] != "'":
+                return "".join(out), i
+            i += 1  # '' is an escaped single quote
+        elif char == "\\" and quote == '"':
+            code = text[i: i + 1]
+            i += 1
+            if code in _ESCAPES:
+                char = _ESCAPES[code]
+            else:
+                width = _HEX_ESCAPES.get(code, 0)
+                digits = text[i: i + width]
+                if not (0 < len(digits) == width and _HEX_DIGITS.issuperset(digits) and int(digits, 16) <= 0x10FFFF):
+                    return None, 0  # an unknown or short escape, or beyond Unicode
+                char = chr(int(digits, 16))  # a lone surrogate too, which _value_node names
+                i += width
+        out.append(char)
+    return None, 0
 
 
 def _read_config_file(path: str) -> str:
@@ -608,9 +545,8 @@ def _read_config_file(path: str) -> str:
         if not stat.S_ISREG(info.st_mode):
             raise _ConfigError("is not a regular file (%s)" % _file_kind(info.st_mode), source=path)
         if info.st_size > _MAX_CONFIG_BYTES:
-            raise _ConfigError(
-                "is %d bytes; this loader reads at most %d" % (info.st_size, _MAX_CONFIG_BYTES), source=path
-            )
+            raise _ConfigError("is %d bytes; this loader reads at most %d" % (info.st_size, _MAX_CONFIG_BYTES),
+                               source=path)
         # A buffered read(n) reads until n bytes or the end, into one buffer.
         with open(fd, "rb", closefd=False) as file:
             data = file.read(_MAX_CONFIG_BYTES + 1)
@@ -623,13 +559,12 @@ def _read_config_file(path: str) -> str:
     return _decode_config(data, path)
 
 
+_FILE_KINDS = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO",
+               stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
 def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "not a regular file"
+    return _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
 def _decode_config(data: bytes, source: str) -> str:
@@ -645,7 +580,7 @@ def _decode_config(data: bytes, source: str) -> str:
 
 def _read_yaml_subset(text: str, wanted: Iterable[str], *, source: str = "<config>") -> dict[str, _Node]:
     """Read the `wanted` dotted paths (and their parents) out of YAML text."""
-    return _YamlReader(text, wanted, source).read()
+    return _YamlReader(wanted, source).read(text)
 
 
 # ---------------------------------------------------------------------------
@@ -804,7 +739,7 @@ class _Config:
 def _describe_node(node: _Node) -> str:
     if node.is_scalar:
         return "the single value %s" % _quoted(node.text)
-    return "a mapping" if node.kind == _MAPPING else node.kind
+    return _KIND_TEXT[node.kind].format(node.text)
 
 
 def _go_bool(text: str, name: str) -> bool:
