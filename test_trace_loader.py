@@ -1024,6 +1024,42 @@ def test_rst_probes_are_absorbed_like_fin_probes(procs, tmp_path):
                   r"300 probes absorbed since start \(FIN: 100, RST: 200\)")
 
 
+class CountingLog(tl._Log):
+    """A log at info level, off the console, that remembers every call that reached it, shown or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.configure(level="info", console=False, path=None)
+        self.calls: list[tuple[str, str]] = []
+
+    def _emit(self, level: str, message: str, args: tuple[object, ...]) -> None:
+        self.calls.append((level, message))
+
+
+def test_an_absorbed_probe_costs_no_log_call_and_no_peer_text_at_info_level(sockets, monkeypatch):
+    # The wait itself, in this process, on a real listener: only its Python work is under test here.
+    peers: list[object] = []
+    peer_text = tl._peer_text
+    monkeypatch.setattr(tl, "_peer_text", lambda address: peers.append(address) or peer_text(address))
+    log = CountingLog()
+    sock = sockets.tcp_listener()
+    listener = tl._Listener(tl._ListenerSpec("receiver", tl._TCP, shown_as="TCP receiver"), sock)
+    waiter = tl._Waiter([listener], listener, grace_ms=250, hold_timeout_ms=60_000, log=log, program_label="agent")
+    wakes: list[object] = []
+    thread = threading.Thread(target=lambda: wakes.append(waiter.run()), daemon=True)
+    thread.start()
+    port = sock.getsockname()[1]
+    for _ in range(20):
+        kubelet_probe(port)
+        rst_probe(port)
+    wait_until(lambda: dict(waiter.probes), "40 probes absorbed", until=lambda n: n[tl._FIN] + n[tl._RST] == 40)
+    assert log.calls == [("info", "Polling... (fds %s%s)")] and peers == []
+    sockets.connect(port).sendall(b"x")
+    thread.join(10)
+    assert wakes and "sent data" in wakes[0].reason  # the one peer text: the wake's reason
+    assert len(peers) == 1 and [level for level, _ in log.calls] == ["info", "debug"]
+
+
 def test_overlapping_probes_are_absorbed(procs, sockets, tmp_path):
     # A generous grace, so a slow machine cannot turn the overlap into a wake-up.
     proc, port, report = loader_and_port(procs, tmp_path, grace=5000)

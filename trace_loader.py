@@ -1341,6 +1341,8 @@ class _Waiter:
         self.grace_ms = grace_ms
         self.hold_timeout_ms = hold_timeout_ms
         self.log = log
+        # Asked once: a probe then costs no debug() call at all at info level.
+        self.debugging = log.enabled("debug")
         self.probes = {_FIN: 0, _RST: 0}
         self.poller = select.poll()
         for listener in listeners:
@@ -1354,7 +1356,7 @@ class _Waiter:
         self.state = _IDLE
         self.held: _HeldClient | None = None
         self.deadline: float | None = None
-        self.deadline_reason = ""
+        self.hold_end: float | None = None
 
     # -- the transitions ----------------------------------------------------
 
@@ -1364,9 +1366,9 @@ class _Waiter:
         fd = self.held.sock.fileno()
         self.poller.unregister(fd)
         self.held.sock.close()
-        # Logged once closed: a reader of the log may look at our fds next.
-        self.log.debug("TCP client closed connection, closing file descriptor %d (peer %s, %s)", fd,
-                       self.held.peer, how)
+        if self.debugging:  # logged once closed: a reader of the log may look at our fds next
+            self.log.debug("TCP client closed connection, closing file descriptor %d (peer %s, %s)", fd,
+                           self.held.peer, how)
         self.held = None
         if self.state == _GRACE:
             self.poller.register(self.probe.fd, select.POLLIN)
@@ -1376,11 +1378,8 @@ class _Waiter:
         self.poller.register(client.sock.fileno(), _CLIENT_EVENTS)
         self.held = client
         self.state = _HOLDING
-        self.deadline, self.deadline_reason = None, ""
-        if self.hold_timeout_ms:
-            self.deadline = time.monotonic() + self.hold_timeout_ms / 1000.0
-            self.deadline_reason = "the held TCP client %s sent nothing for %d ms" % (client.peer,
-                                                                                       self.hold_timeout_ms)
+        self.hold_end = time.monotonic() + self.hold_timeout_ms / 1000.0 if self.hold_timeout_ms else None
+        self.deadline = self.hold_end
 
     def enter_grace(self) -> None:
         """A second client waits: leave it in the backlog, give the held one `grace_ms`."""
@@ -1390,8 +1389,6 @@ class _Waiter:
         grace_end = time.monotonic() + self.grace_ms / 1000.0
         if self.deadline is None or grace_end < self.deadline:  # else the hold timeout comes first
             self.deadline = grace_end
-            self.deadline_reason = ("a second TCP client arrived and the held one stayed silent for %d ms"
-                                    % self.grace_ms)
         self.log.debug("A second TCP client is waiting; giving the held one %d ms", self.grace_ms)
 
     # -- the loop -------------------------------------------------------------
@@ -1400,13 +1397,14 @@ class _Waiter:
         self.log.info("Polling... (fds %s%s)", ", ".join(str(fd) for fd in self.by_fd),
                       "; probe check on fd %d" % self.probe.fd if self.probe else "")
         while True:
-            self.log.debug("Polling... (state %s)", self.state)
+            if self.debugging:
+                self.log.debug("Polling... (state %s)", self.state)
             try:
-                ready = dict(self.poller.poll(self.remaining_ms()))  # PEP 475 retries EINTR for us
+                ready = self.poller.poll(self.remaining_ms())  # PEP 475 retries EINTR for us
             except OSError as exc:
                 return self.wake("poll() failed: %s" % _oserror_text(exc))
             if not ready:
-                return self.wake(self.deadline_reason)  # only a deadline ends an empty poll
+                return self.wake(self.timeout_reason())  # only a deadline ends an empty poll
             reason = self.on_events(ready)
             if reason:
                 return self.wake(reason)
@@ -1418,29 +1416,42 @@ class _Waiter:
         # before the deadline.
         return max(0, int((self.deadline - time.monotonic()) * 1000 + 0.999))
 
+    def timeout_reason(self) -> str:
+        """Built only when the deadline passes: which one it was, grace or hold timeout."""
+        assert self.held is not None
+        if self.deadline != self.hold_end:
+            return "a second TCP client arrived and the held one stayed silent for %d ms" % self.grace_ms
+        return "the held TCP client %s sent nothing for %d ms" % (self.held.peer, self.hold_timeout_ms)
+
     def wake(self, reason: str) -> _Wake:
         """The end of the wait: the probe listener as it was before, and why we wake."""
         if self.probe is not None:
             self.probe.sock.setblocking(self.probe_was_blocking)
         return _Wake(reason, self.held, self.probes)
 
-    def on_events(self, ready: dict[int, int]) -> str:
+    def on_events(self, ready: list[tuple[int, int]]) -> str:
         """Handle one poll() result; a non-empty reason ends the wait."""
-        if self.log.enabled("debug"):
-            for fd, revents in ready.items():
+        held_fd = self.held.sock.fileno() if self.held is not None else -1
+        probe_fd = self.probe.fd if self.probe is not None else -1
+        held_events, probe_ready, others = 0, False, []
+        for fd, revents in ready:  # one pass sorts them: the held client, the probe listener, the others
+            if self.debugging:
                 self.log.debug("Socket %d has events %s", fd, _events_text(revents))
-        if self.probe is None:
-            return "traffic on %s" % self.listeners_text(ready)
-        others = [fd for fd in ready if fd in self.by_fd and fd != self.probe.fd]
+            if fd == held_fd:
+                held_events = revents
+            elif fd == probe_fd:
+                probe_ready = True
+            else:
+                others.append(fd)
         if others:
             return "traffic on %s" % self.listeners_text(others)
         if self.grace_ms == 0 and len(ready) > 1:
             return "events on several sockets at once"
-        if self.held is not None and self.held.sock.fileno() in ready:
-            reason = self.on_held_client(ready[self.held.sock.fileno()])
+        if held_events:
+            reason = self.on_held_client(held_events)
             if reason or self.held is None:
                 return reason
-        if self.probe.fd in ready:
+        if probe_ready:
             return self.on_probe_listener()
         return ""
 
@@ -1479,11 +1490,13 @@ class _Waiter:
                 return "accept() on the TCP listener failed: %s" % _oserror_text(exc)
             if exc.errno == errno.ECONNABORTED:  # reset while still in the backlog: a probe
                 self.probes[_RST] += 1
-            self.log.debug("A TCP client left before it was accepted: %s", exc)
+            if self.debugging:
+                self.log.debug("A TCP client left before it was accepted: %s", exc)
             return ""
         client = _HeldClient(sock, address, self.probe)
         self.enter_holding(client)
-        self.log.debug("Accepted connection on TCP listener: %d (peer %s)", sock.fileno(), client.peer)
+        if self.debugging:
+            self.log.debug("Accepted connection on TCP listener: %d (peer %s)", sock.fileno(), client.peer)
         return ""
 
     def listeners_text(self, fds: Iterable[int]) -> str:

@@ -358,36 +358,50 @@ def accept_queue_empty(pid: int) -> bool:
 
 
 def bench_probes(python: str, tmp: str, runs: int, env: dict[str, str], count: int = 5000) -> dict[str, Stats]:
-    out: dict[str, Stats] = {}
+    """CPU per absorbed probe of the loader, each baseline and the floor, all running at once and probed in turn,
+    so that whatever else the machine does weighs on each alike; and the loader's CPU over the floor's, per run."""
     loader = Variant("loader -I -S", [python, "-I", "-S", LOADER, "{config}", "/bin/true"], "Polling")
     floor = Variant("floor -I -S", [python, "-I", "-S", "-c", FLOOR, "{port}"])
-    for variant in [loader, *baseline_variants(python, tmp), floor]:
-        cpu, rate = probe_runs(variant, tmp, runs, env, count)
-        out["%s: cpu_us_per_probe" % variant.name] = cpu
-        out["%s: probes_per_s" % variant.name] = rate
+    contenders = [loader, *baseline_variants(python, tmp), floor]
+    cpu: dict[str, list[float]] = {variant.name: [] for variant in contenders}
+    rate: dict[str, list[float]] = {variant.name: [] for variant in contenders}
+    for _ in range(runs):
+        for name, (used, per_s) in probe_side_by_side(contenders, tmp, env, count).items():
+            cpu[name].append(used)
+            rate[name].append(per_s)
+    out: dict[str, Stats] = {}
+    for variant in contenders:
+        out["%s: cpu_us_per_probe" % variant.name] = stats(cpu[variant.name])
+        out["%s: probes_per_s" % variant.name] = stats(rate[variant.name])
+    for variant in contenders[:-1]:
+        out["%s / floor: CPU ratio" % variant.name] = stats(
+            [a / b for a, b in zip(cpu[variant.name], cpu[floor.name])])
     return out
 
 
-def probe_runs(variant: Variant, tmp: str, runs: int, env: dict[str, str], count: int) -> tuple[Stats, Stats]:
-    cpu: list[float] = []
-    rate: list[float] = []
-    for _ in range(runs):
-        proc, port, _ = spawn(variant, tmp, env)
+def probe_side_by_side(contenders: list[Variant], tmp: str, env: dict[str, str],
+                       count: int) -> dict[str, tuple[float, float]]:
+    """One run: {name: (CPU us per probe, probes per s)}, every contender probed in turn, `count` probes each."""
+    running = [(variant.name, *spawn(variant, tmp, env)[:2]) for variant in contenders]
+    for _, proc, _ in running:
         settle(proc.pid)
-        before = cpu_ns(proc.pid)
-        start = time.perf_counter()
-        for i in range(count):
+    before = {name: cpu_ns(proc.pid) for name, proc, _ in running}
+    spent = {name: 0.0 for name, _, _ in running}
+    for i in range(count):
+        for name, _, port in running:
+            start = time.perf_counter()
             probe(port, rst=bool(i % 2))
-        elapsed = time.perf_counter() - start
+            spent[name] += time.perf_counter() - start
+    out = {}
+    for name, proc, _ in running:
         while not accept_queue_empty(proc.pid):
             time.sleep(0.001)
         settle(proc.pid)
-        cpu.append((cpu_ns(proc.pid) - before) / count / 1000.0)
-        rate.append(count / elapsed)
         if proc.poll() is not None:
-            raise RuntimeError("%s ended during the probe run" % variant.name)
+            raise RuntimeError("%s ended during the probe run" % name)
+        out[name] = ((cpu_ns(proc.pid) - before[name]) / count / 1000.0, count / spent[name])
         stop(proc)
-    return stats(cpu), stats(rate)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -750,7 +764,7 @@ def print_table(result: dict[str, object]) -> None:
             ratio(row["VmRSS"]["median"], bare["VmRSS"]["median"]) if bare else "-"))
     headings = {
         "probes": "4. probe cost (log level info, 5,000 probes FIN/RST alternating; floor: the same syscalls in a "
-                  "bare Python loop)",
+                  "bare Python loop; all running at once, probed in turn)",
         "latency": "5. wake latency: connect+send to first response byte",
         "burst": "6. burst: 1,000 clients before the agent wakes",
         "relay": "7. relay throughput, 256 MB each way: the held client relayed by the helper vs. a direct "
