@@ -2624,7 +2624,7 @@ def test_import_has_no_side_effects():
 # `make bench` measures the memory-release steps; here only: they run, and can be turned off.
 
 
-@pytest.mark.parametrize("steps", ["", "none", "defer", "trim,pageout"])
+@pytest.mark.parametrize("steps", ["", "none", "bytecode", "trim,pageout"])
 def test_memory_release_steps_keep_the_behaviour(procs, tmp_path, steps):
     port = free_port()
     report = tmp_path / "report.json"
@@ -2641,12 +2641,54 @@ def test_memory_release_steps_keep_the_behaviour(procs, tmp_path, steps):
 
 
 @pytest.mark.parametrize("steps", ["", "none"])
-def test_exit_statuses_are_the_same_with_and_without_deferral(tmp_path, steps):
+def test_exit_statuses_are_the_same_with_and_without_the_bytecode_step(tmp_path, steps):
     env = base_env(TRACE_LOADER_RELEASE_MEMORY=steps, DD_APM_ENABLED="false")
     assert run_loader(["--version"], env=env).returncode == 0
     assert run_loader(["--listen", "bad", "--", "true"], env=env).returncode == 2
     assert run_loader([write_config(tmp_path), "no-such-agent"], env=env).returncode == 1
     assert run_loader([write_config(tmp_path), sys.executable], env=env).returncode == 0
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    with open("/proc/%d/status" % pid) as f:
+        return {key: int(value.split()[0]) for key, _, value in (line.partition(":") for line in f)
+                if key in ("VmRSS", "RssAnon", "RssFile")}
+
+
+@pytest.mark.skipif(not LINUX or not hasattr(os, "memfd_create"), reason="the bytecode step needs a memfd")
+@pytest.mark.parametrize("options", [[], ["-X", "utf8", "-W", "ignore"]])
+def test_run_from_source_the_loader_waits_as_bytecode_with_its_options_argv_and_fds(procs, tmp_path, options):
+    report = tmp_path / "report.json"
+    port = free_port()
+    config = write_config(tmp_path, port=port)
+    proc = procs([sys.executable, *options, LOADER, config, *agent_argv(report)], base_env())
+    proc.wait_for("Polling")
+    with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
+        argv = os.fsdecode(f.read()).split("\0")
+    # The same interpreter and options, -S, the runner, then the script and its arguments as given.
+    assert argv[: len(options) + 3] == [sys.executable, *options, "-S", "-c"], argv
+    assert argv[argv.index(LOADER):-1] == [LOADER, config, *agent_argv(report)]
+    assert open_fds_of(proc.pid) == [0, 1, 2, 3]  # no memfd left behind
+    with connect(port) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+    assert read_report(report)["fds"] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not LINUX or not hasattr(os, "memfd_create"), reason="the bytecode step needs a memfd")
+def test_run_from_source_the_loader_idles_in_the_memory_of_its_compiled_form(procs, tmp_path):
+    # Anonymous memory only: file pages this interpreter shares with pytest's cannot be paged out.
+    compiled = tmp_path / "trace_loader.pyc"
+    subprocess.run([sys.executable, "-c", "import py_compile, sys; py_compile.compile(sys.argv[1], sys.argv[2], "
+                    "doraise=True)", LOADER, str(compiled)], check=True, timeout=TIMEOUT)
+    anon = {}
+    for argv in ([LOADER], ["-I", "-S", str(compiled)]):
+        proc = procs([sys.executable, *argv, write_config(tmp_path, port=free_port(), level="info"), "true"],
+                     base_env())
+        proc.wait_for("Polling")
+        anon[argv[-1]] = proc_status(proc.pid)["RssAnon"]  # what the release before "Polling" left
+        proc.stop()
+    # Compiling the source leaves allocator arenas and, for a script, its syntax tree: over 200 kB.
+    assert anon[LOADER] - anon[str(compiled)] < 128, anon
 
 
 # ---------------------------------------------------------------------------
