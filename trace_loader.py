@@ -1335,7 +1335,6 @@ class _Waiter:
 
     def __init__(self, listeners: list[_Listener], probe: _Listener | None, *, grace_ms: int,
                  hold_timeout_ms: int, log: _Log, program_label: str) -> None:
-        self.listeners = listeners
         self.program_label = program_label
         self.by_fd = {lsn.fd: lsn for lsn in listeners}
         self.probe = probe
@@ -1432,15 +1431,13 @@ class _Waiter:
 
     def on_events(self, ready: list[tuple[int, int]]) -> str:
         """Handle one poll() result; a non-empty reason ends the wait."""
-        held_fd = self.held.sock.fileno() if self.held is not None else -1
-        probe_fd = self.probe.fd if self.probe is not None else -1
         held_events, probe_ready, others = 0, False, []
         for fd, revents in ready:  # one pass sorts them: the held client, the probe listener, the others
             if self.debugging:
                 self.log.debug("Socket %d has events %s", fd, _events_text(revents))
-            if fd == held_fd:
+            if self.held is not None and fd == self.held.sock.fileno():
                 held_events = revents
-            elif fd == probe_fd:
+            elif self.probe is not None and fd == self.probe.fd:
                 probe_ready = True
             else:
                 others.append(fd)
@@ -1506,15 +1503,10 @@ class _Waiter:
 
 def _choose_probe_listener(listeners: list[_Listener], *, enabled: bool, only: str = "") -> _Listener | None:
     """The one listener the probe check watches: the first TCP one (named `only`, if given)."""
-    if not enabled:
-        return None
-    for listener in listeners:
-        sock = listener.sock
-        if only and listener.spec.handoff_name != only:
-            continue
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
-            return listener
-    return None
+    tcp = [listener for listener in listeners if listener.sock.type == socket.SOCK_STREAM
+           and listener.sock.family in (socket.AF_INET, socket.AF_INET6)
+           and listener.spec.handoff_name == (only or listener.spec.handoff_name)]
+    return tcp[0] if enabled and tcp else None
 
 
 # ---------------------------------------------------------------------------

@@ -308,25 +308,27 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def bench_idle(python: str, tmp: str, runs: int, env: dict[str, str]) -> dict[str, dict[str, Stats]]:
     results: dict[str, dict[str, Stats]] = {}
-    for variant in variants(python, tmp):
-        rss: dict[str, list[float]] = {"VmRSS": [], "RssAnon": [], "RssFile": []}
-        startup = []
-        for _ in range(runs):
+    rss: dict[str, dict[str, list[float]]] = {}
+    startup: dict[str, list[float]] = {}
+    chosen = variants(python, tmp)
+    for _ in range(runs):
+        # Each variant in turn within a run, so that a busy moment of the machine weighs on all alike.
+        for variant in chosen:
             # Memory of an untouched waiter (no connection: one would start
             # systemd-socket-activate's child), then start-up in a run of its own.
             proc, _, _ = spawn(variant, tmp, env)
             settle(proc.pid)
             status = proc_status(proc.pid)
-            for key in rss:
-                rss[key].append(status[key])
+            for key in ("VmRSS", "RssAnon", "RssFile"):
+                rss.setdefault(variant.name, {}).setdefault(key, []).append(status[key])
             stop(proc)
             proc, _, elapsed = spawn(variant, tmp, env, timed=True)
-            startup.append(elapsed * 1000)
+            startup.setdefault(variant.name, []).append(elapsed * 1000)
             stop(proc)
-        results[variant.name] = {**{k: stats(v) for k, v in rss.items()}, "startup_ms": stats(startup)}
+    for name, figures in rss.items():
+        results[name] = {**{k: stats(v) for k, v in figures.items()}, "startup_ms": stats(startup[name])}
     # Wake-ups: three of each at once, one 5 s window for all.
-    running = [(variant.name, *spawn(variant, tmp, env)[:2]) for variant in variants(python, tmp)
-               for _ in range(3)]
+    running = [(variant.name, *spawn(variant, tmp, env)[:2]) for variant in chosen for _ in range(3)]
     for _, proc, _ in running:
         settle(proc.pid)
     before = {proc.pid: proc_status(proc.pid) for _, proc, _ in running}
@@ -749,11 +751,13 @@ def print_table(result: dict[str, object]) -> None:
     idle = result["idle"]
     assert isinstance(idle, dict)
     print("\nmachine: %s; %s %s" % (result["machine"], result["python"], result["python_version"]))
-    print("\n1-3. idle footprint (median [min-max] of %s runs)" % result["runs"])
+    print("\n1-3. idle footprint (median [min-max] of %s runs; \"loader\": the plain entrypoint, "
+          "python3 trace_loader.py, no flags, no .pyc)" % result["runs"])
     # Wide enough for the longest name (loader@<rev> -I -S for a baseline).
     width = max([16, *map(len, idle)])
-    line = "%-*s %22s %20s %20s %16s %12s %14s"
-    print(line % (width, "", "VmRSS kB", "RssAnon kB", "RssFile kB", "start-up ms", "wake-ups/5s", "RSS vs bare"))
+    line = "%-*s %22s %20s %20s %16s %12s %12s %17s"
+    print(line % (width, "", "VmRSS kB", "RssAnon kB", "RssFile kB", "start-up ms", "wake-ups/5s", "RSS vs bare",
+                  "start-up vs bare"))
     for name, row in idle.items():
         bare = idle.get("bare -I -S" if "-I -S" in name else "bare", {})
         cells = ["%6d [%d-%d]" % (row[k]["median"], row[k]["min"], row[k]["max"])
@@ -761,7 +765,8 @@ def print_table(result: dict[str, object]) -> None:
         print(line % (
             width, name, *cells, "%.1f [%.1f-%.1f]" % tuple(row["startup_ms"][k] for k in ("median", "min", "max")),
             "%d" % row["idle_wakeups_5s"]["median"] if "idle_wakeups_5s" in row else "-",
-            ratio(row["VmRSS"]["median"], bare["VmRSS"]["median"]) if bare else "-"))
+            ratio(row["VmRSS"]["median"], bare["VmRSS"]["median"]) if bare else "-",
+            "%+.1f ms" % (row["startup_ms"]["median"] - bare["startup_ms"]["median"]) if bare else "-"))
     headings = {
         "probes": "4. probe cost (log level info, 5,000 probes FIN/RST alternating; floor: the same syscalls in a "
                   "bare Python loop; all running at once, probed in turn)",
