@@ -1258,6 +1258,11 @@ _POLL_EVENT_NAMES = ((select.POLLIN, "POLLIN"), (select.POLLPRI, "POLLPRI"), (se
 # shared library at start-up and an import (an fd) where EMFILE may reign.
 _LINGER_RESET = (1).to_bytes(4, sys.byteorder) + (0).to_bytes(4, sys.byteorder)
 
+# MSG_PEEK: look without consuming, the bytes stay for the agent.
+# MSG_DONTWAIT: the fd stays blocking for the agent, but we never wait.
+# Combined once: an IntFlag's | costs more than the recv() it is for.
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
 # What a peek at the held client found.
 _SENT, _FIN, _RST, _SILENT = "sent", "FIN", "RST", "silent"
 
@@ -1318,9 +1323,7 @@ def _events_text(revents: int) -> str:
 def _peek(client: _HeldClient) -> str:
     """_SENT, _FIN, _RST or _SILENT; any other error propagates."""
     try:
-        # MSG_PEEK: look without consuming, the bytes stay for the agent.
-        # MSG_DONTWAIT: the fd stays blocking for the agent, but we never wait.
-        data = client.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        data = client.sock.recv(1, _PEEK_NOW)
     except BlockingIOError:
         return _SILENT
     except OSError as exc:
@@ -1338,6 +1341,7 @@ class _Waiter:
         self.program_label = program_label
         self.by_fd = {lsn.fd: lsn for lsn in listeners}
         self.probe = probe
+        self.probe_fd = probe.fd if probe is not None else -1
         self.grace_ms = grace_ms
         self.hold_timeout_ms = hold_timeout_ms
         self.log = log
@@ -1399,8 +1403,10 @@ class _Waiter:
         while True:
             if self.debugging:
                 self.log.debug("Polling... (state %s)", self.state)
+            # No deadline, no timeout: an idle loader never wakes up.
+            timeout = None if self.deadline is None else self.remaining_ms()
             try:
-                ready = self.poller.poll(self.remaining_ms())  # PEP 475 retries EINTR for us
+                ready = self.poller.poll(timeout)  # PEP 475 retries EINTR for us
             except OSError as exc:
                 return self.wake("poll() failed: %s" % _oserror_text(exc))
             if not ready:
@@ -1409,9 +1415,8 @@ class _Waiter:
             if reason:
                 return self.wake(reason)
 
-    def remaining_ms(self) -> int | None:
-        if self.deadline is None:
-            return None  # no timeout: an idle loader never wakes up
+    def remaining_ms(self) -> int:
+        assert self.deadline is not None
         # poll() counts whole milliseconds: round up so we never spin just
         # before the deadline.
         return max(0, int((self.deadline - time.monotonic()) * 1000 + 0.999))
@@ -1437,7 +1442,7 @@ class _Waiter:
                 self.log.debug("Socket %d has events %s", fd, _events_text(revents))
             if self.held is not None and fd == self.held.sock.fileno():
                 held_events = revents
-            elif self.probe is not None and fd == self.probe.fd:
+            elif fd == self.probe_fd:
                 probe_ready = True
             else:
                 others.append(fd)

@@ -53,11 +53,13 @@ EXAMPLE_CONFIG = os.path.join(ROOT, "examples", "datadog.yaml")
 BARE = ("import socket, select, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
         "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); p = select.poll(); p.register(s, 1); p.poll()")
 # The least any Python absorber can do per probe: the loader's syscalls
-# (poll, accept, poll, peek, close) with no state machine and no logging.
+# (poll, accept, poll, peek, close) with no state machine and no logging
+# (and the peek's flags combined once, as the loader does).
 FLOOR = ("import socket, select, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
          "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(4096); s.setblocking(False); p = select.poll();"
-         "p.register(s, 1)\nwhile True:\n p.poll(); c, _ = s.accept(); p.register(c, 1); p.poll()\n"
-         " try: c.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)\n except OSError: pass\n"
+         "p.register(s, 1); peek = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)\nwhile True:\n"
+         " p.poll(); c, _ = s.accept(); p.register(c, 1); p.poll()\n"
+         " try: c.recv(1, peek)\n except OSError: pass\n"
          " p.unregister(c); c.close()\n")
 CONFIG = """\
 bind_host: 127.0.0.1
