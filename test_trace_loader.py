@@ -1558,8 +1558,8 @@ def test_generic_usage_errors_exit_2_naming_the_option(args, message):
     not os.path.exists("/dev/full"), reason="no /dev/full"))])
 def test_usage_errors_exit_2_even_when_stdout_and_stderr_cannot_be_written(args, status, streams):
     # CPython leaves sys.stderr None when fd 2 is closed at start-up, and /dev/full fails every write
-    # (ENOSPC): writing the usage must not turn the exit status into 0 (an exception escaping the
-    # deferred main()), 1, or a started program (an internal error failing open).
+    # (ENOSPC): writing the usage must not turn the exit status into 0 (an exception escaping
+    # main()), 1, or a started program (an internal error failing open).
     with open("/dev/full", "w") as full:
         result = subprocess.run([sys.executable, LOADER, *args], env=base_env(), stdin=subprocess.DEVNULL,
                                 stdout=full, stderr=full, timeout=TIMEOUT, check=False,
