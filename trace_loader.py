@@ -29,14 +29,8 @@ in ``main()``. README.md is the operator's guide; docs/ holds the design.
 
 from __future__ import annotations
 
-import errno
 import os
-import select
-import signal
-import socket
-import stat
 import sys
-import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs import time and memory; only mypy needs it
@@ -44,6 +38,77 @@ if TYPE_CHECKING:  # typing costs import time and memory; only mypy needs it
     import ctypes
     import types
     from typing import Callable, Iterable, Mapping, NoReturn
+
+# ---------------------------------------------------------------------------
+# Run as a script from source, start again from bytecode: the first step of
+# the footprint (see "Footprint" below), taken before the other imports,
+# which the new interpreter would only do again (~10 ms of CPU).
+# ---------------------------------------------------------------------------
+
+_MEMORY_STEPS = ("bytecode", "trim", "pageout")
+
+
+def _memory_steps(environ: Mapping[str, str]) -> frozenset[str]:
+    text = environ.get("TRACE_LOADER_RELEASE_MEMORY", "")
+    if not text:
+        return frozenset(_MEMORY_STEPS)
+    return frozenset(step.strip() for step in text.split(",")) & frozenset(_MEMORY_STEPS)
+
+
+# What `python3 -S -c` runs for _exec_as_bytecode, kept short for ps: without
+# "" (the working directory) that -c puts in sys.path (the loader imports only
+# the standard library), the bytecode read from the memfd, which is then
+# closed (no program may inherit it), and argv without "-c", this module runs
+# under a name other than __main__ (so it cannot start over), then main().
+_BYTECODE_RUNNER = ("import marshal, sys; sys.path = [p for p in sys.path if p]; memfd = open(%d, 'rb'); "
+                    "memfd.seek(0); code = marshal.load(memfd); memfd.close(); del sys.argv[0]; "
+                    "module = {'__name__': 'trace_loader', '__file__': sys.argv[0]}; exec(code, module); "
+                    "module['_run_as_script']()")
+
+
+def _exec_as_bytecode(code: types.CodeType) -> None:
+    """Run this script again from its bytecode: the same interpreter and options, plus -S, with _BYTECODE_RUNNER.
+
+    Returns, having changed nothing, where it cannot: no memfd (macOS), no
+    /proc, fds 0-2 closed, a command line that does not end in our argv,
+    execve refused. Signal dispositions need nothing: execve resets our
+    handlers to the default and keeps ignored signals ignored, as they came
+    to us; CPython ignores SIGPIPE and SIGXFSZ again at start-up.
+    """
+    if not hasattr(os, "memfd_create") or not sys.executable:
+        return
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            command_line = f.read().split(b"\0")[:-1]  # the interpreter, its options, then our argv
+    except OSError:
+        return
+    head = len(command_line) - len(sys.argv)
+    if head < 1 or command_line[head:] != [os.fsencode(arg) for arg in sys.argv]:
+        return
+    import marshal
+
+    fd = os.memfd_create("trace_loader.pyc", 0)  # inheritable: the runner reads it, then closes it
+    # Below 3, fds 0-2 were closed: it would become the new interpreter's stdin or stdout.
+    if fd > 2 and os.write(fd, marshal.dumps(code)):
+        runner = (_BYTECODE_RUNNER % fd).encode()
+        # The script's path stays in the command line, for ps and pgrep; -S: the loader needs no site.
+        try:
+            os.execv(sys.executable, [*command_line[:head], b"-S", b"-c", runner, *command_line[head:]])
+        except OSError:
+            pass  # the interpreter is gone or not ours to run again: go on from source
+    os.close(fd)
+
+
+if __name__ == "__main__" and __spec__ is None and __file__.endswith(".py"):  # a script, from source
+    if "bytecode" in _memory_steps(os.environ):
+        _exec_as_bytecode(sys._getframe().f_code)  # the module's own code: nothing is compiled again
+
+import errno  # noqa: E402 -- after the bytecode step, on purpose (above)
+import select  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import stat  # noqa: E402
+import time  # noqa: E402
 
 __version__ = "0.2.0"
 
@@ -2212,10 +2277,10 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake,
 # Linux-only.
 #
 #   bytecode run as a script from source (`python3 trace_loader.py`),
-#            execve the same interpreter on this module's bytecode before
-#            main(): the syntax tree CPython keeps until a script ends and the
-#            allocator arenas compiling left behind (~7 MB) are gone; the
-#            pid, argv, environment and fds stay. See the end of the file.
+#            execve the same interpreter on this module's bytecode, first of
+#            all: the syntax tree CPython keeps until a script ends and the
+#            allocator arenas compiling left behind (~7 MB) are never there;
+#            the pid, argv, environment and fds stay. See the top of the file.
 #   trim     malloc_trim(0): hand freed heap pages back to the kernel.
 #   pageout  madvise(MADV_PAGEOUT) on read-only file-backed mappings (the
 #            interpreter's and libraries' code): the kernel may reclaim them;
@@ -2225,26 +2290,9 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake,
 # measuring them; the default is all of them.
 # ---------------------------------------------------------------------------
 
-_MEMORY_STEPS = ("bytecode", "trim", "pageout")
 _MADV_PAGEOUT = 21  # linux/mman.h, since Linux 5.4
 _MADVISE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EPERM})
 _SYSTEM_LIBRARY_DIRS = ("/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/")
-# What `python3 -S -c` runs for _exec_as_bytecode, kept short for ps: without
-# "" (the working directory) that -c puts in sys.path (the loader imports only
-# the standard library), the bytecode read from the memfd, which is then
-# closed (no program may inherit it), and argv without "-c", this module runs
-# under a name other than __main__ (so it cannot start over), then main().
-_BYTECODE_RUNNER = ("import marshal, sys; sys.path = [p for p in sys.path if p]; memfd = open(%d, 'rb'); "
-                    "memfd.seek(0); code = marshal.load(memfd); memfd.close(); del sys.argv[0]; "
-                    "module = {'__name__': 'trace_loader', '__file__': sys.argv[0]}; exec(code, module); "
-                    "module['_run_as_script']()")
-
-
-def _memory_steps(environ: Mapping[str, str]) -> frozenset[str]:
-    text = environ.get("TRACE_LOADER_RELEASE_MEMORY", "")
-    if not text:
-        return frozenset(_MEMORY_STEPS)
-    return frozenset(step.strip() for step in text.split(",")) & frozenset(_MEMORY_STEPS)
 
 
 def _rss_kb() -> int:
@@ -2306,39 +2354,6 @@ def _page_out_file_mappings(libc: ctypes.CDLL) -> None:
             if ctypes.get_errno() in _MADVISE_UNSUPPORTED:
                 return  # an older kernel or a sandbox: nothing more to gain
             continue  # this mapping only (e.g. a locked one)
-
-
-def _exec_as_bytecode(code: types.CodeType) -> None:
-    """Run this script again from its bytecode: the same interpreter and options, plus -S, with _BYTECODE_RUNNER.
-
-    Returns, having changed nothing, where it cannot: no memfd (macOS), no
-    /proc, fds 0-2 closed, a command line that does not end in our argv,
-    execve refused. Signal dispositions need nothing: execve resets our
-    handlers to the default and keeps ignored signals ignored, as they came
-    to us; CPython ignores SIGPIPE and SIGXFSZ again at start-up.
-    """
-    if not hasattr(os, "memfd_create") or not sys.executable:
-        return
-    try:
-        with open("/proc/self/cmdline", "rb") as f:
-            command_line = f.read().split(b"\0")[:-1]  # the interpreter, its options, then our argv
-    except OSError:
-        return
-    head = len(command_line) - len(sys.argv)
-    if head < 1 or command_line[head:] != [os.fsencode(arg) for arg in sys.argv]:
-        return
-    import marshal
-
-    fd = os.memfd_create("trace_loader.pyc", 0)  # inheritable: the runner reads it, then closes it
-    # Below 3, fds 0-2 were closed: it would become the new interpreter's stdin or stdout.
-    if fd > 2 and os.write(fd, marshal.dumps(code)):
-        runner = (_BYTECODE_RUNNER % fd).encode()
-        # The script's path stays in the command line, for ps and pgrep; -S: the loader needs no site.
-        try:
-            os.execv(sys.executable, [*command_line[:head], b"-S", b"-c", runner, *command_line[head:]])
-        except OSError:
-            pass  # the interpreter is gone or not ours to run again: go on from source
-    os.close(fd)
 
 
 # ---------------------------------------------------------------------------
@@ -2935,6 +2950,4 @@ def _run_as_script() -> None:
 
 
 if __name__ == "__main__":
-    if "bytecode" in _memory_steps(os.environ) and __spec__ is None and __file__.endswith(".py"):
-        _exec_as_bytecode(sys._getframe().f_code)  # the module's own code: nothing is compiled again
     _run_as_script()
