@@ -392,7 +392,8 @@ def probe_side_by_side(contenders: list[Variant], tmp: str, env: dict[str, str],
     before = {name: cpu_ns(proc.pid) for name, proc, _ in running}
     spent = {name: 0.0 for name, _, _ in running}
     for i in range(count):
-        for name, _, port in running:
+        turn = i % len(running)  # each contender first as often as the others
+        for name, _, port in running[turn:] + running[:turn]:
             start = time.perf_counter()
             probe(port, rst=bool(i % 2))
             spent[name] += time.perf_counter() - start
