@@ -388,6 +388,8 @@ def probe_side_by_side(contenders: list[Variant], tmp: str, env: dict[str, str],
     """One run: {name: (CPU us per probe, probes per s)}, every contender probed in turn, `count` probes each."""
     running = [(variant.name, *spawn(variant, tmp, env)[:2]) for variant in contenders]
     for _, proc, _ in running:
+        # All on one CPU: whatever else the machine runs there weighs on each alike (far less spread).
+        os.sched_setaffinity(proc.pid, {max(os.sched_getaffinity(0))})
         settle(proc.pid)
     before = {name: cpu_ns(proc.pid) for name, proc, _ in running}
     spent = {name: 0.0 for name, _, _ in running}
