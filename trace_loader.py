@@ -1501,27 +1501,30 @@ class _Waiter:
 
     def on_events(self, ready: list[tuple[int, int]]) -> str:
         """Handle one poll() result; a non-empty reason ends the wait."""
-        held_events, probe_ready, others = 0, False, []
-        for fd, revents in ready:  # one pass sorts them: the held client, the probe listener, the others
-            if self.debugging:
+        if self.debugging:
+            for fd, revents in ready:
                 self.log.debug("Socket %d has events %s", fd, _events_text(revents))
-            if self.held is not None and fd == self.held.sock.fileno():
-                held_events = revents
-            elif fd == self.probe_fd:
-                probe_ready = True
-            else:
-                others.append(fd)
+        if len(ready) > 1:
+            return self.on_several(dict(ready))
+        fd, revents = ready[0]
+        if self.held is not None and fd == self.held.sock.fileno():
+            return self.on_held_client(revents)
+        if fd == self.probe_fd:
+            return self.on_probe_listener()
+        return "traffic on %s" % self.listeners_text([fd])
+
+    def on_several(self, ready: dict[int, int]) -> str:
+        """Several sockets ready at once: at most the held client and the probe listener keep the wait."""
+        held_fd = self.held.sock.fileno() if self.held is not None else -1
+        others = [fd for fd in ready if fd not in (held_fd, self.probe_fd)]
         if others:
             return "traffic on %s" % self.listeners_text(others)
-        if self.grace_ms == 0 and len(ready) > 1:
+        if self.grace_ms == 0:
             return "events on several sockets at once"
-        if held_events:
-            reason = self.on_held_client(held_events)
-            if reason or self.held is None:
-                return reason
-        if probe_ready:
-            return self.on_probe_listener()
-        return ""
+        reason = self.on_held_client(ready[held_fd])  # first: it may turn out to be a probe, now closed
+        if reason or self.held is None:
+            return reason
+        return self.on_probe_listener()
 
     def on_held_client(self, revents: int) -> str:
         assert self.held is not None
