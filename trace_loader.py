@@ -87,15 +87,19 @@ def _exec_as_bytecode(code: types.CodeType) -> None:
         return
     import marshal
 
-    fd = os.memfd_create("trace_loader.pyc", 0)  # inheritable: the runner reads it, then closes it
-    # Below 3, fds 0-2 were closed: it would become the new interpreter's stdin or stdout.
-    if fd > 2 and os.write(fd, marshal.dumps(code)):
-        runner = (_BYTECODE_RUNNER % fd).encode()
-        # The script's path stays in the command line, for ps and pgrep; -S: the loader needs no site.
-        try:
+    try:
+        fd = os.memfd_create("trace_loader.pyc", 0)  # inheritable: the runner reads it, then closes it
+    except OSError:  # ENOSYS (before Linux 3.17), EPERM (a sandbox), EMFILE: go on from source
+        return
+    bytecode = marshal.dumps(code)
+    try:
+        # Below 3, fds 0-2 were closed: it would become the new interpreter's stdin or stdout.
+        if fd > 2 and os.write(fd, bytecode) == len(bytecode):
+            runner = (_BYTECODE_RUNNER % fd).encode()
+            # The script's path stays in the command line, for ps and pgrep; -S: the loader needs no site.
             os.execv(sys.executable, [*command_line[:head], b"-S", b"-c", runner, *command_line[head:]])
-        except OSError:
-            pass  # the interpreter is gone or not ours to run again: go on from source
+    except OSError:
+        pass  # no memory for it, or the interpreter is gone: go on from source
     os.close(fd)
 
 
