@@ -1051,6 +1051,42 @@ def test_rst_probes_are_absorbed_like_fin_probes(procs, tmp_path):
                   r"300 probes absorbed since start \(FIN: 100, RST: 200\)")
 
 
+class CountingLog(tl._Log):
+    """A log at info level, off the console, that remembers every call that reached it, shown or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.configure(level="info", console=False, path=None)
+        self.calls: list[tuple[str, str]] = []
+
+    def _emit(self, level: str, message: str, args: tuple[object, ...]) -> None:
+        self.calls.append((level, message))
+
+
+def test_an_absorbed_probe_costs_no_log_call_and_no_peer_text_at_info_level(sockets, monkeypatch):
+    # The wait itself, in this process, on a real listener: only its Python work is under test here.
+    peers: list[object] = []
+    peer_text = tl._peer_text
+    monkeypatch.setattr(tl, "_peer_text", lambda address: peers.append(address) or peer_text(address))
+    log = CountingLog()
+    sock = sockets.tcp_listener()
+    listener = tl._Listener(tl._ListenerSpec("receiver", tl._TCP, shown_as="TCP receiver"), sock)
+    waiter = tl._Waiter([listener], listener, grace_ms=250, hold_timeout_ms=60_000, log=log, program_label="agent")
+    wakes: list[object] = []
+    thread = threading.Thread(target=lambda: wakes.append(waiter.run()), daemon=True)
+    thread.start()
+    port = sock.getsockname()[1]
+    for _ in range(20):
+        kubelet_probe(port)
+        rst_probe(port)
+    wait_until(lambda: dict(waiter.probes), "40 probes absorbed", until=lambda n: n[tl._FIN] + n[tl._RST] == 40)
+    assert log.calls == [("info", "Polling... (fds %s%s)")] and peers == []
+    sockets.connect(port).sendall(b"x")
+    thread.join(10)
+    assert wakes and "sent data" in wakes[0].reason  # the one peer text: the wake's reason
+    assert len(peers) == 1 and [level for level, _ in log.calls] == ["info", "debug"]
+
+
 def test_overlapping_probes_are_absorbed(procs, sockets, tmp_path):
     # A generous grace, so a slow machine cannot turn the overlap into a wake-up.
     proc, port, report = loader_and_port(procs, tmp_path, grace=5000)
@@ -1721,8 +1757,8 @@ def test_a_listen_name_in_a_usage_error_is_escaped(listen, shown):
     not os.path.exists("/dev/full"), reason="no /dev/full"))])
 def test_usage_errors_exit_2_even_when_stdout_and_stderr_cannot_be_written(args, status, streams):
     # CPython leaves sys.stderr None when fd 2 is closed at start-up, and /dev/full fails every write
-    # (ENOSPC): writing the usage must not turn the exit status into 0 (an exception escaping the
-    # deferred main()), 1, or a started program (an internal error failing open).
+    # (ENOSPC): writing the usage must not turn the exit status into 0 (an exception escaping
+    # main()), 1, or a started program (an internal error failing open).
     with open("/dev/full", "w") as full:
         result = subprocess.run([sys.executable, LOADER, *args], env=base_env(), stdin=subprocess.DEVNULL,
                                 stdout=full, stderr=full, timeout=TIMEOUT, check=False,
@@ -3054,7 +3090,7 @@ def test_import_has_no_side_effects():
 # `make bench` measures the memory-release steps; here only: they run, and can be turned off.
 
 
-@pytest.mark.parametrize("steps", ["", "none", "defer", "trim,pageout"])
+@pytest.mark.parametrize("steps", ["", "none", "bytecode", "trim,pageout"])
 def test_memory_release_steps_keep_the_behaviour(procs, tmp_path, steps):
     port = free_port()
     report = tmp_path / "report.json"
@@ -3083,12 +3119,54 @@ def test_a_16_mib_config_of_4_million_short_keys_peaks_under_150_mb(procs, tmp_p
 
 
 @pytest.mark.parametrize("steps", ["", "none"])
-def test_exit_statuses_are_the_same_with_and_without_deferral(tmp_path, steps):
+def test_exit_statuses_are_the_same_with_and_without_the_bytecode_step(tmp_path, steps):
     env = base_env(TRACE_LOADER_RELEASE_MEMORY=steps, DD_APM_ENABLED="false")
     assert run_loader(["--version"], env=env).returncode == 0
     assert run_loader(["--listen", "bad", "--", "true"], env=env).returncode == 2
     assert run_loader([write_config(tmp_path), "no-such-agent"], env=env).returncode == 1
     assert run_loader([write_config(tmp_path), sys.executable], env=env).returncode == 0
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    with open("/proc/%d/status" % pid) as f:
+        return {key: int(value.split()[0]) for key, _, value in (line.partition(":") for line in f)
+                if key in ("VmRSS", "RssAnon", "RssFile")}
+
+
+@pytest.mark.skipif(not LINUX or not hasattr(os, "memfd_create"), reason="the bytecode step needs a memfd")
+@pytest.mark.parametrize("options", [[], ["-X", "utf8", "-W", "ignore"]])
+def test_run_from_source_the_loader_waits_as_bytecode_with_its_options_argv_and_fds(procs, tmp_path, options):
+    report = tmp_path / "report.json"
+    port = free_port()
+    config = write_config(tmp_path, port=port)
+    proc = procs([sys.executable, *options, LOADER, config, *agent_argv(report)], base_env())
+    proc.wait_for("Polling")
+    with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
+        argv = os.fsdecode(f.read()).split("\0")
+    # The same interpreter and options, -S, the runner, then the script and its arguments as given.
+    assert argv[: len(options) + 3] == [sys.executable, *options, "-S", "-c"], argv
+    assert argv[argv.index(LOADER):-1] == [LOADER, config, *agent_argv(report)]
+    assert open_fds_of(proc.pid) == [0, 1, 2, 3]  # no memfd left behind
+    with connect(port) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+    assert read_report(report)["fds"] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not LINUX or not hasattr(os, "memfd_create"), reason="the bytecode step needs a memfd")
+def test_run_from_source_the_loader_idles_in_the_memory_of_its_compiled_form(procs, tmp_path):
+    # Anonymous memory only: file pages this interpreter shares with pytest's cannot be paged out.
+    compiled = tmp_path / "trace_loader.pyc"
+    subprocess.run([sys.executable, "-c", "import py_compile, sys; py_compile.compile(sys.argv[1], sys.argv[2], "
+                    "doraise=True)", LOADER, str(compiled)], check=True, timeout=TIMEOUT)
+    anon = {}
+    for argv in ([LOADER], ["-I", "-S", str(compiled)]):
+        proc = procs([sys.executable, *argv, write_config(tmp_path, port=free_port(), level="info"), "true"],
+                     base_env())
+        proc.wait_for("Polling")
+        anon[argv[-1]] = proc_status(proc.pid)["RssAnon"]  # what the release before "Polling" left
+        proc.stop()
+    # Compiling the source leaves allocator arenas and, for a script, its syntax tree: over 200 kB.
+    assert anon[LOADER] - anon[str(compiled)] < 128, anon
 
 
 # ---------------------------------------------------------------------------

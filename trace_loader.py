@@ -29,24 +29,99 @@ in ``main()``. README.md is the operator's guide; docs/ holds the design.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
-import select
-import signal
-import socket
-import stat
 import sys
-import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs import time and memory; only mypy needs it
     import argparse
     import ctypes
+    import types
     from typing import Callable, Iterable, Iterator, Mapping, NoReturn, TypeVar, Union
 
     _T = TypeVar("_T")
     _HandoffProtocol = Union["_EnvProtocol", "_SystemdProtocol"]  # see the hand-off section
+
+# ---------------------------------------------------------------------------
+# Run as a script from source, start again from bytecode: the first step of
+# the footprint (see "Footprint" below), taken before the other imports,
+# which the new interpreter would only do again (~10 ms of CPU).
+# ---------------------------------------------------------------------------
+
+_MEMORY_STEPS = ("bytecode", "trim", "pageout")
+
+
+def _memory_steps(environ: Mapping[str, str]) -> frozenset[str]:
+    text = environ.get("TRACE_LOADER_RELEASE_MEMORY", "")
+    if not text:
+        return frozenset(_MEMORY_STEPS)
+    return frozenset(step.strip() for step in text.split(",")) & frozenset(_MEMORY_STEPS)
+
+
+# What `python3 -S -c` runs for _exec_as_bytecode, kept short for ps: without
+# "" (the working directory) that -c puts in sys.path (the loader imports only
+# the standard library), the bytecode read from the memfd, which is then
+# closed (no program may inherit it), and argv without "-c", this module runs
+# under a name other than __main__ (so it cannot start over), then main().
+_BYTECODE_RUNNER = ("import marshal, sys; sys.path = [p for p in sys.path if p]; memfd = open(%d, 'rb'); "
+                    "memfd.seek(0); code = marshal.load(memfd); memfd.close(); del sys.argv[0]; "
+                    "module = {'__name__': 'trace_loader', '__file__': sys.argv[0]}; exec(code, module); "
+                    "module['_run_as_script']()")
+
+
+_FREE_FDS_TO_START_AGAIN = 4
+
+
+def _exec_as_bytecode(code: types.CodeType) -> None:
+    """Run this script again from its bytecode: the same interpreter and options, plus -S, with _BYTECODE_RUNNER.
+
+    Returns, having changed nothing, where it cannot: no memfd (macOS), no
+    /proc, fds 0-2 closed, a command line that does not end in our argv,
+    execve refused. Signal dispositions need nothing: execve resets our
+    handlers to the default and keeps ignored signals ignored, as they came
+    to us; CPython ignores SIGPIPE and SIGXFSZ again at start-up.
+    """
+    if not hasattr(os, "memfd_create") or not sys.executable:
+        return
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            command_line = f.read().split(b"\0")[:-1]  # the interpreter, its options, then our argv
+    except OSError:
+        return
+    head = len(command_line) - len(sys.argv)
+    if head < 1 or command_line[head:] != [os.fsencode(arg) for arg in sys.argv]:
+        return
+    import marshal
+
+    try:
+        fd = os.memfd_create("trace_loader.pyc", 0)  # inheritable: the runner reads it, then closes it
+    except OSError:  # ENOSYS (before Linux 3.17), EPERM (a sandbox), EMFILE: go on from source
+        return
+    bytecode = marshal.dumps(code)
+    try:
+        # Below 3, fds 0-2 were closed: it would become the new interpreter's stdin or stdout. And the
+        # new interpreter's dynamic loader and imports need free fds beside it (two, one at a time, for
+        # CPython): at a lower RLIMIT_NOFILE it would die before main(), where the run from source fails open.
+        if 2 < fd < os.sysconf("SC_OPEN_MAX") - _FREE_FDS_TO_START_AGAIN and os.write(fd, bytecode) == len(bytecode):
+            runner = (_BYTECODE_RUNNER % fd).encode()
+            # The script's path stays in the command line, for ps and pgrep; -S: the loader needs no site.
+            os.execv(sys.executable, [*command_line[:head], b"-S", b"-c", runner, *command_line[head:]])
+    except (OSError, ValueError):
+        pass  # no memory for it, no limit to read, or the interpreter is gone: go on from source
+    os.close(fd)
+
+
+if __name__ == "__main__" and __spec__ is None and __file__.endswith(".py"):  # a script, from source
+    if "bytecode" in _memory_steps(os.environ):
+        _exec_as_bytecode(sys._getframe().f_code)  # the module's own code: nothing is compiled again
+
+import errno  # noqa: E402 -- after the bytecode step, on purpose (above)
+import fcntl  # noqa: E402
+import select  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import stat  # noqa: E402
+import time  # noqa: E402
 
 __version__ = "0.2.0"
 
@@ -1140,6 +1215,11 @@ _POLL_EVENT_NAMES = ((select.POLLIN, "POLLIN"), (select.POLLPRI, "POLLPRI"), (se
 # shared library at start-up and an import (an fd) where EMFILE may reign.
 _LINGER_RESET = (1).to_bytes(4, sys.byteorder) + (0).to_bytes(4, sys.byteorder)
 
+# MSG_PEEK: look without consuming, the bytes stay for the agent.
+# MSG_DONTWAIT: the fd stays blocking for the agent, but we never wait.
+# Combined once: an IntFlag's | costs more than the recv() it is for.
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
 # What a peek at the held client found.
 _SENT, _FIN, _RST, _SILENT = "sent", "FIN", "RST", "silent"
 
@@ -1200,9 +1280,7 @@ def _events_text(revents: int) -> str:
 def _peek(client: _HeldClient) -> str:
     """_SENT, _FIN, _RST or _SILENT; any other error propagates."""
     try:
-        # MSG_PEEK: look without consuming, the bytes stay for the agent.
-        # MSG_DONTWAIT: the fd stays blocking for the agent, but we never wait.
-        data = client.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        data = client.sock.recv(1, _PEEK_NOW)
     except BlockingIOError:
         return _SILENT
     except OSError as exc:
@@ -1217,13 +1295,15 @@ class _Waiter:
 
     def __init__(self, listeners: list[_Listener], probe: _Listener | None, *, grace_ms: int,
                  hold_timeout_ms: int, log: _Log, program_label: str) -> None:
-        self.listeners = listeners
         self.program_label = program_label
         self.by_fd = {lsn.fd: lsn for lsn in listeners}
         self.probe = probe
+        self.probe_fd = probe.fd if probe is not None else -1
         self.grace_ms = grace_ms
         self.hold_timeout_ms = hold_timeout_ms
         self.log = log
+        # Asked once: a probe then costs no debug() call at all at info level.
+        self.debugging = log.enabled("debug")
         self.probes = {_FIN: 0, _RST: 0}
         self.poller = select.poll()
         for listener in listeners:
@@ -1237,7 +1317,7 @@ class _Waiter:
         self.state = _IDLE
         self.held: _HeldClient | None = None
         self.deadline: float | None = None
-        self.deadline_reason = ""
+        self.hold_end: float | None = None
 
     # -- the transitions ----------------------------------------------------
 
@@ -1247,9 +1327,9 @@ class _Waiter:
         fd = self.held.sock.fileno()
         self.poller.unregister(fd)
         self.held.sock.close()
-        # Logged once closed: a reader of the log may look at our fds next.
-        self.log.debug("TCP client closed connection, closing file descriptor %d (peer %s, %s)", fd,
-                       self.held.peer, how)
+        if self.debugging:  # logged once closed: a reader of the log may look at our fds next
+            self.log.debug("TCP client closed connection, closing file descriptor %d (peer %s, %s)", fd,
+                           self.held.peer, how)
         self.held = None
         if self.state == _GRACE:
             self.poller.register(self.probe.fd, select.POLLIN)
@@ -1259,11 +1339,8 @@ class _Waiter:
         self.poller.register(client.sock.fileno(), _CLIENT_EVENTS)
         self.held = client
         self.state = _HOLDING
-        self.deadline, self.deadline_reason = None, ""
-        if self.hold_timeout_ms:
-            self.deadline = time.monotonic() + self.hold_timeout_ms / 1000.0
-            self.deadline_reason = "the held TCP client %s sent nothing for %d ms" % (client.peer,
-                                                                                       self.hold_timeout_ms)
+        self.hold_end = time.monotonic() + self.hold_timeout_ms / 1000.0 if self.hold_timeout_ms else None
+        self.deadline = self.hold_end
 
     def enter_grace(self) -> None:
         """A second client waits: leave it in the backlog, give the held one `grace_ms`."""
@@ -1273,8 +1350,6 @@ class _Waiter:
         grace_end = time.monotonic() + self.grace_ms / 1000.0
         if self.deadline is None or grace_end < self.deadline:  # else the hold timeout comes first
             self.deadline = grace_end
-            self.deadline_reason = ("a second TCP client arrived and the held one stayed silent for %d ms"
-                                    % self.grace_ms)
         self.log.debug("A second TCP client is waiting; giving the held one %d ms", self.grace_ms)
 
     # -- the loop -------------------------------------------------------------
@@ -1283,23 +1358,32 @@ class _Waiter:
         self.log.info("Polling... (fds %s%s)", ", ".join(str(fd) for fd in self.by_fd),
                       "; probe check on fd %d" % self.probe.fd if self.probe else "")
         while True:
-            self.log.debug("Polling... (state %s)", self.state)
+            if self.debugging:
+                self.log.debug("Polling... (state %s)", self.state)
+            # No deadline, no timeout: an idle loader never wakes up.
+            timeout = None if self.deadline is None else self.remaining_ms()
             try:
-                ready = dict(self.poller.poll(self.remaining_ms()))  # PEP 475 retries EINTR for us
+                ready = self.poller.poll(timeout)  # PEP 475 retries EINTR for us
             except OSError as exc:
                 return self.wake("poll() failed: %s" % _oserror_text(exc))
             if not ready:
-                return self.wake(self.deadline_reason)  # only a deadline ends an empty poll
+                return self.wake(self.timeout_reason())  # only a deadline ends an empty poll
             reason = self.on_events(ready)
             if reason:
                 return self.wake(reason)
 
-    def remaining_ms(self) -> int | None:
-        if self.deadline is None:
-            return None  # no timeout: an idle loader never wakes up
+    def remaining_ms(self) -> int:
+        assert self.deadline is not None
         # poll() counts whole milliseconds: round up so we never spin just
         # before the deadline.
         return max(0, int((self.deadline - time.monotonic()) * 1000 + 0.999))
+
+    def timeout_reason(self) -> str:
+        """Built only when the deadline passes: which one it was, grace or hold timeout."""
+        assert self.held is not None
+        if self.deadline != self.hold_end:
+            return "a second TCP client arrived and the held one stayed silent for %d ms" % self.grace_ms
+        return "the held TCP client %s sent nothing for %d ms" % (self.held.peer, self.hold_timeout_ms)
 
     def wake(self, reason: str) -> _Wake:
         """The end of the wait: the probe listener as it was before, and why we wake."""
@@ -1307,25 +1391,32 @@ class _Waiter:
             self.probe.sock.setblocking(self.probe_was_blocking)
         return _Wake(reason, self.held, self.probes)
 
-    def on_events(self, ready: dict[int, int]) -> str:
+    def on_events(self, ready: list[tuple[int, int]]) -> str:
         """Handle one poll() result; a non-empty reason ends the wait."""
-        if self.log.enabled("debug"):
-            for fd, revents in ready.items():
+        if self.debugging:
+            for fd, revents in ready:
                 self.log.debug("Socket %d has events %s", fd, _events_text(revents))
-        if self.probe is None:
-            return "traffic on %s" % self.listeners_text(ready)
-        others = [fd for fd in ready if fd in self.by_fd and fd != self.probe.fd]
+        if len(ready) > 1:
+            return self.on_several(dict(ready))
+        fd, revents = ready[0]
+        if self.held is not None and fd == self.held.sock.fileno():
+            return self.on_held_client(revents)
+        if fd == self.probe_fd:
+            return self.on_probe_listener()
+        return "traffic on %s" % self.listeners_text([fd])
+
+    def on_several(self, ready: dict[int, int]) -> str:
+        """Several sockets ready at once: at most the held client and the probe listener keep the wait."""
+        held_fd = self.held.sock.fileno() if self.held is not None else -1
+        others = [fd for fd in ready if fd not in (held_fd, self.probe_fd)]
         if others:
             return "traffic on %s" % self.listeners_text(others)
-        if self.grace_ms == 0 and len(ready) > 1:
+        if self.grace_ms == 0:
             return "events on several sockets at once"
-        if self.held is not None and self.held.sock.fileno() in ready:
-            reason = self.on_held_client(ready[self.held.sock.fileno()])
-            if reason or self.held is None:
-                return reason
-        if self.probe.fd in ready:
-            return self.on_probe_listener()
-        return ""
+        reason = self.on_held_client(ready[held_fd])  # first: it may turn out to be a probe, now closed
+        if reason or self.held is None:
+            return reason
+        return self.on_probe_listener()
 
     def on_held_client(self, revents: int) -> str:
         assert self.held is not None
@@ -1362,11 +1453,13 @@ class _Waiter:
                 return "accept() on the TCP listener failed: %s" % _oserror_text(exc)
             if exc.errno == errno.ECONNABORTED:  # reset while still in the backlog: a probe
                 self.probes[_RST] += 1
-            self.log.debug("A TCP client left before it was accepted: %s", exc)
+            if self.debugging:
+                self.log.debug("A TCP client left before it was accepted: %s", exc)
             return ""
         client = _HeldClient(sock, address, self.probe)
         self.enter_holding(client)
-        self.log.debug("Accepted connection on TCP listener: %d (peer %s)", sock.fileno(), client.peer)
+        if self.debugging:
+            self.log.debug("Accepted connection on TCP listener: %d (peer %s)", sock.fileno(), client.peer)
         return ""
 
     def listeners_text(self, fds: Iterable[int]) -> str:
@@ -1375,15 +1468,10 @@ class _Waiter:
 
 def _choose_probe_listener(listeners: list[_Listener], *, enabled: bool, only: str = "") -> _Listener | None:
     """The one listener the probe check watches: the first TCP one (named `only`, if given)."""
-    if not enabled:
-        return None
-    for listener in listeners:
-        sock = listener.sock
-        if only and listener.spec.handoff_name != only:
-            continue
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
-            return listener
-    return None
+    tcp = [listener for listener in listeners if listener.sock.type == socket.SOCK_STREAM
+           and listener.sock.family in (socket.AF_INET, socket.AF_INET6)
+           and listener.spec.handoff_name == (only or listener.spec.handoff_name)]
+    return tcp[0] if enabled and tcp else None
 
 
 # ---------------------------------------------------------------------------
@@ -1790,8 +1878,6 @@ def _copy(source: socket.socket, sink: socket.socket, failed: list[bool]) -> Non
 
 def _at_urgent_mark(sock: socket.socket) -> bool:
     """The next byte to read is the urgent one (sockatmark(3))."""
-    import fcntl  # the helper's alone, and only once an urgent byte came
-
     return fcntl.ioctl(sock.fileno(), _SIOCATMARK, bytes(4)) != bytes(4)
 
 
@@ -2064,9 +2150,11 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake,
 # does. Each step was measured (docs/performance.md); trim and pageout are
 # Linux-only.
 #
-#   defer    run main() only once the script's own module has finished
-#            executing: CPython frees a script's syntax tree (~4 MB for this
-#            file) only then. See the end of the file.
+#   bytecode run as a script from source (`python3 trace_loader.py`),
+#            execve the same interpreter on this module's bytecode, first of
+#            all: the syntax tree CPython keeps until a script ends and the
+#            allocator arenas compiling left behind (~7 MB) are never there;
+#            the pid, argv, environment and fds stay. See the top of the file.
 #   trim     malloc_trim(0): hand freed heap pages back to the kernel.
 #   pageout  madvise(MADV_PAGEOUT) on read-only file-backed mappings (the
 #            interpreter's and libraries' code): the kernel may reclaim them;
@@ -2076,17 +2164,9 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake,
 # measuring them; the default is all of them.
 # ---------------------------------------------------------------------------
 
-_MEMORY_STEPS = ("defer", "trim", "pageout")
 _MADV_PAGEOUT = 21  # linux/mman.h, since Linux 5.4
 _MADVISE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EPERM})
 _SYSTEM_LIBRARY_DIRS = ("/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/")
-
-
-def _memory_steps(environ: Mapping[str, str]) -> frozenset[str]:
-    text = environ.get("TRACE_LOADER_RELEASE_MEMORY", "")
-    if not text:
-        return frozenset(_MEMORY_STEPS)
-    return frozenset(step.strip() for step in text.split(",")) & frozenset(_MEMORY_STEPS)
 
 
 def _rss_kb() -> int:
@@ -2785,28 +2865,8 @@ def _run_as_script() -> None:
         status = 1
     for stream in (sys.stdout, sys.stderr):
         _say(stream, "")  # flushes what is left; closed or absent costs nothing
-    os._exit(status)  # we may be inside sys.excepthook: end here, without the shutdown
-
-
-class _ScriptEnd(Exception):
-    """Raised as the script's last line so that main() runs from sys.excepthook (the "defer" step)."""
-
-
-def _run_from_excepthook(kind: type[BaseException], value: BaseException, traceback: object) -> None:
-    if kind is not _ScriptEnd:
-        sys.__excepthook__(kind, value, traceback)  # type: ignore[arg-type]
-        os._exit(1)
-    _run_as_script()
+    os._exit(status)  # everything is flushed: end here, without the interpreter's shutdown
 
 
 if __name__ == "__main__":
-    if "defer" in _memory_steps(os.environ):
-        # The "defer" footprint step (see Footprint above). CPython frees a
-        # script's syntax tree (~4 MB for this file) only once the script's
-        # last line has run; an exception that ends the script then reaches
-        # sys.excepthook, still before the interpreter starts shutting down.
-        # So main() runs there, with the tree freed and fork() allowed
-        # (CPython 3.12 refuses it from atexit, the relay forks).
-        sys.excepthook = _run_from_excepthook
-        raise _ScriptEnd
     _run_as_script()

@@ -53,11 +53,13 @@ EXAMPLE_CONFIG = os.path.join(ROOT, "examples", "datadog.yaml")
 BARE = ("import socket, select, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
         "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); p = select.poll(); p.register(s, 1); p.poll()")
 # The least any Python absorber can do per probe: the loader's syscalls
-# (poll, accept, poll, peek, close) with no state machine and no logging.
+# (poll, accept, poll, peek, close) with no state machine and no logging
+# (and the peek's flags combined once, as the loader does).
 FLOOR = ("import socket, select, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
          "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(4096); s.setblocking(False); p = select.poll();"
-         "p.register(s, 1)\nwhile True:\n p.poll(); c, _ = s.accept(); p.register(c, 1); p.poll()\n"
-         " try: c.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)\n except OSError: pass\n"
+         "p.register(s, 1); peek = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)\nwhile True:\n"
+         " p.poll(); c, _ = s.accept(); p.register(c, 1); p.poll()\n"
+         " try: c.recv(1, peek)\n except OSError: pass\n"
          " p.unregister(c); c.close()\n")
 CONFIG = """\
 bind_host: 127.0.0.1
@@ -308,25 +310,27 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def bench_idle(python: str, tmp: str, runs: int, env: dict[str, str]) -> dict[str, dict[str, Stats]]:
     results: dict[str, dict[str, Stats]] = {}
-    for variant in variants(python, tmp):
-        rss: dict[str, list[float]] = {"VmRSS": [], "RssAnon": [], "RssFile": []}
-        startup = []
-        for _ in range(runs):
+    rss: dict[str, dict[str, list[float]]] = {}
+    startup: dict[str, list[float]] = {}
+    chosen = variants(python, tmp)
+    for _ in range(runs):
+        # Each variant in turn within a run, so that a busy moment of the machine weighs on all alike.
+        for variant in chosen:
             # Memory of an untouched waiter (no connection: one would start
             # systemd-socket-activate's child), then start-up in a run of its own.
             proc, _, _ = spawn(variant, tmp, env)
             settle(proc.pid)
             status = proc_status(proc.pid)
-            for key in rss:
-                rss[key].append(status[key])
+            for key in ("VmRSS", "RssAnon", "RssFile"):
+                rss.setdefault(variant.name, {}).setdefault(key, []).append(status[key])
             stop(proc)
             proc, _, elapsed = spawn(variant, tmp, env, timed=True)
-            startup.append(elapsed * 1000)
+            startup.setdefault(variant.name, []).append(elapsed * 1000)
             stop(proc)
-        results[variant.name] = {**{k: stats(v) for k, v in rss.items()}, "startup_ms": stats(startup)}
+    for name, figures in rss.items():
+        results[name] = {**{k: stats(v) for k, v in figures.items()}, "startup_ms": stats(startup[name])}
     # Wake-ups: three of each at once, one 5 s window for all.
-    running = [(variant.name, *spawn(variant, tmp, env)[:2]) for variant in variants(python, tmp)
-               for _ in range(3)]
+    running = [(variant.name, *spawn(variant, tmp, env)[:2]) for variant in chosen for _ in range(3)]
     for _, proc, _ in running:
         settle(proc.pid)
     before = {proc.pid: proc_status(proc.pid) for _, proc, _ in running}
@@ -358,36 +362,53 @@ def accept_queue_empty(pid: int) -> bool:
 
 
 def bench_probes(python: str, tmp: str, runs: int, env: dict[str, str], count: int = 5000) -> dict[str, Stats]:
-    out: dict[str, Stats] = {}
+    """CPU per absorbed probe of the loader, each baseline and the floor, all running at once and probed in turn,
+    so that whatever else the machine does weighs on each alike; and the loader's CPU over the floor's, per run."""
     loader = Variant("loader -I -S", [python, "-I", "-S", LOADER, "{config}", "/bin/true"], "Polling")
     floor = Variant("floor -I -S", [python, "-I", "-S", "-c", FLOOR, "{port}"])
-    for variant in [loader, *baseline_variants(python, tmp), floor]:
-        cpu, rate = probe_runs(variant, tmp, runs, env, count)
-        out["%s: cpu_us_per_probe" % variant.name] = cpu
-        out["%s: probes_per_s" % variant.name] = rate
+    contenders = [loader, *baseline_variants(python, tmp), floor]
+    cpu: dict[str, list[float]] = {variant.name: [] for variant in contenders}
+    rate: dict[str, list[float]] = {variant.name: [] for variant in contenders}
+    for _ in range(runs):
+        for name, (used, per_s) in probe_side_by_side(contenders, tmp, env, count).items():
+            cpu[name].append(used)
+            rate[name].append(per_s)
+    out: dict[str, Stats] = {}
+    for variant in contenders:
+        out["%s: cpu_us_per_probe" % variant.name] = stats(cpu[variant.name])
+        out["%s: probes_per_s" % variant.name] = stats(rate[variant.name])
+    for variant in contenders[:-1]:
+        out["%s / floor: CPU ratio" % variant.name] = stats(
+            [a / b for a, b in zip(cpu[variant.name], cpu[floor.name])])
     return out
 
 
-def probe_runs(variant: Variant, tmp: str, runs: int, env: dict[str, str], count: int) -> tuple[Stats, Stats]:
-    cpu: list[float] = []
-    rate: list[float] = []
-    for _ in range(runs):
-        proc, port, _ = spawn(variant, tmp, env)
+def probe_side_by_side(contenders: list[Variant], tmp: str, env: dict[str, str],
+                       count: int) -> dict[str, tuple[float, float]]:
+    """One run: {name: (CPU us per probe, probes per s)}, every contender probed in turn, `count` probes each."""
+    running = [(variant.name, *spawn(variant, tmp, env)[:2]) for variant in contenders]
+    for _, proc, _ in running:
+        # All on one CPU: whatever else the machine runs there weighs on each alike (far less spread).
+        os.sched_setaffinity(proc.pid, {max(os.sched_getaffinity(0))})
         settle(proc.pid)
-        before = cpu_ns(proc.pid)
-        start = time.perf_counter()
-        for i in range(count):
+    before = {name: cpu_ns(proc.pid) for name, proc, _ in running}
+    spent = {name: 0.0 for name, _, _ in running}
+    for i in range(count):
+        turn = i % len(running)  # each contender first as often as the others
+        for name, _, port in running[turn:] + running[:turn]:
+            start = time.perf_counter()
             probe(port, rst=bool(i % 2))
-        elapsed = time.perf_counter() - start
+            spent[name] += time.perf_counter() - start
+    out = {}
+    for name, proc, _ in running:
         while not accept_queue_empty(proc.pid):
             time.sleep(0.001)
         settle(proc.pid)
-        cpu.append((cpu_ns(proc.pid) - before) / count / 1000.0)
-        rate.append(count / elapsed)
         if proc.poll() is not None:
-            raise RuntimeError("%s ended during the probe run" % variant.name)
+            raise RuntimeError("%s ended during the probe run" % name)
+        out[name] = ((cpu_ns(proc.pid) - before[name]) / count / 1000.0, count / spent[name])
         stop(proc)
-    return stats(cpu), stats(rate)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -742,11 +763,13 @@ def print_table(result: dict[str, object]) -> None:
     idle = result["idle"]
     assert isinstance(idle, dict)
     print("\nmachine: %s; %s %s" % (result["machine"], result["python"], result["python_version"]))
-    print("\n1-3. idle footprint (median [min-max] of %s runs)" % result["runs"])
+    print("\n1-3. idle footprint (median [min-max] of %s runs; \"loader\": the plain entrypoint, "
+          "python3 trace_loader.py, no flags, no .pyc)" % result["runs"])
     # Wide enough for the longest name (loader@<rev> -I -S for a baseline).
     width = max([16, *map(len, idle)])
-    line = "%-*s %22s %20s %20s %16s %12s %14s"
-    print(line % (width, "", "VmRSS kB", "RssAnon kB", "RssFile kB", "start-up ms", "wake-ups/5s", "RSS vs bare"))
+    line = "%-*s %22s %20s %20s %16s %12s %12s %17s"
+    print(line % (width, "", "VmRSS kB", "RssAnon kB", "RssFile kB", "start-up ms", "wake-ups/5s", "RSS vs bare",
+                  "start-up vs bare"))
     for name, row in idle.items():
         bare = idle.get("bare -I -S" if "-I -S" in name else "bare", {})
         cells = ["%6d [%d-%d]" % (row[k]["median"], row[k]["min"], row[k]["max"])
@@ -754,10 +777,11 @@ def print_table(result: dict[str, object]) -> None:
         print(line % (
             width, name, *cells, "%.1f [%.1f-%.1f]" % tuple(row["startup_ms"][k] for k in ("median", "min", "max")),
             "%d" % row["idle_wakeups_5s"]["median"] if "idle_wakeups_5s" in row else "-",
-            ratio(row["VmRSS"]["median"], bare["VmRSS"]["median"]) if bare else "-"))
+            ratio(row["VmRSS"]["median"], bare["VmRSS"]["median"]) if bare else "-",
+            "%+.1f ms" % (row["startup_ms"]["median"] - bare["startup_ms"]["median"]) if bare else "-"))
     headings = {
         "probes": "4. probe cost (log level info, 5,000 probes FIN/RST alternating; floor: the same syscalls in a "
-                  "bare Python loop)",
+                  "bare Python loop; all running at once, probed in turn)",
         "latency": "5. wake latency: connect+send to first response byte",
         "burst": "6. burst: 1,000 clients before the agent wakes",
         "relay": "7. relay: round trip (median of 2,000 pings) and throughput (256 MB each way), the held client "
