@@ -2443,6 +2443,7 @@ def _supervise(pid: int, signals: int, listeners: list[_Listener], activation: _
                      "be stopped when idle", label)
             next_step = None
             continue
+        log.debug("Sockets of %s in use: %d (connections and waiting clients)", label, busy)
         idle_since = None if busy else (now if idle_since is None else idle_since)
         if idle_since is not None and now >= idle_since + idle_for:
             log.info("Stopping %s: its sockets were idle for %d s (it ran %d s)", label, idle_for, now - started)
@@ -2589,7 +2590,7 @@ def _proc_net_rows(name: str, maxsplit: int) -> Iterator[list[bytes]]:
     with open("/proc/net/" + name, "rb") as rows:
         next(rows)  # the header
         for row in rows:
-            yield row.split(None, maxsplit)
+            yield row.rstrip(b"\n").split(None, maxsplit)
 
 
 # ---------------------------------------------------------------------------
