@@ -2483,7 +2483,8 @@ def _end_like(status: int) -> int:
     if status >= 0:
         return status
     if os.getpid() != 1:  # as PID 1 the kernel drops it: 128+N below
-        signal.signal(-status, signal.SIG_DFL)
+        if -status != signal.SIGKILL:  # whose action cannot be changed, and is the default
+            signal.signal(-status, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [-status])
         os.kill(os.getpid(), -status)
     return 128 - status  # PID 1, or a signal whose default does not end a process
