@@ -322,11 +322,11 @@ def listener_inodes(port: int) -> set[int]:
 class Loader:
     """The loader in front of `argv`, its output collected line by line; later the server, same pid."""
 
-    def __init__(self, work: Path, argv: list[str]) -> None:
+    def __init__(self, work: Path, argv: list[str], options: tuple[str, ...] = ()) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
         env.update(HOME=str(work), PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
         command = [sys.executable, str(LOADER), "--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe",
-                   "--log-level", "debug", "--", *argv]
+                   "--log-level", "debug", *options, "--", *argv]
         self.lines: list[str] = []
         self.eof = False
         self.cond = threading.Condition()
@@ -388,11 +388,11 @@ class Loader:
 
 
 @pytest.fixture
-def start_loader(work: Path) -> Iterator[Callable[[list[str]], Loader]]:
+def start_loader(work: Path) -> Iterator[Callable[..., Loader]]:
     started: list[Loader] = []
 
-    def start(argv: list[str]) -> Loader:
-        loader = Loader(work, argv)
+    def start(argv: list[str], *options: str) -> Loader:
+        loader = Loader(work, argv, options)
         started.append(loader)
         return loader
 
@@ -562,6 +562,61 @@ def test_http_server_behind_loader(name: str, work: Path, start_loader: Callable
     assert len(loader.matches(RELAY_LINE)) == 1, "more than one relay:\n" + loader.log()
     assert_serving(loader, server)
     print("%s: first request %.3f s (wake + start-up), third %.4f s" % (name, first, elapsed))
+
+
+STOPPING = r"Stopping .+: its sockets were idle for \d+ s"
+STOPPED = r"Stopped .+ in [\d.]+ s \("
+IN_USE = r"Sockets of .+ in use: \d+"
+# Keep-alive longer than the idle time: an idle keep-alive connection is what must keep the server up.
+KEEP_ALIVE = {"gunicorn": ["--worker-class", "gthread", "--threads", "2", "--keep-alive", "30"],
+              "uvicorn": ["--timeout-keep-alive", "30"]}
+
+
+def program_serving(loader: Loader, sock: socket.socket, path: str) -> int:
+    """One request on `sock`: the pid of the loader's child that serves it (the server, or its master)."""
+    status_code, body = http_get(sock, path)
+    match = re.fullmatch(r"\w+ pid=(\d+) ppid=(\d+) path=\S+\n", body.decode())
+    assert status_code == 200 and match, (status_code, body)
+    pid, ppid = int(match.group(1)), int(match.group(2))
+    program = pid if ppid == loader.pid else ppid
+    assert program in children(loader.pid), (program, children(loader.pid))
+    return program
+
+
+@pytest.mark.parametrize("name", ["gunicorn", "uvicorn"])
+def test_server_goes_back_to_sleep_and_wakes_again(name: str, work: Path,
+                                                   start_loader: Callable[..., Loader]) -> None:
+    server = SERVERS[name]
+    require(server)
+    loader = start_loader(server.argv(work) + KEEP_ALIVE[name], "--stop-when-idle", "2")
+    absorb_probes(loader)
+    with connect(loader.port) as sock:
+        first = program_serving(loader, sock, "/first")
+    loader.wait_for(STOPPING)
+    loader.wait_for(STOPPED)
+    loader.wait_for(r"Polling\.\.\. \(fds", count=2)
+    assert children(loader.pid) == [] and not alive(first), "the server or a worker is left:\n" + loader.log()
+    probes_before = len(loader.matches(PROBE_DONE))
+    probe(loader.port, "FIN")  # the probe check works in the second wait as in the first
+    loader.wait_for(PROBE_DONE, count=probes_before + 1)
+    assert children(loader.pid) == []
+
+    # Woken again: a keep-alive connection, silent for longer than the idle time, keeps the server up.
+    with connect(loader.port) as keep:
+        second = program_serving(loader, keep, "/second")
+        assert second != first
+        loader.wait_for(IN_USE, count=len(loader.matches(IN_USE)) + 15)  # 3 s of samples, 0.2 s apart
+        assert len(loader.matches(STOPPING)) == 1, loader.log()
+        assert program_serving(loader, keep, "/again") == second
+
+    # Closed, so stopped again; a client arriving during the stop is answered, by the stopping server
+    # if it still accepted it, else from the backlog by the next start: never refused.
+    loader.wait_for(STOPPING, count=2)
+    with connect(loader.port) as late:
+        status_code, _ = http_get(late, "/late")
+    assert status_code == 200
+    loader.wait_for(STOPPED, count=2)
+    print("%s: %s" % (name, "; ".join(m.string.partition(" | ")[2][-60:] for m in loader.matches(STOPPED))))
 
 
 def test_gunicorn_answers_a_half_closed_first_client(work: Path, start_loader: Callable[[list[str]], Loader]) -> None:
