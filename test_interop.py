@@ -605,7 +605,7 @@ def test_server_goes_back_to_sleep_and_wakes_again(name: str, work: Path,
     with connect(loader.port) as keep:
         second = program_serving(loader, keep, "/second")
         assert second != first
-        loader.wait_for(IN_USE, count=len(loader.matches(IN_USE)) + 15)  # 3 s of samples, 0.2 s apart
+        loader.wait_for(IN_USE, count=len(loader.matches(IN_USE)) + 19)  # 3 s of samples, 0.16 s apart
         assert len(loader.matches(STOPPING)) == 1, loader.log()
         assert program_serving(loader, keep, "/again") == second
 

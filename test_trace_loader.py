@@ -2656,7 +2656,7 @@ def test_idle_program_is_stopped_and_the_next_client_starts_it_again(procs, tmp_
         closed = time.monotonic()
         line = proc.wait_for(STOPPING, count=cycle)[-1]
         delay = time.monotonic() - closed
-        assert 0.9 < delay < 1.0 + 0.1 + 0.5, (delay, line)  # 1 s idle, sampled every 0.1 s; 0.5 s of slack
+        assert 0.9 < delay < 1.0 + 0.1 + 0.5, (delay, line)  # at most 10% late, and 0.5 s for a busy machine
         proc.wait_for(STOPPED, count=cycle)
         wait_gone(pids[-1])
     assert len(set(pids)) == 3 and proc.pid not in pids  # a new program each time, under the same loader
@@ -2670,7 +2670,7 @@ def test_a_silent_open_connection_keeps_the_program_up(procs, sockets):
     proc, port = sleepy_loader(procs)
     first = served_by(port)
     silent = sockets.connect(port)  # accepted by the server, which waits for a request that never comes
-    proc.wait_for(r"Sockets of \S+ in use: [1-9]", count=25)  # 2.5 s of samples: well past the idle second
+    proc.wait_for(r"Sockets of \S+ in use: [1-9]", count=25)  # 2 s of samples: twice the idle second
     assert proc.count("Stopping") == 0
     silent.close()
     proc.wait_for(STOPPING)
@@ -2683,10 +2683,10 @@ def test_probes_between_samples_do_not_keep_the_program_up(procs):
     proc, port = sleepy_loader(procs, "--stop-when-idle", "2")
     served_by(port)
     probes = 0
-    while not proc.count("Stopping"):  # 5 probes per 200 ms sample, each over in about a millisecond
+    while not proc.count("Stopping"):  # 5 probes per 160 ms sample, each over in about a millisecond
         rst_probe(port)
         probes += 1
-        assert probes < 150, proc.text()  # 6 s: the idle time three times over, even if a sample catches a probe
+        assert probes < 190, proc.text()  # 6 s: the idle time three times over, even if a sample catches a probe
         proc.wait_for(r"Sockets of \S+ in use|Stopping", count=probes // 5 + 1)
     assert probes >= 25  # the program was stopped although probes came all through its idle time
     proc.wait_for(STOPPED)
