@@ -2757,6 +2757,16 @@ def test_sigterm_during_an_idle_stop_is_not_lost(procs):
     assert proc.count("Stopped") == 1 and proc.count(r"Polling\.\.\. \(fds") == 1  # never waited again
 
 
+@needs_proc
+def test_sigterm_the_program_ignored_ends_the_loader_at_the_next_idle_stop(procs):
+    proc, port = sleepy_loader(procs, "--stop-timeout", "1", linger=-1)
+    served_by(port)
+    os.kill(proc.pid, signal.SIGTERM)  # forwarded, and ignored by the program
+    proc.wait_for(STOPPING)
+    assert proc.wait_exit() == -signal.SIGTERM
+    assert proc.count("SIGKILL") == 1 and proc.count(r"Polling\.\.\. \(fds") == 1
+
+
 @needs_unshare
 def test_as_pid_1_it_reaps_every_orphan_and_ends_with_128_plus_n(procs, tmp_path):
     report = tmp_path / "report.json"

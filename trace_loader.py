@@ -2420,8 +2420,11 @@ def _supervise(pid: int, signals: int, listeners: list[_Listener], activation: _
         for signum in _read_signals(signals):
             if signum != signal.SIGCHLD:
                 os.kill(pid, signum)  # never fails: the program is our child, reaped below
-            if stopping_since is not None and signum in _signals_named(_STOP_SIGNALS):
-                stop_signal = signum  # not lost: the loader ends once the program has
+            # Not lost: after an idle stop the loader ends instead of waiting again. SIGHUP
+            # only during the stop: while the program runs, many take it to reload.
+            stopping = stopping_since is not None
+            if signum in (signal.SIGTERM, signal.SIGINT) or (stopping and signum == signal.SIGHUP):
+                stop_signal = signum
         status = _reap_children(pid)
         if status is not None and stopping_since is None:
             log.info("%s ended (%s); the loader ends the same way", label, _status_text(status))
@@ -2512,8 +2515,8 @@ class _Usage:
         for counter in (self.count_with_sock_diag, self.count_in_proc_net):
             try:
                 return waiting + counter()
-            except OSError:
-                continue  # no AF_NETLINK (macOS) or refused by a sandbox; no /proc
+            except (OSError, ValueError, IndexError):
+                continue  # no AF_NETLINK (macOS) or refused by a sandbox; no /proc, or a row we cannot read
         return None
 
     def count_with_sock_diag(self) -> int:
@@ -2565,7 +2568,8 @@ def _sock_diag(request: bytes) -> list[bytes]:
         while True:
             data, pos = sock.recv(65536), 0  # the kernel fills at most 32 KB per read
             while pos < len(data):
-                length, kind = int.from_bytes(data[pos:pos + 4], sys.byteorder), data[pos + 4]
+                length = int.from_bytes(data[pos:pos + 4], sys.byteorder)
+                kind = int.from_bytes(data[pos + 4:pos + 6], sys.byteorder)
                 if kind == _NLMSG_DONE:
                     return messages
                 if kind == _NLMSG_ERROR:  # nlmsgerr: a negative errno
@@ -2579,7 +2583,7 @@ def _unix_diag_name(message: bytes) -> bytes:
     """UNIX_DIAG_NAME, after the 16-byte unix_diag_msg; the kernel counts the path's NUL too."""
     pos = 16
     while pos + 4 <= len(message):
-        length, kind = int.from_bytes(message[pos:pos + 2], sys.byteorder), message[pos + 2]
+        length, kind = (int.from_bytes(message[i:i + 2], sys.byteorder) for i in (pos, pos + 2))
         if kind == 0:
             name = message[pos + 4:pos + length]
             return name if name[:1] == b"\0" else name.rstrip(b"\0")
