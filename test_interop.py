@@ -10,7 +10,9 @@ and must (1) not be started by FIN or RST probes, (2) answer the first real
 client, whose connection the loader held and now relays, (3) run under the
 loader's pid and answer more clients. A server-first protocol (SMTP) gets its
 held client after the hold timeout. A 64 MB upload and download go through
-the relay intact while the relay's memory stays bounded.
+the relay intact while the relay's memory stays bounded. With --stop-when-idle,
+gunicorn and uvicorn go back to sleep and wake again, and the real ddtrace
+client reaches a stand-in agent through drop-in mode over two sleep cycles.
 
 `make interop` installs the servers in `.venv-interop/` and sets
 TRACE_LOADER_INTEROP=1, under which a missing server fails its tests; under a
@@ -322,11 +324,13 @@ def listener_inodes(port: int) -> set[int]:
 class Loader:
     """The loader in front of `argv`, its output collected line by line; later the server, same pid."""
 
-    def __init__(self, work: Path, argv: list[str], options: tuple[str, ...] = ()) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    def __init__(self, work: Path, argv: list[str], options: tuple[str, ...] = (), *, config: str = "") -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "DD_"))}
         env.update(HOME=str(work), PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
         command = [sys.executable, str(LOADER), "--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe",
                    "--log-level", "debug", *options, "--", *argv]
+        if config:  # drop-in mode
+            command = [sys.executable, str(LOADER), config, *argv]
         self.lines: list[str] = []
         self.eof = False
         self.cond = threading.Condition()
@@ -391,8 +395,8 @@ class Loader:
 def start_loader(work: Path) -> Iterator[Callable[..., Loader]]:
     started: list[Loader] = []
 
-    def start(argv: list[str], *options: str) -> Loader:
-        loader = Loader(work, argv, options)
+    def start(argv: list[str], *options: str, config: str = "") -> Loader:
+        loader = Loader(work, argv, options, config=config)
         started.append(loader)
         return loader
 
@@ -617,6 +621,89 @@ def test_server_goes_back_to_sleep_and_wakes_again(name: str, work: Path,
     assert status_code == 200
     loader.wait_for(STOPPED, count=2)
     print("%s: %s" % (name, "; ".join(m.string.partition(" | ")[2][-60:] for m in loader.matches(STOPPED))))
+
+
+# A stand-in trace-agent for the real ddtrace client: adopts the drop-in hand-off (the held client first),
+# answers every payload, and appends "PID TRACE-COUNT PATH" to traces.log for each one.
+TRACE_AGENT = """
+import http.server, os, socket
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_PUT(self):
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if "/traces" in self.path:
+            with open("traces.log", "a") as f:
+                f.write("%d %s %s\\n" % (os.getpid(), self.headers.get("X-Datadog-Trace-Count", "0"), self.path))
+        body = b'{"rate_by_service": {}}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_PUT
+
+    def do_GET(self):
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+server.socket.close()
+server.socket = socket.socket(fileno=int(os.environ["DD_APM_NET_RECEIVER_FD"]))
+if os.environ.get("DD_APM_NET_RECEIVER_CLIENT_FD"):
+    held = socket.socket(fileno=int(os.environ["DD_APM_NET_RECEIVER_CLIENT_FD"]))
+    server.process_request(held, held.getpeername())
+server.serve_forever()
+"""
+DDTRACE_CLIENT = """
+import sys
+try:
+    from ddtrace.trace import tracer
+except ImportError:  # ddtrace before 3.0
+    from ddtrace import tracer
+for i in range(int(sys.argv[1])):
+    with tracer.trace("interop.op", service="interop", resource="r%d" % i):
+        pass
+tracer.shutdown()  # flushes every trace
+"""
+
+
+def test_ddtrace_reaches_the_agent_over_two_sleep_cycles(work: Path, start_loader: Callable[..., Loader]) -> None:
+    """The real ddtrace client, through drop-in mode with stop_when_idle: every trace arrives, in each cycle."""
+    if importlib.util.find_spec("ddtrace") is None:
+        if REQUIRED:
+            pytest.fail("ddtrace is not installed (TRACE_LOADER_INTEROP=1: `make interop` installs it)")
+        pytest.skip("ddtrace is not installed; `make interop` installs it")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = work / "datadog.yaml"
+    config.write_text("apm_config:\n  receiver_port: %d\n  receiver_socket: ''\n  socket_activation:\n"
+                      "    enabled: true\n    handle_tcp_probe: true\n    stop_when_idle: 1\n"
+                      "log_level: debug\ndisable_file_logging: true\n" % port)
+    (work / "trace_agent.py").write_text(TRACE_AGENT)
+    loader = start_loader([sys.executable, "trace_agent.py"], config=str(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DD_")}
+    env.update(DD_TRACE_AGENT_URL="http://127.0.0.1:%d" % port, DD_INSTRUMENTATION_TELEMETRY_ENABLED="false",
+               DD_REMOTE_CONFIGURATION_ENABLED="false", DD_TRACE_STARTUP_LOGS="false")
+    for cycle in (1, 2):
+        probe(port, "FIN")
+        subprocess.run([sys.executable, "-c", DDTRACE_CLIENT, "25"], cwd=str(work), env=env, check=True,
+                       timeout=TIMEOUT)
+        loader.wait_for(STOPPED, count=cycle)
+        loader.wait_for(r"Polling\.\.\. \(fds", count=cycle + 1)
+    rows = [line.split() for line in (work / "traces.log").read_text().splitlines()]
+    by_pid: dict[str, int] = {}
+    for pid, count, _ in rows:
+        by_pid[pid] = by_pid.get(pid, 0) + int(count)
+    assert sorted(by_pid.values()) == [25, 25], rows  # two agents, one per cycle, every trace
+    assert len(loader.matches(r"Waking the trace-agent")) == 2 and loader.matches(r"FIN: 1"), loader.log()
 
 
 def test_gunicorn_answers_a_half_closed_first_client(work: Path, start_loader: Callable[[list[str]], Loader]) -> None:
