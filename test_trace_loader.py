@@ -2708,6 +2708,20 @@ def test_a_client_arriving_during_the_stop_is_answered_by_the_next_start(procs, 
 
 
 @needs_proc
+def test_a_flood_of_clients_during_the_stop_is_answered_by_the_next_start(procs, sockets):
+    proc, port = sleepy_loader(procs, linger=1)
+    first = served_by(port)
+    proc.wait_for("server stopping")
+    flood = [sockets.connect(port) for _ in range(200)]  # all in the backlog the loader kept
+    for sock in flood:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    proc.wait_for(STOPPED)
+    answers = {int(read_answer(sock).partition(b"\r\n\r\n")[2]) for sock in flood}
+    assert len(answers) == 1 and first not in answers  # every one, by the next start
+    assert proc.count("Waking") == 2
+
+
+@needs_proc
 def test_a_program_that_ignores_sigterm_is_killed_after_the_stop_timeout(procs):
     proc, port = sleepy_loader(procs, "--stop-timeout", "1", linger=-1)
     first = served_by(port)
