@@ -2660,6 +2660,7 @@ def test_idle_program_is_stopped_and_the_next_client_starts_it_again(procs, tmp_
         proc.wait_for(STOPPED, count=cycle)
         wait_gone(pids[-1])
     assert len(set(pids)) == 3 and proc.pid not in pids  # a new program each time, under the same loader
+    assert proc.count(r"\| INFO \|.*Waking .*1 probe absorbed since start \(FIN: 1, RST: 0\); waited \d+ s$") == 3
     assert read_report(report)["listen_pid_ok"]  # LISTEN_PID is the child's pid
     assert proc.proc.poll() is None and proc.is_loader()
     assert proc.count("Traceback") == 0

@@ -2635,10 +2635,12 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
         _release_memory(_memory_steps(launch.env), log)
         waiter = _Waiter(listeners, probe, grace_ms=activation.grace_ms if probe else 0,
                          hold_timeout_ms=activation.hold_timeout_ms, log=log, program_label=launch.label)
+        began = time.monotonic()
         wake = waiter.run()
         fin, rst = wake.probes[_FIN], wake.probes[_RST]
-        log.info("Waking %s: %s; %d probe%s absorbed since start (FIN: %d, RST: %d)",
-                 launch.label, wake.reason, fin + rst, "" if fin + rst == 1 else "s", fin, rst)
+        log.info("Waking %s: %s; %d probe%s absorbed since start (FIN: %d, RST: %d); waited %d s",
+                 launch.label, wake.reason, fin + rst, "" if fin + rst == 1 else "s", fin, rst,
+                 time.monotonic() - began)
         if not activation.stop_when_idle:
             _exec_with_handoff(launch, listeners, wake, activation.held_client, log)
         status = _start_and_supervise(launch, listeners, wake, activation, log)
