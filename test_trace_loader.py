@@ -2666,6 +2666,12 @@ def test_idle_program_is_stopped_and_the_next_client_starts_it_again(procs, tmp_
     assert proc.count("Traceback") == 0
 
 
+def test_stop_when_idle_0_execs_in_place(procs):
+    proc, port = sleepy_loader(procs, "--stop-when-idle", "0")
+    assert served_by(port) == proc.pid  # no fork: the program has the loader's pid
+    assert proc.count("Sockets of") == 0
+
+
 @needs_proc
 def test_a_silent_open_connection_keeps_the_program_up(procs, sockets):
     proc, port = sleepy_loader(procs)
