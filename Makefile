@@ -10,7 +10,8 @@ PYTEST_FLAGS ?= -q
 RUFF_RULES = --select E,F,W,B,UP,RUF,BLE,EXE --ignore UP031,RUF005,RUF023 --target-version py38 --line-length 120
 INTEROP_VENV ?= .venv-interop
 # What test_interop.py runs, at the versions it was checked with (the first three read LISTEN_FDS or fd 3).
-INTEROP_PACKAGES = gunicorn==27.0.1 uvicorn==0.54.0 hypercorn==0.18.0 twisted==26.10.0 waitress==3.0.2 "pytest>=7,<10"
+INTEROP_PACKAGES = gunicorn==27.0.1 uvicorn==0.54.0 hypercorn==0.18.0 twisted==26.10.0 waitress==3.0.2 ddtrace==4.16.0 \
+	"pytest>=7,<10"
 
 .PHONY: test test-all lint interop demo bench version
 

@@ -10,7 +10,9 @@ and must (1) not be started by FIN or RST probes, (2) answer the first real
 client, whose connection the loader held and now relays, (3) run under the
 loader's pid and answer more clients. A server-first protocol (SMTP) gets its
 held client after the hold timeout. A 64 MB upload and download go through
-the relay intact while the relay's memory stays bounded.
+the relay intact while the relay's memory stays bounded. With --stop-when-idle,
+gunicorn and uvicorn go back to sleep and wake again, and the real ddtrace
+client reaches a stand-in agent through drop-in mode over two sleep cycles.
 
 `make interop` installs the servers in `.venv-interop/` and sets
 TRACE_LOADER_INTEROP=1, under which a missing server fails its tests; under a
@@ -30,6 +32,7 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import textwrap
 import threading
@@ -318,11 +321,13 @@ class Loader(Proc):
     The server's stdout goes to the test's stderr, which pytest shows with a failure.
     """
 
-    def __init__(self, work: Path, argv: list[str]) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    def __init__(self, work: Path, argv: list[str], options: tuple[str, ...] = (), *, config: str = "") -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "DD_"))}
         env.update(HOME=str(work), PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
         command = [sys.executable, str(LOADER), "--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe",
-                   "--log-level", "debug", "--", *argv]
+                   "--log-level", "debug", *options, "--", *argv]
+        if config:  # drop-in mode
+            command = [sys.executable, str(LOADER), config, *argv]
         super().__init__(command, env, cwd=str(work), stdout=sys.stderr.fileno())
         self.port = bound_port(self)
         self.wait_for(r"Polling\.\.\.")
@@ -339,11 +344,11 @@ class Loader(Proc):
 
 
 @pytest.fixture
-def start_loader(work: Path) -> Iterator[Callable[[list[str]], Loader]]:
+def start_loader(work: Path) -> Iterator[Callable[..., Loader]]:
     started: list[Loader] = []
 
-    def start(argv: list[str]) -> Loader:
-        loader = Loader(work, argv)
+    def start(argv: list[str], *options: str, config: str = "") -> Loader:
+        loader = Loader(work, argv, options, config=config)
         started.append(loader)
         return loader
 
@@ -492,6 +497,145 @@ def test_http_server_behind_loader(name: str, work: Path, start_loader: Callable
     assert len(loader.relays()) == 1, "more than one relay:\n" + loader.text()
     assert_serving(loader, server)
     print("%s: first request %.3f s (wake + start-up), third %.4f s" % (name, first, elapsed))
+
+
+STOPPING = r"Stopping .+: its sockets were idle for \d+ s"
+STOPPED = r"Stopped .+ in [\d.]+ s \("
+IN_USE = r"Sockets of .+ in use: \d+"
+# Keep-alive longer than the idle time: an idle keep-alive connection is what must keep the server up.
+KEEP_ALIVE = {"gunicorn": ["--worker-class", "gthread", "--threads", "2", "--keep-alive", "30"],
+              "uvicorn": ["--timeout-keep-alive", "30"]}
+
+
+def program_serving(loader: Loader, sock: socket.socket, path: str) -> int:
+    """One request on `sock`: the pid of the loader's child that serves it (the server, or its master)."""
+    status_code, body = http_get(sock, path)
+    match = re.fullmatch(r"\w+ pid=(\d+) ppid=(\d+) path=\S+\n", body.decode())
+    assert status_code == 200 and match, (status_code, body)
+    pid, ppid = int(match.group(1)), int(match.group(2))
+    program = pid if ppid == loader.pid else ppid
+    assert program in children(loader.pid), (program, children(loader.pid))
+    return program
+
+
+@pytest.mark.parametrize("name", ["gunicorn", "uvicorn"])
+def test_server_goes_back_to_sleep_and_wakes_again(name: str, work: Path,
+                                                   start_loader: Callable[..., Loader]) -> None:
+    server = SERVERS[name]
+    require(server)
+    loader = start_loader(server.argv(work) + KEEP_ALIVE[name], "--stop-when-idle", "2")
+    absorb_probes(loader)
+    with connect(loader.port) as sock:
+        first = program_serving(loader, sock, "/first")
+    loader.wait_for(STOPPING)
+    loader.wait_for(STOPPED)
+    loader.wait_for(r"Polling\.\.\. \(fds", count=2)
+    assert children(loader.pid) == [] and not alive(first), "the server or a worker is left:\n" + loader.text()
+    probes_before = loader.count(PROBE_DONE)
+    kubelet_probe(loader.port)  # the probe check works in the second wait as in the first
+    loader.wait_for(PROBE_DONE, count=probes_before + 1)
+    assert children(loader.pid) == []
+
+    # Woken again: a keep-alive connection, silent for longer than the idle time, keeps the server up.
+    with connect(loader.port) as keep:
+        second = program_serving(loader, keep, "/second")
+        assert second != first
+        loader.wait_for(IN_USE, count=loader.count(IN_USE) + 19)  # 3 s of samples, 0.16 s apart
+        assert loader.count(STOPPING) == 1, loader.text()
+        assert program_serving(loader, keep, "/again") == second
+
+    # Closed, so stopped again; a client arriving during the stop is answered, by the stopping server
+    # if it still accepted it, else from the backlog by the next start: never refused.
+    loader.wait_for(STOPPING, count=2)
+    with connect(loader.port) as late:
+        status_code, _ = http_get(late, "/late")
+    assert status_code == 200
+    loader.wait_for(STOPPED, count=2)
+    print("%s: %s" % (name, "; ".join(line.partition(" | ")[2][-60:]
+                                 for line in loader.wait_for(STOPPED, count=loader.count(STOPPED)))))
+
+
+# A stand-in trace-agent for the real ddtrace client: adopts the drop-in hand-off (the held client first),
+# answers every payload, and appends "PID TRACE-COUNT PATH" to traces.log for each one.
+TRACE_AGENT = """
+import http.server, os, socket
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_PUT(self):
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if "/traces" in self.path:
+            with open("traces.log", "a") as f:
+                f.write("%d %s %s\\n" % (os.getpid(), self.headers.get("X-Datadog-Trace-Count", "0"), self.path))
+        body = b'{"rate_by_service": {}}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_PUT
+
+    def do_GET(self):
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+server.socket.close()
+server.socket = socket.socket(fileno=int(os.environ["DD_APM_NET_RECEIVER_FD"]))
+if os.environ.get("DD_APM_NET_RECEIVER_CLIENT_FD"):
+    held = socket.socket(fileno=int(os.environ["DD_APM_NET_RECEIVER_CLIENT_FD"]))
+    server.process_request(held, held.getpeername())
+server.serve_forever()
+"""
+DDTRACE_CLIENT = """
+import sys
+try:
+    from ddtrace.trace import tracer
+except ImportError:  # ddtrace before 3.0
+    from ddtrace import tracer
+for i in range(int(sys.argv[1])):
+    with tracer.trace("interop.op", service="interop", resource="r%d" % i):
+        pass
+tracer.shutdown()  # flushes every trace
+"""
+
+
+def test_ddtrace_reaches_the_agent_over_two_sleep_cycles(work: Path, start_loader: Callable[..., Loader]) -> None:
+    """The real ddtrace client, through drop-in mode with stop_when_idle: every trace arrives, in each cycle."""
+    if importlib.util.find_spec("ddtrace") is None:
+        if REQUIRED:
+            pytest.fail("ddtrace is not installed (TRACE_LOADER_INTEROP=1: `make interop` installs it)")
+        pytest.skip("ddtrace is not installed; `make interop` installs it")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = work / "datadog.yaml"
+    config.write_text("apm_config:\n  receiver_port: %d\n  receiver_socket: ''\n  socket_activation:\n"
+                      "    enabled: true\n    handle_tcp_probe: true\n    stop_when_idle: 1\n"
+                      "log_level: debug\ndisable_file_logging: true\n" % port)
+    (work / "trace_agent.py").write_text(TRACE_AGENT)
+    loader = start_loader([sys.executable, "trace_agent.py"], config=str(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DD_")}
+    env.update(DD_TRACE_AGENT_URL="http://127.0.0.1:%d" % port, DD_INSTRUMENTATION_TELEMETRY_ENABLED="false",
+               DD_REMOTE_CONFIGURATION_ENABLED="false", DD_TRACE_STARTUP_LOGS="false")
+    for cycle in (1, 2):
+        kubelet_probe(port)
+        subprocess.run([sys.executable, "-c", DDTRACE_CLIENT, "25"], cwd=str(work), env=env, check=True,
+                       timeout=TIMEOUT)
+        loader.wait_for(STOPPED, count=cycle)
+        loader.wait_for(r"Polling\.\.\. \(fds", count=cycle + 1)
+    rows = [line.split() for line in (work / "traces.log").read_text().splitlines()]
+    by_pid: dict[str, int] = {}
+    for pid, count, _ in rows:
+        by_pid[pid] = by_pid.get(pid, 0) + int(count)
+    assert sorted(by_pid.values()) == [25, 25], rows  # two agents, one per cycle, every trace
+    assert loader.count(r"Waking the trace-agent") == 2 and loader.count(r"FIN: 1"), loader.text()
 
 
 def test_gunicorn_answers_a_half_closed_first_client(work: Path, start_loader: Callable[[list[str]], Loader]) -> None:

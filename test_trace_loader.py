@@ -25,8 +25,9 @@ The sections follow the data through the loader, as trace_loader.py does:
     10. Logging
     11. Hardening: faults and hostile input
     12. The Python API for agents
-    13. Footprint
-    14. Packaging: the wheel and its `trace-loader` command
+    13. Back to sleep: stop the program when idle, wait again, supervise it
+    14. Footprint
+    15. Packaging: the wheel and its `trace-loader` command
 """
 
 from __future__ import annotations
@@ -3084,7 +3085,293 @@ def test_import_has_no_side_effects():
 
 
 # ---------------------------------------------------------------------------
-# 13. Footprint
+# 13. Back to sleep: stop the program when idle, wait again, supervise it
+# ---------------------------------------------------------------------------
+
+# A server for the stop tests: adopts fd 3 (LISTEN_FDS), answers each request with its pid, reports the
+# signals it gets. On SIGTERM it stops accepting and takes argv[1] seconds to end (-1: ignores SIGTERM).
+SLEEPY_SERVER = r"""
+import os, signal, socket, sys, time
+linger = float(sys.argv[1])
+class Stop(Exception):
+    pass
+def stop(signum, frame):
+    raise Stop
+def say(signum, frame):
+    os.write(2, b"server got signal %d\n" % signum)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if linger < 0 else stop)
+for name in ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGQUIT"):
+    signal.signal(getattr(signal, name), say)
+listener = socket.socket(fileno=3)
+sys.stderr.write("server %d up\n" % os.getpid())
+sys.stderr.flush()
+try:
+    while True:
+        conn, _ = listener.accept()
+        try:
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n%d" % os.getpid())
+        except OSError:
+            pass  # a probe that reset
+except Stop:
+    sys.stderr.write("server stopping\n")
+    sys.stderr.flush()
+    time.sleep(linger)
+"""
+STOPPING = r"\| INFO \|.*Stopping .+: its sockets were idle for \d+ s"
+STOPPED = r"\| INFO \|.*Stopped .+ in [\d.]+ s \((exit status \d+|killed by signal \d+)\)"
+
+
+def sleepy_loader(procs, *options: str, program: list[str] | None = None, linger: float = 0) -> tuple[Proc, int]:
+    """A generic loader in front of SLEEPY_SERVER (or `program`) that stops it after 1 s idle; waiting."""
+    program = program or [sys.executable, "-c", SLEEPY_SERVER, str(linger)]
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--log-level", "debug", "--stop-when-idle", "1",
+                                 *options], program)
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    return proc, port
+
+
+def served_by(port: int) -> int:
+    """The pid of the SLEEPY_SERVER that answered one request."""
+    with connect(port) as c:
+        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        raw = read_answer(c)
+    assert raw.startswith(b"HTTP/1.0 200 OK"), raw
+    return int(raw.partition(b"\r\n\r\n")[2])
+
+
+@needs_proc
+def test_idle_program_is_stopped_and_the_next_client_starts_it_again(procs, tmp_path):
+    report = tmp_path / "report.json"
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--stop-when-idle", "1",
+                                 "--log-level", "debug"], systemd_agent(report))
+    port = bound_port(proc)
+    pids = []
+    for cycle in (1, 2, 3):
+        proc.wait_for("Polling", count=cycle)
+        kubelet_probe(port)  # the probe check works in every wait, not only the first
+        proc.wait_for(ABSORBED, count=cycle)
+        with connect(port) as c:
+            pids.append(answer_json(http_request(c))["pid"])
+        closed = time.monotonic()
+        line = proc.wait_for(STOPPING, count=cycle)[-1]
+        delay = time.monotonic() - closed
+        assert 0.9 < delay < 1.0 + 0.1 + 0.5, (delay, line)  # at most 10% late, and 0.5 s for a busy machine
+        proc.wait_for(STOPPED, count=cycle)
+        wait_gone(pids[-1])
+    assert len(set(pids)) == 3 and proc.pid not in pids  # a new program each time, under the same loader
+    assert proc.count(r"\| INFO \|.*Waking .*1 probe absorbed since start \(FIN: 1, RST: 0\); waited \d+ s$") == 3
+    assert read_report(report)["listen_pid_ok"]  # LISTEN_PID is the child's pid
+    assert proc.proc.poll() is None and proc.is_loader()
+    assert proc.count("Traceback") == 0
+
+
+def test_stop_when_idle_0_execs_in_place(procs):
+    proc, port = sleepy_loader(procs, "--stop-when-idle", "0")
+    assert served_by(port) == proc.pid  # no fork: the program has the loader's pid
+    assert proc.count("Sockets of") == 0
+
+
+@needs_proc
+def test_a_silent_open_connection_keeps_the_program_up(procs, sockets):
+    proc, port = sleepy_loader(procs)
+    first = served_by(port)
+    silent = sockets.connect(port)  # accepted by the server, which waits for a request that never comes
+    proc.wait_for(r"Sockets of \S+ in use: [1-9]", count=25)  # 2 s of samples: twice the idle second
+    assert proc.count("Stopping") == 0
+    silent.close()
+    proc.wait_for(STOPPING)
+    proc.wait_for(STOPPED)
+    assert served_by(port) != first
+
+
+@needs_proc
+def test_probes_between_samples_do_not_keep_the_program_up(procs):
+    proc, port = sleepy_loader(procs, "--stop-when-idle", "2")
+    served_by(port)
+    probes = 0
+    while not proc.count("Stopping"):  # 5 probes per 160 ms sample, each over in about a millisecond
+        rst_probe(port)
+        probes += 1
+        assert probes < 190, proc.text()  # 6 s: the idle time three times over, even if a sample catches a probe
+        proc.wait_for(r"Sockets of \S+ in use|Stopping", count=probes // 5 + 1)
+    assert probes >= 25  # the program was stopped although probes came all through its idle time
+    proc.wait_for(STOPPED)
+
+
+@needs_proc
+def test_a_client_arriving_during_the_stop_is_answered_by_the_next_start(procs, sockets):
+    proc, port = sleepy_loader(procs, linger=1.5)
+    first = served_by(port)
+    proc.wait_for("server stopping")  # SIGTERM came; the server no longer accepts, and takes 1.5 s to end
+    late = sockets.connect(port)  # waits in the backlog of the listener the loader kept
+    late.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    proc.wait_for(STOPPED)
+    raw = read_answer(late)
+    second = int(raw.partition(b"\r\n\r\n")[2])
+    assert second not in (first, proc.pid)
+    assert proc.count(r"Waking \S+: traffic on TCP listener 1") == 2
+    assert STOPPED and proc.count("Stopped") == 1
+
+
+@needs_proc
+def test_a_flood_of_clients_during_the_stop_is_answered_by_the_next_start(procs, sockets):
+    proc, port = sleepy_loader(procs, linger=1)
+    first = served_by(port)
+    proc.wait_for("server stopping")
+    flood = [sockets.connect(port) for _ in range(200)]  # all in the backlog the loader kept
+    for sock in flood:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    proc.wait_for(STOPPED)
+    answers = {int(read_answer(sock).partition(b"\r\n\r\n")[2]) for sock in flood}
+    assert len(answers) == 1 and first not in answers  # every one, by the next start
+    assert proc.count("Waking") == 2
+
+
+@needs_proc
+def test_a_program_that_ignores_sigterm_is_killed_after_the_stop_timeout(procs):
+    proc, port = sleepy_loader(procs, "--stop-timeout", "1", linger=-1)
+    first = served_by(port)
+    started = time.monotonic()
+    proc.wait_for(STOPPING)
+    proc.wait_for(r"\| WARN \|.*still runs 1 s after SIGTERM: SIGKILL")
+    line = proc.wait_for(STOPPED)[0]
+    assert "killed by signal %d" % signal.SIGKILL in line
+    assert time.monotonic() - started > 1.0
+    proc.wait_for("Polling", count=2)
+    assert served_by(port) != first
+
+
+@needs_proc
+@pytest.mark.parametrize("code, status", [("sys.exit(7)", 7),
+                                          ("os.kill(os.getpid(), signal.SIGUSR1)", -signal.SIGUSR1),
+                                          ("os.kill(os.getpid(), signal.SIGKILL)", -signal.SIGKILL)])
+def test_a_program_ending_on_its_own_ends_the_loader_the_same_way(procs, code, status):
+    program = [sys.executable, "-c", "import os, signal, sys; sys.stderr.write('up\\n'); sys.stderr.flush(); " + code]
+    proc, port = sleepy_loader(procs, program=program)
+    with connect(port):
+        assert proc.wait_exit() == status
+    shown = "exit status %d" % status if status >= 0 else "killed by signal %d" % -status
+    assert proc.count(r"ended \(%s\); the loader ends the same way" % shown) == 1
+
+
+@needs_proc
+def test_signals_are_forwarded_to_the_program(procs):
+    proc, port = sleepy_loader(procs)
+    served = served_by(port)
+    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGQUIT):
+        os.kill(proc.pid, signum)
+        proc.wait_for("server got signal %d" % signum)
+    assert state_of(served)[0] != "Z" and proc.proc.poll() is None
+    os.kill(proc.pid, signal.SIGTERM)  # forwarded: the server ends cleanly, and so does the loader
+    proc.wait_for("server stopping")
+    assert proc.wait_exit() == 0
+
+
+@needs_proc
+def test_sigterm_during_an_idle_stop_is_not_lost(procs):
+    proc, port = sleepy_loader(procs, linger=1)
+    served_by(port)
+    proc.wait_for("server stopping")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait_exit() == -signal.SIGTERM
+    assert proc.count("Stopped") == 1 and proc.count(r"Polling\.\.\. \(fds") == 1  # never waited again
+
+
+@needs_proc
+def test_sigterm_the_program_ignored_ends_the_loader_at_the_next_idle_stop(procs):
+    proc, port = sleepy_loader(procs, "--stop-timeout", "1", linger=-1)
+    served_by(port)
+    os.kill(proc.pid, signal.SIGTERM)  # forwarded, and ignored by the program
+    proc.wait_for(STOPPING)
+    assert proc.wait_exit() == -signal.SIGTERM
+    assert proc.count("SIGKILL") == 1 and proc.count(r"Polling\.\.\. \(fds") == 1
+
+
+@needs_unshare
+def test_as_pid_1_it_reaps_every_orphan_and_ends_with_128_plus_n(procs, tmp_path):
+    report = tmp_path / "report.json"
+    port = free_port()
+    proc = procs(["unshare", "--pid", "--fork", "--kill-child", sys.executable, LOADER, "--listen",
+                  "tcp://127.0.0.1:%d" % port, "--handle-tcp-probe", "--stop-when-idle", "1", "--"]
+                 + systemd_agent(report), base_env())
+    proc.wait_for("Polling")
+    loader = only_child(proc.pid)  # PID 1 inside its namespace
+    for cycle in (1, 2):
+        with connect(port) as c:  # relayed: the helper is double-forked, an orphan of PID 1
+            answer_json(http_request(c))
+        proc.wait_for(STOPPED, count=cycle)
+        proc.wait_for("Polling", count=cycle + 1)
+        assert child_pids(loader) == []  # the program, its relay helper: reaped, no zombie
+    with connect(port) as c:
+        answer_json(http_request(c))
+    program = wait_until(lambda: child_pids(loader), "the program")[0]
+    wait_until(lambda: child_pids(loader) == [program], "only the program left, the helper reaped")
+    os.kill(loader, signal.SIGTERM)  # forwarded; the program dies of it; PID 1 cannot, so 128+15
+    assert proc.wait_exit() == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize("option, value", [("--stop-when-idle", "-1"), ("--stop-when-idle", "604801"),
+                                           ("--stop-when-idle", "1.5"), ("--stop-timeout", "x")])
+def test_bad_stop_values_are_usage_errors(option, value):
+    result = run_loader([option, value, "--listen", "tcp://127.0.0.1:0", "--", "true"])
+    assert result.returncode == 2
+    assert "argument %s: '%s': expected seconds from 0 to 604800" % (option, value) in result.stderr
+
+
+@pytest.mark.parametrize("name", ["DD_APM_SOCKET_ACTIVATION_STOP_WHEN_IDLE", "DD_APM_SOCKET_ACTIVATION_STOP_TIMEOUT"])
+def test_drop_in_bad_stop_values_fail_open(procs, tmp_path, name):
+    proc, _ = fails_open(procs, tmp_path, write_config(tmp_path, port=free_port()), base_env(**{name: "604801"}))
+    assert proc.count(r"\| WARN \|.*%s.*604801 s is out of range \(0-604800\)" % name) == 1
+
+
+@needs_proc
+def test_drop_in_stop_when_idle_hands_the_client_fd_over_in_each_cycle(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    config = write_config(tmp_path, port=port, text="")
+    env = base_env(DD_APM_SOCKET_ACTIVATION_STOP_WHEN_IDLE="1", DD_APM_SOCKET_ACTIVATION_STOP_TIMEOUT="5")
+    proc = start_drop_in(procs, config, report, env)
+    for cycle in (1, 2):
+        proc.wait_for("Polling", count=cycle)
+        with connect(port) as c:
+            answer = answer_json(http_request(c))
+        assert answer["via"] == "held-client" and answer["pid"] != proc.pid
+        proc.wait_for(STOPPED, count=cycle)
+
+
+@needs_proc
+@pytest.mark.parametrize("family", ["tcp", "tcp6", "unix"])
+def test_connections_are_counted_alike_by_sock_diag_and_proc_net(sockets, tmp_path, family):
+    if family == "tcp6" and not has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback")
+    if family == "unix":
+        listener = sockets.unix_listener(str(tmp_path / "s.sock"))
+        address: object = str(tmp_path / "s.sock")
+    else:
+        listener = sockets.keep(socket.socket(socket.AF_INET6 if family == "tcp6" else socket.AF_INET))
+        listener.bind(("::1" if family == "tcp6" else "127.0.0.1", 0))
+        listener.listen()
+        address = listener.getsockname()[:2]
+    usage = tl._Usage([tl._Listener(tl._ListenerSpec("x", tl._TCP, shown_as="x"), listener)])
+    assert usage.count_with_sock_diag() == usage.count_in_proc_net() == usage.count() == 0
+    client = sockets.keep(socket.socket(listener.family))
+    client.connect(address)
+    # In the backlog: the listener is readable, and a TCP connection is listed already (a unix one is not).
+    assert usage.count() == (1 if family == "unix" else 2)
+    server, _ = listener.accept()
+    sockets.keep(server)
+    assert usage.count_with_sock_diag() == usage.count_in_proc_net() == usage.count() == 1  # not the client's end
+    client.close()  # the program has not closed its end yet (CLOSE_WAIT): still held
+    assert usage.count_with_sock_diag() == usage.count_in_proc_net() == 1
+    server.close()
+    assert usage.count_with_sock_diag() == usage.count_in_proc_net() == usage.count() == 0
+
+
+# ---------------------------------------------------------------------------
+# 14. Footprint
 # ---------------------------------------------------------------------------
 
 # `make bench` measures the memory-release steps; here only: they run, and can be turned off.
@@ -3170,7 +3457,7 @@ def test_run_from_source_the_loader_idles_in_the_memory_of_its_compiled_form(pro
 
 
 # ---------------------------------------------------------------------------
-# 14. Packaging: the wheel and its `trace-loader` command
+# 15. Packaging: the wheel and its `trace-loader` command
 # ---------------------------------------------------------------------------
 
 CHECKOUT = os.path.dirname(LOADER)

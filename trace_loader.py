@@ -685,6 +685,8 @@ _GENERIC_HOLD_TIMEOUT_MS = 1000  # drop-in: 0 (no limit), as the Go loader
 # 0-2 are the standard streams, never it.
 _NO_READY_FD, _MIN_READY_FD = -1, 3
 _READY_FD = "a file descriptor from 3 to %d (0-2 are the standard streams)" % _MAX_FD
+_MAX_STOP_SECONDS = 604_800  # a week: --stop-when-idle and --stop-timeout
+_DEFAULT_STOP_TIMEOUT = 30
 # How the held client reaches the program: as an inherited fd, or relayed by
 # a helper process into the program's own listener (README "Generic mode").
 _HELD_FD, _HELD_RELAY = "fd", "relay"
@@ -700,6 +702,8 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "apm_config.socket_activation.held_client": ("DD_APM_SOCKET_ACTIVATION_HELD_CLIENT",),
     "apm_config.socket_activation.hold_timeout": ("DD_APM_SOCKET_ACTIVATION_HOLD_TIMEOUT",),
     "apm_config.socket_activation.ready_fd": ("DD_APM_SOCKET_ACTIVATION_READY_FD",),
+    "apm_config.socket_activation.stop_when_idle": ("DD_APM_SOCKET_ACTIVATION_STOP_WHEN_IDLE",),
+    "apm_config.socket_activation.stop_timeout": ("DD_APM_SOCKET_ACTIVATION_STOP_TIMEOUT",),
     "apm_config.receiver_port": ("DD_APM_RECEIVER_PORT", "DD_RECEIVER_PORT"),
     "apm_config.receiver_socket": ("DD_APM_RECEIVER_SOCKET",),
     "apm_config.apm_non_local_traffic": ("DD_APM_NON_LOCAL_TRAFFIC",),
@@ -790,11 +794,11 @@ class _Config:
         node = self.from_file(key)
         return _ConfigError(message, source=self.source, line=node.line if node else 0, key=key)
 
-    def in_range(self, key: str, default: int, low: int, high: int) -> int:
-        """An integer from `low` to `high` (milliseconds), or an error naming key and value."""
+    def in_range(self, key: str, default: int, low: int, high: int, unit: str = "ms") -> int:
+        """An integer from `low` to `high` (in `unit`), or an error naming key and value."""
         value = self.value(key, default, _go_int)
         if not low <= value <= high:
-            raise self.error(key, "%d ms is out of range (%d-%d)" % (value, low, high))
+            raise self.error(key, "%d %s is out of range (%d-%d)" % (value, unit, low, high))
         return value
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
@@ -879,6 +883,11 @@ class _DropInSettings:
         self.ready_fd = config.value(ready_key, _NO_READY_FD, _go_int)
         if config.has_value(ready_key) and not _MIN_READY_FD <= self.ready_fd <= _MAX_FD:
             raise config.error(ready_key, "%d is not %s" % (self.ready_fd, _READY_FD))
+        # 0: never stop the program (README "Back to sleep").
+        self.stop_when_idle = config.in_range("apm_config.socket_activation.stop_when_idle", 0, 0,
+                                              _MAX_STOP_SECONDS, "s")
+        self.stop_timeout = config.in_range("apm_config.socket_activation.stop_timeout", _DEFAULT_STOP_TIMEOUT, 0,
+                                            _MAX_STOP_SECONDS, "s")
         self.receiver_port = config.value("apm_config.receiver_port", 8126, _go_int)
         self.receiver_socket = config.string("apm_config.receiver_socket", _DEFAULT_SOCKET)
         # `receiver:` with nothing under it still turns OTLP on, as for the agent.
@@ -2231,6 +2240,309 @@ def _page_out_file_mappings(libc: ctypes.CDLL) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Back to sleep (README "Back to sleep"): with a stop-when-idle time the
+# loader forks on wake instead of exec'ing in place. The child does the usual
+# hand-off and execs; the loader keeps its listeners and supervises the
+# program as tini does: one loop forwards signals, reaps every child and
+# mirrors the program's end. Between signals it samples whether anything
+# still uses the listeners; idle long enough, the program is stopped and the
+# wait begins again. The listeners never close, so a client arriving during
+# the stop waits in the backlog for the next start.
+# ---------------------------------------------------------------------------
+
+# Sent on to the program; SIGCHLD only wakes the loop to reap.
+_FORWARDED_SIGNALS = (*_STOP_SIGNALS, "SIGQUIT", "SIGWINCH", *_IGNORED_SIGNALS)
+# include/net/tcp_states.h: ESTABLISHED, SYN_RECV, CLOSE_WAIT are connections
+# the program still holds. Once it closed its side (FIN_WAIT*, LAST_ACK,
+# TIME_WAIT) a connection no longer keeps it up.
+_HELD_TCP_STATES = (1, 3, 8)
+_UNIX_CONNECTED = 1  # unix_diag reports a connected stream socket as TCP_ESTABLISHED
+_NETLINK_SOCK_DIAG = 4  # linux/netlink.h
+_SOCK_DIAG_BY_FAMILY = 20  # linux/sock_diag.h
+_NLM_F_DUMP_REQUEST = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_UDIAG_SHOW_NAME = 1  # linux/unix_diag.h; the name comes back as attribute UNIX_DIAG_NAME (0)
+_PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+_MAX_SAMPLE_INTERVAL = 4.0
+
+
+def _start_and_supervise(launch: _Launch, listeners: list[_Listener], wake: _Wake, activation: _Activation,
+                         log: _Log) -> int | None:
+    """Fork: the child execs the program with the usual hand-off, and we supervise it.
+
+    Returns the program's end (-N: killed by signal N) if it ended on its
+    own or the loader was told to stop, None once it was stopped for
+    idleness.
+    """
+    _become_subreaper(log)
+    caught = _signals_named((*_FORWARDED_SIGNALS, "SIGCHLD")) + _realtime_signals()
+    # Blocked across the fork: a signal sent meanwhile waits for the loop (in
+    # the loader) or for the waiting handlers (in the child, until execve).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, caught)
+    # Caught before the fork: a SIGCHLD our parent set to ignored would
+    # have the kernel reap the program and lose its status.
+    previous = _catch_signals(caught)
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        _restore_signals(previous, mask)
+        log.warn("Cannot fork (%s); starting %s in place, never stopped", _oserror_text(exc), launch.label)
+        _exec_with_handoff(launch, listeners, wake, activation.held_client, log)
+    if pid == 0:
+        _restore_signals(previous, mask)
+        _exec_with_handoff(launch, listeners, wake, activation.held_client, log)
+    if wake.client is not None:
+        wake.client.sock.close()  # the program's now, or the relay helper's
+    # signal.set_wakeup_fd: the C handler writes each signal's number into the
+    # pipe, and poll() wakes on it; the Python handler does nothing.
+    read_end, write_end = os.pipe()  # close-on-exec (PEP 446)
+    for fd in (read_end, write_end):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    status = _supervise(pid, read_end, listeners, activation, launch.label, log)
+    # Blocked again while the waiting handlers come back: a signal caught
+    # until now is in the pipe, a later one waits for them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, caught)
+    signal.set_wakeup_fd(-1)
+    late = [signum for signum in _read_signals(read_end) if signum in _signals_named(_STOP_SIGNALS)]
+    os.close(read_end)
+    os.close(write_end)
+    _restore_signals(previous, mask)
+    return -late[0] if status is None and late else status
+
+
+def _catch_signals(signums: list[int]) -> dict[int, signal._HANDLER]:
+    """Our do-nothing handler on each signal but those our parent set to ignored; their old handlers."""
+    previous = {}
+    for signum in signums:
+        try:
+            # SIGINT or SIGHUP ignored stays ignored, for us and the program.
+            if signum == signal.SIGCHLD or signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, _ignore_signal)
+        except (OSError, ValueError):
+            pass  # a real-time signal the C library reserves for itself: not ours to set
+    return previous
+
+
+def _restore_signals(previous: dict[int, signal._HANDLER], mask: Iterable[int]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _become_subreaper(log: _Log) -> None:
+    """Orphans (the relay helper, the program's lost children) become our children, to reap (Linux)."""
+    if os.getpid() == 1 or not sys.platform.startswith("linux"):
+        return  # PID 1 gets them anyway
+    try:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    except (ImportError, OSError) as exc:  # no libc to load, or a kernel before 3.4
+        log.debug("Cannot become a subreaper: %s", exc)
+
+
+def _supervise(pid: int, signals: int, listeners: list[_Listener], activation: _Activation, label: str,
+               log: _Log) -> int | None:
+    """The loop: forward signals, reap, sample idleness, stop. As _start_and_supervise returns."""
+    idle_for, usage = activation.stop_when_idle, _Usage(listeners)
+    # Idleness begins at most one interval before the first idle sample, so
+    # SIGTERM comes at most that late: 8% of the idle time (at most 4 s)
+    # leaves the rest of 10% (and 5 s) for a late wake-up and the count.
+    interval = min(_MAX_SAMPLE_INTERVAL, idle_for * 0.08)
+    poller = select.poll()
+    poller.register(signals, select.POLLIN)
+    started = time.monotonic()
+    next_step: float | None = started + interval  # the next sample, or the SIGKILL once stopping
+    idle_since: float | None = None
+    stopping_since: float | None = None
+    stop_signal = 0
+    while True:
+        poller.poll(None if next_step is None else max(0, int((next_step - time.monotonic()) * 1000 + 0.999)))
+        for signum in _read_signals(signals):
+            if signum != signal.SIGCHLD:
+                os.kill(pid, signum)  # never fails: the program is our child, reaped below
+            # Not lost: after an idle stop the loader ends instead of waiting again. SIGHUP
+            # only during the stop: while the program runs, many take it to reload.
+            stopping = stopping_since is not None
+            if signum in (signal.SIGTERM, signal.SIGINT) or (stopping and signum == signal.SIGHUP):
+                stop_signal = signum
+        status = _reap_children(pid)
+        if status is not None and stopping_since is None:
+            log.info("%s ended (%s); the loader ends the same way", label, _status_text(status))
+            return status
+        if status is not None and stopping_since is not None:
+            log.info("Stopped %s in %.1f s (%s)", label, time.monotonic() - stopping_since, _status_text(status))
+            return -stop_signal if stop_signal else None
+        now = time.monotonic()
+        if next_step is None or now < next_step:
+            continue
+        if stopping_since is not None:
+            log.warn("%s still runs %d s after SIGTERM: SIGKILL", label, activation.stop_timeout)
+            os.kill(pid, signal.SIGKILL)
+            next_step = None
+            continue
+        busy = usage.count()
+        if busy is None:
+            log.warn("Cannot count the connections of %s (no socket diagnostics, no /proc/net); it will not "
+                     "be stopped when idle", label)
+            next_step = None
+            continue
+        log.debug("Sockets of %s in use: %d (connections and waiting clients)", label, busy)
+        idle_since = None if busy else (now if idle_since is None else idle_since)
+        if idle_since is not None and now >= idle_since + idle_for:
+            log.info("Stopping %s: its sockets were idle for %d s (it ran %d s)", label, idle_for, now - started)
+            os.kill(pid, signal.SIGTERM)
+            stopping_since, next_step = now, now + activation.stop_timeout
+        else:
+            next_step = now + interval if idle_since is None else min(now + interval, idle_since + idle_for)
+
+
+def _read_signals(fd: int) -> bytes:
+    try:
+        return os.read(fd, 256)  # each byte a signal number; more wait for the next turn
+    except BlockingIOError:
+        return b""
+
+
+def _reap_children(pid: int) -> int | None:
+    """waitpid(-1, WNOHANG) until no ended child is left: the program's end (-N: signal N), if it came."""
+    found = None
+    while True:
+        try:
+            child, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return found  # no child left at all
+        if child == 0:
+            return found
+        if child == pid:
+            found = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _status_text(status: int) -> str:
+    return "killed by signal %d" % -status if status < 0 else "exit status %d" % status
+
+
+def _end_like(status: int) -> int:
+    """The loader's own end for the program's (-N: killed by signal N): where it can, by the same signal."""
+    if status >= 0:
+        return status
+    if os.getpid() != 1:  # as PID 1 the kernel drops it: 128+N below
+        if -status != signal.SIGKILL:  # whose action cannot be changed, and is the default
+            signal.signal(-status, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [-status])
+        os.kill(os.getpid(), -status)
+    return 128 - status  # PID 1, or a signal whose default does not end a process
+
+
+class _Usage:
+    """What still uses the listeners: connections the program holds, and clients in a backlog."""
+
+    def __init__(self, listeners: list[_Listener]) -> None:
+        self.ports: dict[int, set[int]] = {}  # TCP ports by address family
+        self.names: set[bytes] = set()  # unix paths; an abstract name starts with NUL
+        self.poller = select.poll()
+        for listener in listeners:
+            sock, address = listener.sock, listener.sock.getsockname()
+            self.poller.register(sock.fileno(), select.POLLIN)
+            if sock.family == socket.AF_UNIX and address:
+                self.names.add(os.fsencode(address) if isinstance(address, str) else address)
+            elif sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+                self.ports.setdefault(sock.family, set()).add(address[1])
+
+    def count(self) -> int | None:
+        """None where the kernel cannot tell (neither socket diagnostics nor /proc/net: macOS)."""
+        # A client in a backlog makes its listener readable.
+        waiting = len(self.poller.poll(0))
+        for counter in (self.count_with_sock_diag, self.count_in_proc_net):
+            try:
+                return waiting + counter()
+            except (OSError, ValueError, IndexError):
+                continue  # no AF_NETLINK (macOS) or refused by a sandbox; no /proc, or a row we cannot read
+        return None
+
+    def count_with_sock_diag(self) -> int:
+        """NETLINK_SOCK_DIAG: one dump per family, of the held states only; filtered on the port here."""
+        held = sum(1 << state for state in _HELD_TCP_STATES)
+        count = 0
+        for family, ports in self.ports.items():
+            # inet_diag_req_v2: family, IPPROTO_TCP, no extensions, pad, states, socket id (48 zero bytes).
+            request = bytes((family, socket.IPPROTO_TCP, 0, 0)) + _u32(held) + bytes(48)
+            # inet_diag_msg: family, state, timer, retrans, then the local port (big-endian).
+            count += sum(int.from_bytes(msg[4:6], "big") in ports for msg in _sock_diag(request))
+        if self.names:
+            # unix_diag_req: family, protocol, pad, states, inode, what to show, cookie. An accepted
+            # connection carries its listener's path.
+            request = bytes((socket.AF_UNIX, 0, 0, 0)) + _u32(1 << _UNIX_CONNECTED) + _u32(0) \
+                + _u32(_UDIAG_SHOW_NAME) + bytes(8)
+            count += sum(_unix_diag_name(msg) in self.names for msg in _sock_diag(request))
+        return count
+
+    def count_in_proc_net(self) -> int:
+        """/proc/net/tcp, tcp6 and unix: slower with many sockets, same answer."""
+        count = 0
+        for family, ports in self.ports.items():
+            # sl local_address rem_address st ...: "0100007F:1F90", the port and the state in hex.
+            for row in _proc_net_rows("tcp6" if family == socket.AF_INET6 else "tcp", 4):
+                count += int(row[3], 16) in _HELD_TCP_STATES and int(row[1].rpartition(b":")[2], 16) in ports
+        # Num RefCount Protocol Flags Type St Inode Path: St 03 is connected; an abstract
+        # name is shown with '@' for each NUL.
+        shown = {name.replace(b"\0", b"@") for name in self.names}
+        for row in (_proc_net_rows("unix", 7) if shown else ()):
+            count += len(row) == 8 and row[5] == b"03" and row[7] in shown
+        return count
+
+
+def _u32(value: int) -> bytes:
+    return value.to_bytes(4, sys.byteorder)
+
+
+def _sock_diag(request: bytes) -> list[bytes]:
+    """The messages a NETLINK_SOCK_DIAG dump answers to `request`."""
+    if not hasattr(socket, "AF_NETLINK"):
+        raise OSError(errno.EAFNOSUPPORT, "no AF_NETLINK")
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as sock:
+        # nlmsghdr: length, type, flags, sequence, port id (0: the kernel)
+        header = _u32(16 + len(request)) + _SOCK_DIAG_BY_FAMILY.to_bytes(2, sys.byteorder) \
+            + _NLM_F_DUMP_REQUEST.to_bytes(2, sys.byteorder) + _u32(1) + _u32(0)
+        sock.send(header + request)
+        messages: list[bytes] = []
+        while True:
+            data, pos = sock.recv(65536), 0  # the kernel fills at most 32 KB per read
+            while pos < len(data):
+                length = int.from_bytes(data[pos:pos + 4], sys.byteorder)
+                kind = int.from_bytes(data[pos + 4:pos + 6], sys.byteorder)
+                if kind == _NLMSG_DONE:
+                    return messages
+                if kind == _NLMSG_ERROR:  # nlmsgerr: a negative errno
+                    code = -int.from_bytes(data[pos + 16:pos + 20], sys.byteorder, signed=True)
+                    raise OSError(code, os.strerror(code))
+                messages.append(data[pos + 16:pos + length])
+                pos += (length + 3) & ~3  # NLMSG_ALIGN
+
+
+def _unix_diag_name(message: bytes) -> bytes:
+    """UNIX_DIAG_NAME, after the 16-byte unix_diag_msg; the kernel counts the path's NUL too."""
+    pos = 16
+    while pos + 4 <= len(message):
+        length, kind = (int.from_bytes(message[i:i + 2], sys.byteorder) for i in (pos, pos + 2))
+        if kind == 0:
+            name = message[pos + 4:pos + length]
+            return name if name[:1] == b"\0" else name.rstrip(b"\0")
+        pos += (length + 3) & ~3  # RTA_ALIGN
+    return b""
+
+
+def _proc_net_rows(name: str, maxsplit: int) -> Iterator[list[bytes]]:
+    with open("/proc/net/" + name, "rb") as rows:
+        next(rows)  # the header
+        for row in rows:
+            yield row.rstrip(b"\n").split(None, maxsplit)
+
+
+# ---------------------------------------------------------------------------
 # The engine: listeners -> wait -> hand-off -> exec, shared by both front doors.
 # ---------------------------------------------------------------------------
 
@@ -2239,13 +2551,16 @@ class _Activation:
     """How to wait and what to hand over, as each front door read it."""
 
     def __init__(self, *, probe: bool, probe_only: str = "", grace_ms: int, hold_timeout_ms: int,
-                 held_client: str, ready_fd: int = _NO_READY_FD) -> None:
+                 held_client: str, ready_fd: int = _NO_READY_FD, stop_when_idle: int = 0,
+                 stop_timeout: int = _DEFAULT_STOP_TIMEOUT) -> None:
         self.probe = probe  # the probe check is on
         self.probe_only = probe_only  # the listener it may watch ("": the first TCP one)
         self.grace_ms = grace_ms
         self.hold_timeout_ms = hold_timeout_ms
         self.held_client = held_client  # _HELD_FD or _HELD_RELAY
         self.ready_fd = ready_fd  # _NO_READY_FD: none
+        self.stop_when_idle = stop_when_idle  # seconds; 0: exec in place, never stop
+        self.stop_timeout = stop_timeout
 
 
 def _announce_ready(launch: _Launch, ready_fd: int, log: _Log) -> None:
@@ -2301,15 +2616,22 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
         named = spec.handoff_name if spec.kind != _INHERITED and spec.handoff_name else spec.shown_as
         log.debug("%s file descriptor is %d", named, listener.fd)
     _announce_ready(launch, activation.ready_fd, log)
-    _release_memory(_memory_steps(launch.env), log)
     probe = _choose_probe_listener(listeners, enabled=activation.probe, only=activation.probe_only)
-    waiter = _Waiter(listeners, probe, grace_ms=activation.grace_ms if probe else 0,
-                     hold_timeout_ms=activation.hold_timeout_ms, log=log, program_label=launch.label)
-    wake = waiter.run()
-    fin, rst = wake.probes[_FIN], wake.probes[_RST]
-    log.info("Waking %s: %s; %d probe%s absorbed since start (FIN: %d, RST: %d)",
-             launch.label, wake.reason, fin + rst, "" if fin + rst == 1 else "s", fin, rst)
-    _exec_with_handoff(launch, listeners, wake, activation.held_client, log)
+    while True:  # wait, hand off; with a stop-when-idle time: supervise, wait again
+        _release_memory(_memory_steps(launch.env), log)
+        waiter = _Waiter(listeners, probe, grace_ms=activation.grace_ms if probe else 0,
+                         hold_timeout_ms=activation.hold_timeout_ms, log=log, program_label=launch.label)
+        began = time.monotonic()
+        wake = waiter.run()
+        fin, rst = wake.probes[_FIN], wake.probes[_RST]
+        log.info("Waking %s: %s; %d probe%s absorbed since start (FIN: %d, RST: %d); waited %d s",
+                 launch.label, wake.reason, fin + rst, "" if fin + rst == 1 else "s", fin, rst,
+                 time.monotonic() - began)
+        if not activation.stop_when_idle:
+            _exec_with_handoff(launch, listeners, wake, activation.held_client, log)
+        status = _start_and_supervise(launch, listeners, wake, activation, log)
+        if status is not None:
+            return _end_like(status)
 
 
 def _program_label(name: str) -> str:
@@ -2368,7 +2690,8 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
     # The probe check watches the TCP receiver only, never the OTLP port.
     activation = _Activation(probe=settings.handle_tcp_probe, probe_only=RECEIVER_FD_VAR,
                              grace_ms=settings.probe_grace_ms, hold_timeout_ms=settings.hold_timeout_ms,
-                             held_client=settings.held_client, ready_fd=settings.ready_fd)
+                             held_client=settings.held_client, ready_fd=settings.ready_fd,
+                             stop_when_idle=settings.stop_when_idle, stop_timeout=settings.stop_timeout)
     return _serve(launch, specs, activation, log)
 
 
@@ -2453,6 +2776,13 @@ def _milliseconds(option: str, text: str, high: int, note: str = "") -> int:
     return value
 
 
+def _seconds(option: str, text: str) -> int:
+    value = _decimal(text, _MAX_STOP_SECONDS)
+    if value is None:
+        raise ValueError("argument %s: %s: expected seconds from 0 to %d" % (option, _quoted(text), _MAX_STOP_SECONDS))
+    return value
+
+
 def _one_of(option: str, text: str, names: tuple[str, ...]) -> str:
     """`text` in any case, as one of `names`: argparse's own `choices` would echo a value of any length in full."""
     if text.lower() not in names:
@@ -2500,6 +2830,11 @@ def _generic_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hold-timeout", default=str(_GENERIC_HOLD_TIMEOUT_MS), metavar="MS",
                         help="wake PROGRAM when a held client stays silent this long, for protocols where the "
                              "server speaks first (default 1000, 0: no limit)")
+    parser.add_argument("--stop-when-idle", default="0", metavar="SECONDS",
+                        help="stop PROGRAM once no client has used its sockets this long, then wait again "
+                             "(default 0: never)")
+    parser.add_argument("--stop-timeout", default=str(_DEFAULT_STOP_TIMEOUT), metavar="SECONDS",
+                        help="SIGKILL a stopped PROGRAM still running this long after SIGTERM (default 30)")
     parser.add_argument("--probe-grace-period", default=str(_DEFAULT_PROBE_GRACE_MS), metavar="MS",
                         help="how long a held silent client may delay a second one (default 250, 0: none)")
     parser.add_argument("--ready-fd", metavar="N",
@@ -2540,7 +2875,8 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
                          "socket" % (name, names.count(name)))
     launch.protocol = _generic_protocol(args, for_us, unselected)
     activation = _Activation(probe=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
-                             hold_timeout_ms=args.hold_timeout, held_client=args.held_client, ready_fd=args.ready_fd)
+                             hold_timeout_ms=args.hold_timeout, held_client=args.held_client, ready_fd=args.ready_fd,
+                             stop_when_idle=args.stop_when_idle, stop_timeout=args.stop_timeout)
     return _serve(launch, specs, activation, log)
 
 
@@ -2583,6 +2919,8 @@ def _check_generic_options(args: argparse.Namespace, unknown: list[str], program
     args.held_client = _one_of("--held-client", args.held_client, _HELD_CLIENT_WAYS[::-1])
     args.hold_timeout = _milliseconds("--hold-timeout", args.hold_timeout, _MAX_HOLD_TIMEOUT_MS, " (0: no limit)")
     args.probe_grace_period = _milliseconds("--probe-grace-period", args.probe_grace_period, _MAX_PROBE_GRACE_MS)
+    args.stop_when_idle = _seconds("--stop-when-idle", args.stop_when_idle)
+    args.stop_timeout = _seconds("--stop-timeout", args.stop_timeout)
     args.log_level = _one_of("--log-level", args.log_level, tuple(_LEVELS))
     args.ready_fd = _NO_READY_FD if args.ready_fd is None else _ready_fd(args.ready_fd)
     if not program:

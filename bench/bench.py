@@ -22,6 +22,9 @@ Figures (median of --runs runs, with min and max; ratios against the peers):
      server already listening and started at the connect
   9. YAML reader growth: the config reader's CPU time on N and 2N lines (linear
      reads ~2.0x)
+ 10. back to sleep (--stop-when-idle): the loader's idle RSS and fd count after
+     each wake/stop cycle against its first wait, its RSS while the program
+     runs next to the program's, and how late SIGTERM comes after the idle time
 
 With BENCH_BASELINE set to one or more git revisions (spaces or commas between),
 trace_loader.py at each of them runs too, as "loader@<rev> -I -S", in figures 1-4.
@@ -675,6 +678,57 @@ def bench_hold(python: str, runs: int, env: dict[str, str], timeout_ms: int = 20
 
 
 # ---------------------------------------------------------------------------
+# 10: back to sleep
+# ---------------------------------------------------------------------------
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def program_pids(loader: int) -> list[int]:
+    """The loader's children but the relay helper (a fork of the loader: its command line names it)."""
+    with open("/proc/%d/task/%d/children" % (loader, loader)) as f:
+        pids = [int(pid) for pid in f.read().split()]
+    found = []
+    for pid in pids:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            if b"trace_loader" not in f.read():
+                found.append(pid)
+    return found
+
+
+def bench_sleep(python: str, env: dict[str, str], cycles: int = 5, idle_s: int = 1) -> dict[str, Stats]:
+    argv = [python, "-I", "-S", LOADER, "--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe",
+            "--stop-when-idle", str(idle_s), "--", sys.executable, "-I", "-S", "-c", SERVER]
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    found = PORT_LINE.search(wait_line(proc, "Polling"))
+    assert found, "no bound port in the loader's log"
+    settle(proc.pid)
+    first_rss, first_fds = proc_status(proc.pid)["VmRSS"], fd_count(proc.pid)
+    rss, fds, running, program, delays = [], [], [], [], []
+    for _ in range(cycles):
+        with socket.create_connection(("127.0.0.1", int(found.group(1)))) as c:
+            call(c, b"P", 0, memoryview(bytearray(1)))
+            running.append(proc_status(proc.pid)["VmRSS"])
+            program.append(sum(proc_status(pid)["VmRSS"] for pid in program_pids(proc.pid)))
+        closed = time.perf_counter()
+        log = wait_line(proc, "Stopping")
+        delays.append((time.perf_counter() - closed - idle_s) * 1000)
+        if "Polling" not in log.partition("Stopping")[2]:
+            wait_line(proc, "Polling")
+        settle(proc.pid)
+        rss.append(proc_status(proc.pid)["VmRSS"] / first_rss)
+        fds.append(fd_count(proc.pid) / first_fds)
+    stop(proc)
+    return {"idle RSS after each cycle / first wait": stats(rss), "idle fds after each cycle / first wait": stats(fds),
+            "first wait: loader VmRSS kB": stats([first_rss]),
+            "program running: loader VmRSS kB": stats(running), "program running: its VmRSS kB": stats(program),
+            "SIGTERM after the last close, less %d s: ms" % idle_s: stats(delays)}
+
+
+# ---------------------------------------------------------------------------
 # 9: YAML reader growth
 # ---------------------------------------------------------------------------
 
@@ -789,6 +843,8 @@ def print_table(result: dict[str, object]) -> None:
         "hold": "8. hold-timeout wake: a silent client, connect to the server's banner (server-first protocol)",
         "yaml": "9. YAML reader growth: CPU time on N and 2N lines, 11 reads of each (ratio of the best times; "
                 "linear ~2.0)",
+        "sleep": "10. back to sleep: the loader -I -S with --stop-when-idle 1 in front of the relay's server, 5 "
+                 "wake/stop cycles (SIGTERM may come up to 100 ms late)",
     }
     for section, heading in headings.items():
         print("\n%s" % heading)
@@ -837,6 +893,7 @@ def main(argv: list[str]) -> int:
         result["relay"] = bench_relay(python, max(3, runs // 2), env)
         result["hold"] = bench_hold(python, runs, env)
         result["yaml"] = bench_yaml()
+        result["sleep"] = bench_sleep(python, env)
         result["seconds"] = round(time.monotonic() - start, 1)
     if "--json" in argv:
         print(json.dumps(result, indent=2))
