@@ -2285,10 +2285,39 @@ def test_trace_level_masks_secrets(procs, tmp_path):
     line = proc.wait_for("Starting the trace-agent with env")[0]
     assert "'DD_API_KEY'='********'" in line and "'DD_LOG_LEVEL'='trace'" in line
     assert "'DD_PROXY_HTTPS'='********'" in line and "'DD_APM_ADDITIONAL_ENDPOINTS'='********'" in line
-    assert "'DATABASE_URL'='postgres://app:********@db:5432/x'" in line
+    assert "'DATABASE_URL'='postgres://********@db:5432/x'" in line
     assert "'MIRROR'='https://mirror.example:8443/'" in line  # a URL without a password, as it is
     for text in (proc.text(), log_file.read_text()):
         assert "s3cr3t" not in text
+
+
+# Credentials in values of variables whose names do not say so, and what stays visible.
+HIDDEN_CREDENTIALS = {
+    "V_NO_SCHEME": ("proxy-user:S3CR3T-1@proxy:3128", "********@proxy:3128"),
+    "V_AT_IN_PW": ("http://user:p@S3CR3T-2@proxy", "http://********@proxy"),
+    "V_EMAIL_USER": ("http://john@corp.example:S3CR3T-3@proxy", "http://********@proxy"),
+    "V_GITHUB_USER": ("https://ghp_S3CR3T-4@github.com/o/r.git", "https://********@github.com/o/r.git"),
+    "V_SENTRY_DSN": ("https://S3CR3T-5@o1.ingest.sentry.io/1", "https://********@o1.ingest.sentry.io/1"),
+    "V_QUERY": ("jdbc:mysql://db/app?user=app&password=S3CR3T-6", "jdbc:mysql://db/app?user=app&password=********"),
+    "V_PAIRS": ("Server=db;Pwd=S3CR3T-7;Access_Token=S3CR3T-8", "Server=db;Pwd=********;Access_Token=********"),
+    "V_LIST": ("http://a:S3CR3T-9@h1,b:S3CR3T-10@h2 x", "http://********@h1,********@h2 x"),
+    "V_PLAIN": ("https://mirror.example:8443/a?b=c", "https://mirror.example:8443/a?b=c"),
+}
+
+
+def test_trace_level_masks_credentials_in_any_value_in_linear_time(procs, tmp_path):
+    env = base_env(**{name: value for name, (value, _) in HIDDEN_CREDENTIALS.items()})
+    # Values a backtracking pattern takes seconds each to scan (the whole wait would outlast TIMEOUT).
+    env.update(("V_LONG_%d" % i, "://x:" * 26_000) for i in range(3))
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--log-level", "trace"], SAYS_ITS_PID, env)
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    connect(port).close()
+    line = proc.wait_for("with env")[0]
+    proc.wait_for("started as %d" % proc.pid)
+    for name, (_, shown) in HIDDEN_CREDENTIALS.items():
+        assert "%r=%r" % (name, shown) in line, line
+    assert "S3CR3T" not in proc.text()
 
 
 # ---------------------------------------------------------------------------
@@ -2552,6 +2581,27 @@ def test_emfile_while_clearing_a_stale_unix_socket_fails_open_naming_the_socket(
                   r"Too many open files \(EMFILE\)" % re.escape(str(stale)))
     proc.wait_for("started as %d" % proc.pid)
     assert stat.S_ISSOCK(os.lstat(str(stale)).st_mode)  # refused to judge it, so left it alone
+
+
+def test_trace_level_at_the_fd_limit_still_starts_the_program(procs, tmp_path):
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    # 0-2, the log file (3) and the unix receiver (4) fill a soft limit of 5: the program still has its one
+    # free fd to start with, and the trace line of its environment must need none (an import would). No TCP
+    # receiver: resolving its host loads the idna codec, which imports early what such a line might need.
+    config = write_config(tmp_path, socket_path=str(tmp_path / "apm.sock"), level="trace")
+    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(tmp_path / "trace-agent.log"))
+    agent = ["/bin/sh", "-c", 'ulimit -S -n 1024 && exec "$0" "$@"', *SAYS_ITS_PID]
+    proc = procs([sys.executable, "-I", "-S", LOADER, config, *agent], env,
+                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (5, hard)))
+    proc.wait_for("Polling")
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(str(tmp_path / "apm.sock"))
+        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        proc.wait_for("started as %d" % proc.pid)
+    proc.wait_for("Starting the trace-agent with env")
+    assert "Internal error" not in proc.text()
 
 
 @pytest.mark.parametrize("closed", [0, 1, 2])

@@ -122,8 +122,12 @@ _PATH_SHOWN_MAX = 300
 # A variable whose name holds one of these (any case) is masked at trace level:
 # the words that say "secret", and the Datadog variables that carry credentials
 # under other names (proxy URLs with user:password@, endpoints' API keys).
-_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "DD_PROXY_",
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "PWD", "CREDENTIAL", "AUTH", "DD_PROXY_",
                  "ADDITIONAL_ENDPOINTS")
+# What ends a word of a value, for the masking of what it holds; '?' and '&'
+# end a query's NAME=VALUE pair too.
+_WORD_ENDS = {ord(c): "\0" for c in " \t\n\r\v\f,;"}
+_PAIR_ENDS = {**_WORD_ENDS, ord("?"): "\0", ord("&"): "\0"}
 
 
 class _Log:
@@ -240,18 +244,43 @@ def _is_secret_name(name: str) -> bool:
 def _env_shown(env: Mapping[str, str]) -> str:
     """The environment for a trace line: secrets masked, every value cut."""
     return ", ".join(
-        "%s=%s" % (_quoted(name, 64), "'********'" if _is_secret_name(name) else _quoted(_url_password_masked(value)))
+        "%s=%s" % (_quoted(name, 64), "'********'" if _is_secret_name(name) else _quoted(_secrets_masked(value)))
         for name, value in sorted(env.items())
     )
 
 
-def _url_password_masked(value: str) -> str:
-    """`value` with the password of every URL in it masked: scheme://user:********@host."""
-    import re  # only at trace level
+def _secrets_masked(value: str) -> str:
+    """`value` with what may be a credential masked: user info, and NAME=VALUE pairs whose NAME says secret.
 
-    # Up to the next '@' (or space): a password that holds '/' is masked too,
-    # and masking a port and path by mistake hides nothing worth seeing.
-    return re.sub(r"(://[^\s:/@]*:)[^\s@]*@", r"\1********@", value)
+    The user info of every word (scheme://********@host, ********@proxy:3128)
+    and the VALUE of every such pair (?password=********). In linear time
+    and with no regular expression: no backtracking, and no import (which
+    would need a free fd).
+    """
+    return _each_word(_each_word(value, _WORD_ENDS, _user_info_masked), _PAIR_ENDS, _secret_pair_masked)
+
+
+def _each_word(value: str, ends: dict[int, str], masked: Callable[[str], str]) -> str:
+    """`value` with `masked` applied to each of its words: the runs between the characters of `ends`."""
+    out, pos = [], 0
+    for word in value.translate(ends).split("\0"):
+        out.append(masked(word) + value[pos + len(word):pos + len(word) + 1])
+        pos += len(word) + 1
+    return "".join(out)
+
+
+def _user_info_masked(word: str) -> str:
+    # All of it up to the word's last '@': a password may hold '@' (Go's URL
+    # parser splits at the last) or '/'; a user name (a token, a Sentry DSN's
+    # key) may be the secret itself. A path masked by mistake hides nothing.
+    start = word.find("://") + 3 if "://" in word else 0
+    at = word.rfind("@", start)
+    return word if at < 0 else word[:start] + "********" + word[at:]
+
+
+def _secret_pair_masked(word: str) -> str:
+    name, sep, _ = word.partition("=")
+    return name + sep + "********" if sep and _is_secret_name(name) else word
 
 
 # ---------------------------------------------------------------------------
