@@ -2907,6 +2907,36 @@ def test_adopt_rejects_garbage(value):
         tl.adopt(environ={"DD_APM_NET_RECEIVER_FD": value})
 
 
+@pytest.mark.parametrize("fd", [0, 1, 2])
+def test_adopt_refuses_a_standard_stream(sockets, fd):
+    # A socket on fd 2 (stderr to a socket, as under systemd's journal) must not become close-on-exec.
+    with pytest.raises(tl.LoaderError, match=r"^DD_APM_NET_RECEIVER_FD is '%d', not a file descriptor number "
+                                             r"from 3$" % fd):
+        tl.adopt(environ={"DD_APM_NET_RECEIVER_FD": str(fd)})
+
+
+def test_adopt_refuses_one_fd_under_two_names(sockets):
+    listener = sockets.tcp_listener()
+    listener.set_inheritable(True)
+    env = {"APP_FD": str(listener.fileno()), "API_FD": str(listener.fileno())}
+    with pytest.raises(tl.LoaderError, match=r"^APP_FD and API_FD both name fd %d$" % listener.fileno()):
+        tl.adopt(names=["APP_FD", "API_FD"], environ=env)
+    gc.collect()
+    assert os.get_inheritable(listener.fileno())  # untouched: still open, still inheritable
+
+
+def test_adopt_takes_one_str_as_one_name_and_a_client_var_alone(sockets):
+    listener = sockets.tcp_listener()
+    held = sockets.connect(listener.getsockname()[1])
+    env = {"APP_FD": str(listener.detach()), "APP_CLIENT_FD": str(held.detach())}
+    with tl.adopt(names="APP_FD", client_var="APP_CLIENT_FD", environ=env) as handoff:
+        assert list(handoff.listeners) == ["APP_FD"] and handoff.client is not None
+    listener, held = sockets.tcp_listener(), sockets.connect(sockets.tcp_listener().getsockname()[1])
+    env = {"DD_APM_NET_RECEIVER_FD": str(listener.detach()), "MY_CLIENT_FD": str(held.detach())}
+    with tl.adopt(client_var="MY_CLIENT_FD", environ=env) as handoff:  # the drop-in listeners, this client
+        assert list(handoff.listeners) == ["DD_APM_NET_RECEIVER_FD"] and handoff.client is not None
+
+
 def test_import_has_no_side_effects():
     code = ("import os, signal, sys; before = sorted(os.listdir('/dev/fd')); h = signal.getsignal(signal.SIGINT);"
             "sys.path.insert(0, %r); import trace_loader;"

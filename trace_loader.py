@@ -2714,9 +2714,11 @@ def adopt(*, names: Iterable[str] | None = None, client_var: str = "",
     Reads systemd's protocol when ``LISTEN_PID`` is this process (fds from 3,
     ``LISTEN_FDS``, ``LISTEN_FDNAMES``, unnamed sockets ``unknown``, the
     client named ``connection``). Else it reads the variables ``names``
-    (generic ``--protocol env``: the ``--listen`` NAMEs) and ``client_var``
-    (``--client-fd-var``), by default the drop-in ones
-    (``DD_APM_NET_RECEIVER_FD`` and the others). Finding no hand-off at all
+    (generic ``--protocol env``: the ``--listen`` NAMEs; one str is one
+    name) and ``client_var`` (``--client-fd-var``), by default the drop-in
+    ones (``DD_APM_NET_RECEIVER_FD`` and the others). The held client
+    belongs to the first TCP listener in ``names`` order (the ``--listen``
+    order): the loader's probe listener. Finding no hand-off at all
     is a LoaderError too: a program started without the loader catches it
     and binds its own sockets. On any error every fd stays open and
     untouched. The sockets it returns are close-on-exec, as
@@ -2729,12 +2731,18 @@ def adopt(*, names: Iterable[str] | None = None, client_var: str = "",
         client_name, source = "connection", "LISTEN_FDS"
     else:
         if names is None:
-            names, client_var = _DROP_IN_FD_VARS, CLIENT_FD_VAR
+            names, client_var = _DROP_IN_FD_VARS, client_var or CLIENT_FD_VAR
+        names = [names] if isinstance(names, str) else names  # one name, not its characters
         wanted = [var for var in dict.fromkeys([*names, client_var]) if var]
         found = [(_fd_number(var, env[var]), var) for var in wanted if env.get(var)]
         if not found:
             raise LoaderError("no sockets were handed over to this process: LISTEN_PID is not %d, and none of %s "
                               "is set" % (os.getpid(), ", ".join(wanted)))
+        for index, (fd, var) in enumerate(found):
+            # Two socket objects on one fd: closing one would close the other's.
+            twin = next((other for number, other in found[:index] if number == fd), "")
+            if twin:
+                raise LoaderError("%s and %s both name fd %d" % (twin, var, fd))
         client_name, source = client_var, ""
     socks = _wrap_sockets(found, source=source)
     listeners: dict[str, socket.socket] = {}
@@ -2755,8 +2763,9 @@ def adopt(*, names: Iterable[str] | None = None, client_var: str = "",
 
 def _fd_number(var: str, text: str) -> int:
     fd = _decimal(text, _MAX_FD)
-    if fd is None:
-        raise LoaderError("%s is %s, not a file descriptor number" % (var, _quoted(text)))
+    if fd is None or fd < _SD_LISTEN_FDS_START:
+        # 0-2 are the standard streams, never a socket handed over.
+        raise LoaderError("%s is %s, not a file descriptor number from 3" % (var, _quoted(text)))
     return fd
 
 
