@@ -938,14 +938,24 @@ def full_pipe() -> tuple[int, int]:
     ("read end", r"Cannot write the readiness newline to fd \d+: not writable \(read-only, or full\)"),
     ("full pipe", r"Cannot write the readiness newline to fd \d+: not writable \(read-only, or full\)"),
     ("notify refuses", r"Cannot send READY=1 to NOTIFY_SOCKET \S*/notify: Connection refused \(ECONNREFUSED\)"),
+    ("notify full", r"Cannot send READY=1 to NOTIFY_SOCKET \S*/notify: Resource temporarily unavailable \(EAGAIN\)"),
 ])
-def test_a_readiness_channel_that_fails_costs_one_warning_not_the_start(procs, tmp_path, case, warning):
+def test_a_readiness_channel_that_fails_costs_one_warning_not_the_start(procs, sockets, tmp_path, case, warning):
     read_end, write_end = full_pipe() if case == "full pipe" else os.pipe()
     fd = read_end if case == "read end" else write_end
     env = base_env(DD_APM_SOCKET_ACTIVATION_READY_FD=str(fd))
     if case == "notify refuses":
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as gone:
             gone.bind(str(tmp_path / "notify"))  # closed: a socket file that nobody receives on
+        env = base_env(NOTIFY_SOCKET=str(tmp_path / "notify"))
+    if case == "notify full":
+        # A supervisor that does not read: its receive queue is full, a blocking send would wait for ever.
+        sockets.keep(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)).bind(str(tmp_path / "notify"))
+        sender = sockets.keep(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+        sender.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            while True:
+                sender.sendto(b"x", str(tmp_path / "notify"))
         env = base_env(NOTIFY_SOCKET=str(tmp_path / "notify"))
     port, report = free_port(), tmp_path / "report.json"
     try:
@@ -955,9 +965,47 @@ def test_a_readiness_channel_that_fails_costs_one_warning_not_the_start(procs, t
         with connect(port) as c:
             assert answer_json(http_request(c))["pid"] == proc.pid
         one_warning(proc, warning)
+        if case in ("read end", "full pipe"):
+            assert fd not in read_report(report)["fds"]  # the program never inherits the readiness fd
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+@pytest.mark.parametrize("case", ["config error", "activation off", "ready_fd in the file", "listener error"])
+def test_failing_open_announces_readiness_before_the_program_starts(procs, sockets, tmp_path, case):
+    # Under Type=notify or s6's notification-fd, a service that never says so is killed and restarted in a loop.
+    notify = sockets.keep(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(TIMEOUT)
+    env = base_env(NOTIFY_SOCKET=str(tmp_path / "notify"))
+    read_end, write_end = os.pipe()
+    report = tmp_path / "report.json"
+    try:
+        if case == "listener error":
+            taken = sockets.tcp_listener().getsockname()[1]
+            proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:%d" % taken, "--ready-fd", str(write_end)],
+                                 systemd_agent(report), env, pass_fds=[write_end])
+        else:
+            config = write_config(tmp_path, port=free_port(), activation=case == "config error")
+            if case == "config error":
+                with open(config, "a") as f:
+                    f.write("bind_host: [oops\n")
+            if case == "ready_fd in the file":
+                path = tmp_path / "datadog.yaml"
+                path.write_text(path.read_text().replace("enabled: false\n", "enabled: false\n    ready_fd: %d\n"
+                                                         % write_end))
+            else:
+                env["DD_APM_SOCKET_ACTIVATION_READY_FD"] = str(write_end)
+            proc = start_drop_in(procs, config, report, env, pass_fds=[write_end])
+        os.close(write_end)
+        assert notify.recv(4096) == b"READY=1"
+        assert read_within(read_end) == b"\n"
+        assert read_within(read_end) == b""  # end of file: the program did not inherit it
+    finally:
+        os.close(read_end)
+    data = read_report(report)
+    assert data["pid"] == proc.pid and data["fds"] == [0, 1, 2] and "NOTIFY_SOCKET" not in data["env"], data
 
 
 # ---------------------------------------------------------------------------
@@ -1499,7 +1547,9 @@ def test_main_is_callable_with_an_argv_list(capsys):
     (["--listen", "tcp://127.0.0.1:1", "--hold-timeout", "1.5", "--", "true"],
      "argument --hold-timeout: '1.5': expected milliseconds"),
     (["--protocol", "env", "--listen", "X=tcp://127.0.0.1:1", "--listen", "X=tcp://127.0.0.1:2", "--", "true"],
-     "argument --listen: X would carry 2 fds"),
+     "argument --listen: X is named twice; under --protocol env each NAME takes one socket"),
+    (["--listen", "connection=tcp://127.0.0.1:0", "--", "true"],
+     "argument --listen: 'connection' is the held client's fd name, not a listener's"),
     (["--listen", "tcp://127.0.0.1:1", "--client-fd-var", "C", "--", "true"],
      "argument --client-fd-var: only used with --held-client fd under --protocol env"),
     (["--listen", "tcp://127.0.0.1:1", "--ready-fd", "2", "--", "true"],
@@ -1851,14 +1901,16 @@ def test_systemd_protocol_passes_only_the_chosen_sockets(procs, sockets, tmp_pat
     assert (data["listen_fds"], data["listen_fdnames"], data["fds"]) == ("1", "b", [0, 1, 2, 3])
 
 
-def test_one_env_name_for_several_inherited_sockets_is_a_usage_error(procs, sockets):
-    # Only once systemd:web is expanded does the loader know that X would name two sockets.
+def test_one_env_name_for_several_inherited_sockets_fails_open(procs, sockets):
+    # Only once systemd:web is expanded does the loader know that X would name two sockets: a fact of the
+    # environment it inherited, not of its command line.
     first, second = sockets.tcp_listener(), sockets.tcp_listener()
     argv = launch_with_fds([first, second], "web:web", [sys.executable, LOADER, "--protocol", "env", "--listen",
-                                                        "X=systemd:web", "--", "true"])
+                                                        "X=systemd:web", "--", *SAYS_ITS_PID])
     proc = procs(argv, base_env(), pass_fds=(first.fileno(), second.fileno()))
-    assert proc.wait_exit() == 2
-    assert "argument --listen: X would carry 2 fds; under --protocol env each NAME takes one socket" in proc.text()
+    proc.wait_for("started as %d" % proc.pid)
+    proc.wait_for(r"WARN .* Failed to get listeners for \S+: X=systemd:web matches 2 inherited sockets; under "
+                  r"--protocol env each NAME takes one$")
 
 
 def test_generic_systemd_listen_without_passed_sockets_fails_open(procs, tmp_path):
@@ -1879,8 +1931,9 @@ PRINTS_ITS_ENV = [sys.executable, "-c",
 
 @pytest.mark.parametrize("path", ["fail-open", "internal"])
 def test_failing_open_drops_every_listen_name_the_parent_set(procs, tmp_path, path):
-    options = ["--protocol", "env", "--listen", "T_HTTP_FD=systemd:", "--listen", "T_API_FD=tcp://127.0.0.1:0"]
-    env = base_env(T_HTTP_FD="7", T_API_FD="8", T_OTHER="kept")
+    options = ["--protocol", "env", "--listen", "T_HTTP_FD=systemd:", "--listen", "T_API_FD=tcp://127.0.0.1:0",
+               "--held-client", "fd", "--client-fd-var", "T_CLIENT_FD"]
+    env = base_env(T_HTTP_FD="7", T_API_FD="8", T_CLIENT_FD="9", T_OTHER="kept")
     if path == "internal":
         # No input reaches main()'s last guard from outside; run the guard's exec itself.
         code = ("import sys; sys.path.insert(0, %r); import trace_loader as t, os;"
@@ -1890,7 +1943,7 @@ def test_failing_open_drops_every_listen_name_the_parent_set(procs, tmp_path, pa
     else:
         proc = start_generic(procs, options, PRINTS_ITS_ENV, env)  # nothing was passed to this pid
     seen = json.loads(proc.wait_for(r"^env ")[0][4:])
-    assert "T_HTTP_FD" not in seen and "T_API_FD" not in seen, seen
+    assert "T_HTTP_FD" not in seen and "T_API_FD" not in seen and "T_CLIENT_FD" not in seen, seen
     assert seen["T_OTHER"] == "kept"
 
 
@@ -2042,6 +2095,23 @@ def test_the_program_starts_with_the_stop_signals_unblocked(procs, tmp_path):
     assert read_report(report)["blocked"] == []  # the mask the program started with
     if LINUX:
         assert signals_in_mask(proc_status_of(proc.pid)["SigBlk"]) == set()
+
+
+def test_a_stray_signal_the_parent_blocked_is_taken_by_the_loader_not_left_to_the_program(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report,
+                         preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1]))
+    proc.wait_for("Polling")
+    os.kill(proc.pid, signal.SIGUSR1)
+    kubelet_probe(port)  # handled after the signal above was delivered
+    proc.wait_for(ABSORBED)
+    with connect(port) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+    assert read_report(report)["blocked"] == []
+    if LINUX:  # nothing pending either: SIGUSR1's default action would end the program once it unblocks it
+        status = proc_status_of(proc.pid)
+        assert signal.SIGUSR1 not in signals_in_mask(status["SigPnd"]) | signals_in_mask(status["ShdPnd"])
 
 
 @pytest.mark.parametrize("parent", ["default", "ignored"])

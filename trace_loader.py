@@ -1918,9 +1918,11 @@ def _set_waiting_signal_handlers() -> None:
         except (OSError, ValueError):
             pass  # a real-time signal the C library reserves for itself: not ours to set
     # A signal mask survives execve too: one that blocks SIGTERM would leave
-    # the waiting loader unstoppable and the signal pending for the program.
-    # Unblock the stop signals, as a Go program waiting on signal.Notify does.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _signals_named(_STOP_SIGNALS))
+    # the waiting loader unstoppable, and any blocked signal pending for the
+    # program. Unblock every signal set above, as a Go program waiting on
+    # signal.Notify does: a pending one is taken (and ignored) here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [*_signals_named(_STOP_SIGNALS + _IGNORED_SIGNALS),
+                                                *_realtime_signals()])
 
 
 def _exit_as_init(signum: int, frame: object) -> None:
@@ -2047,13 +2049,15 @@ class _Launch:
     """What to exec: the resolved path, argv as given, the base environment, the protocol."""
 
     def __init__(self, path: str, argv: list[str], env: dict[str, str], label: str,
-                 protocol: _HandoffProtocol, *, inherited_fds: Iterable[int]) -> None:
+                 protocol: _HandoffProtocol, *, inherited_fds: Iterable[int],
+                 ready_fd: int = _NO_READY_FD) -> None:
         self.path = path
         self.argv = argv
         self.env = env
         self.label = label
         self.protocol = protocol
         self.inherited_fds = frozenset(inherited_fds)  # open when we started: not ours to close
+        self.ready_fd = ready_fd  # _NO_READY_FD: none, or readiness announced already
 
 
 def _exec_program(launch: _Launch, env: dict[str, str], log: _Log) -> NoReturn:
@@ -2077,10 +2081,13 @@ def _exec_directly(launch: _Launch, log: _Log, client: _HeldClient | None = None
 
     Safe at any point, even halfway through a hand-off: every fd that was
     not open when we started is made close-on-exec, and a held client is
-    reset (its peer sees a reset, never a hang).
+    reset (its peer sees a reset, never a hang). Readiness is announced if
+    it was not yet: the program is starting, and the trace-agent speaks
+    neither protocol itself.
     """
     if client is not None:
         client.reset()
+    _announce_ready(launch, log)
     for fd in _open_fds():
         if fd > 2 and fd not in launch.inherited_fds:
             _close_on_exec_if_open(fd)
@@ -2239,28 +2246,30 @@ class _Activation:
     """How to wait and what to hand over, as each front door read it."""
 
     def __init__(self, *, probe: bool, probe_only: str = "", grace_ms: int, hold_timeout_ms: int,
-                 held_client: str, ready_fd: int = _NO_READY_FD) -> None:
+                 held_client: str) -> None:
         self.probe = probe  # the probe check is on
         self.probe_only = probe_only  # the listener it may watch ("": the first TCP one)
         self.grace_ms = grace_ms
         self.hold_timeout_ms = hold_timeout_ms
         self.held_client = held_client  # _HELD_FD or _HELD_RELAY
-        self.ready_fd = ready_fd  # _NO_READY_FD: none
 
 
-def _announce_ready(launch: _Launch, ready_fd: int, log: _Log) -> None:
-    """Tell the supervisor that every listener listens: READY=1 to $NOTIFY_SOCKET, a newline on the ready fd.
+def _announce_ready(launch: _Launch, log: _Log) -> None:
+    """Tell the supervisor we are ready: READY=1 to $NOTIFY_SOCKET, a newline on the ready fd; once.
 
-    Both are used up here, so the program inherits neither. Whatever the
-    supervisor's end does (gone, refusing, full, a fd that is not open), it
-    costs one warning: the listeners are open and the wait goes on.
+    Once every listener listens, or just before the program starts when the
+    loader fails open. Both are used up here, so the program inherits
+    neither. Whatever the supervisor's end does (gone, refusing, full, a fd
+    that is not open), it costs one warning: the start goes on.
     """
-    address = launch.env.pop("NOTIFY_SOCKET", "")
+    address, ready_fd, launch.ready_fd = launch.env.pop("NOTIFY_SOCKET", ""), launch.ready_fd, _NO_READY_FD
     if address:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+                # MSG_DONTWAIT: a supervisor whose receive queue is full must not block us for ever.
                 # sd_notify(3): a leading '@' names the abstract namespace (a NUL in sun_path).
-                notify.sendto(b"READY=1", "\0" + address[1:] if address.startswith("@") else address)
+                notify.sendto(b"READY=1", socket.MSG_DONTWAIT,
+                              "\0" + address[1:] if address.startswith("@") else address)
         except OSError as exc:  # ENOENT, ECONNREFUSED, EAGAIN, EMFILE, anything else alike
             log.warn("Cannot send READY=1 to NOTIFY_SOCKET %s: %s", _path_shown(address), _oserror_text(exc))
     if ready_fd != _NO_READY_FD:
@@ -2268,6 +2277,9 @@ def _announce_ready(launch: _Launch, ready_fd: int, log: _Log) -> None:
             _use_ready_fd(ready_fd, launch)
         except OSError as exc:  # EPIPE (the supervisor is gone), EBADF (opened read-only), anything else alike
             log.warn("Cannot write the readiness newline to fd %d: %s", ready_fd, _oserror_text(exc))
+            if ready_fd in launch.inherited_fds and not stat.S_ISSOCK(os.fstat(ready_fd).st_mode):
+                # The program does not inherit it either (a socket may be a listener it is handed).
+                os.set_inheritable(ready_fd, False)
 
 
 def _use_ready_fd(fd: int, launch: _Launch) -> None:
@@ -2300,7 +2312,7 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
         spec = listener.spec
         named = spec.handoff_name if spec.kind != _INHERITED and spec.handoff_name else spec.shown_as
         log.debug("%s file descriptor is %d", named, listener.fd)
-    _announce_ready(launch, activation.ready_fd, log)
+    _announce_ready(launch, log)
     _release_memory(_memory_steps(launch.env), log)
     probe = _choose_probe_listener(listeners, enabled=activation.probe, only=activation.probe_only)
     waiter = _Waiter(listeners, probe, grace_ms=activation.grace_ms if probe else 0,
@@ -2351,12 +2363,16 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
         log.critical("Cannot start the trace-agent: %s", exc)
         return 1
     protocol = _EnvProtocol(_DROP_IN_FD_VARS, CLIENT_FD_VAR)
-    launch = _Launch(path, program, dict(environ), "the trace-agent", protocol, inherited_fds=inherited_fds)
+    # Until the configuration is read, the ready fd is what its variable says, if anything.
+    ready_fd = _decimal(environ.get("DD_APM_SOCKET_ACTIVATION_READY_FD", ""), _MAX_FD) or _NO_READY_FD
+    launch = _Launch(path, program, dict(environ), "the trace-agent", protocol, inherited_fds=inherited_fds,
+                     ready_fd=ready_fd if ready_fd >= _MIN_READY_FD else _NO_READY_FD)
     try:
         settings = _load_drop_in_settings(config_path, environ, log)
     except _ConfigError as exc:
         log.warn("Failed to load the configuration: %s", exc)
         _exec_directly(launch, log)
+    launch.ready_fd = settings.ready_fd
     log.configure(level=settings.log_level, console=settings.log_to_console, path=settings.log_file)
     if not settings.apm_enabled and not settings.error_tracking:
         log.info("Trace-agent is disabled, stopping...")
@@ -2368,7 +2384,7 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
     # The probe check watches the TCP receiver only, never the OTLP port.
     activation = _Activation(probe=settings.handle_tcp_probe, probe_only=RECEIVER_FD_VAR,
                              grace_ms=settings.probe_grace_ms, hold_timeout_ms=settings.hold_timeout_ms,
-                             held_client=settings.held_client, ready_fd=settings.ready_fd)
+                             held_client=settings.held_client)
     return _serve(launch, specs, activation, log)
 
 
@@ -2526,21 +2542,15 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
         return 1
     for_us = environ.get("LISTEN_PID", "") == str(os.getpid())
     launch = _Launch(path, program, dict(environ), label, _generic_protocol(args, for_us, []),
-                     inherited_fds=inherited_fds)
+                     inherited_fds=inherited_fds, ready_fd=args.ready_fd)
     try:
-        specs, unselected = _expand_inherited(args.listen, environ)
+        specs, unselected = _expand_inherited(args.listen, environ, one_each=args.protocol == "env")
     except _ListenerError as exc:
         log.warn("Failed to get listeners for %s: %s", label, exc)
         _exec_directly(launch, log)
-    names = [spec.handoff_name for spec in specs]
-    for name in names:
-        # Checked once every systemd:[FDNAME] is expanded: one may match several sockets.
-        if args.protocol == "env" and names.count(name) > 1:
-            parser.error("argument --listen: %s would carry %d fds; under --protocol env each NAME takes one "
-                         "socket" % (name, names.count(name)))
     launch.protocol = _generic_protocol(args, for_us, unselected)
     activation = _Activation(probe=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
-                             hold_timeout_ms=args.hold_timeout, held_client=args.held_client, ready_fd=args.ready_fd)
+                             hold_timeout_ms=args.hold_timeout, held_client=args.held_client)
     return _serve(launch, specs, activation, log)
 
 
@@ -2557,13 +2567,14 @@ def _generic_protocol(args: argparse.Namespace, for_us: bool, unselected: list[i
 
 
 def _env_handoff_vars(args: argparse.Namespace) -> list[str]:
-    """The variables --listen NAME= names under --protocol env (under systemd's, NAME is an fd name).
+    """The variables --listen NAME= and --client-fd-var name under --protocol env (none under systemd's).
 
     Reads the options as parsed or as converted: the last-resort exec has only the former.
     """
     if str(args.protocol).lower() != "env":
         return []
-    return [_split_listen_name(value)[0] if isinstance(value, str) else value.handoff_name for value in args.listen]
+    return [_split_listen_name(value)[0] if isinstance(value, str) else value.handoff_name
+            for value in args.listen] + ([args.client_fd_var] if args.client_fd_var else [])
 
 
 def _check_generic_options(args: argparse.Namespace, unknown: list[str], program: list[str]) -> None:
@@ -2594,6 +2605,11 @@ def _check_generic_options(args: argparse.Namespace, unknown: list[str], program
         if protocol == "systemd" and spec.handoff_name and not _valid_fdname(spec.handoff_name):
             raise ValueError("argument --listen: %s is not a valid fd name (printable ASCII, no ':')"
                              % _quoted(spec.handoff_name))
+        if protocol == "systemd" and spec.handoff_name == "connection":
+            raise ValueError("argument --listen: 'connection' is the held client's fd name, not a listener's")
+        if protocol == "env" and [s.handoff_name for s in args.listen].count(spec.handoff_name) > 1:
+            raise ValueError("argument --listen: %s is named twice; under --protocol env each NAME takes one "
+                             "socket" % spec.handoff_name)
     client_var = args.client_fd_var
     if client_var and not _valid_env_name(client_var):
         raise ValueError("argument --client-fd-var: %s is not a valid variable name" % _quoted(client_var))
@@ -2630,8 +2646,9 @@ def _inherited_fds(environ: Mapping[str, str]) -> list[tuple[int, str]]:
     return [(_SD_LISTEN_FDS_START + i, name or "unknown") for i, name in enumerate(names)]
 
 
-def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str]) -> tuple[list[_ListenerSpec], list[int]]:
-    """Replace each `systemd:[NAME]` spec by one spec per matching inherited fd.
+def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str], *,
+                      one_each: bool = False) -> tuple[list[_ListenerSpec], list[int]]:
+    """Replace each `systemd:[NAME]` spec by one spec per matching inherited fd (`one_each`: by one fd).
 
     Also returns the inherited fds that no spec asked for.
     """
@@ -2647,6 +2664,9 @@ def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str]) ->
         if not matches:
             raise _ListenerError("no inherited socket is named %s (LISTEN_FDNAMES: %s)"
                                 % (_quoted(spec.systemd_name), _quoted(environ.get("LISTEN_FDNAMES", ""))))
+        if one_each and len(matches) > 1:
+            raise _ListenerError("%s=%s matches %d inherited sockets; under --protocol env each NAME takes one"
+                                 % (spec.handoff_name, spec.shown_as, len(matches)))
         for fd, name in matches:
             expanded.append(_ListenerSpec(spec.handoff_name or name, _INHERITED, fd=fd,
                                           shown_as="systemd socket %s" % _escaped(name)))
