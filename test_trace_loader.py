@@ -974,14 +974,24 @@ def full_pipe() -> tuple[int, int]:
     ("read end", r"Cannot write the readiness newline to fd \d+: not writable \(read-only, or full\)"),
     ("full pipe", r"Cannot write the readiness newline to fd \d+: not writable \(read-only, or full\)"),
     ("notify refuses", r"Cannot send READY=1 to NOTIFY_SOCKET \S*/notify: Connection refused \(ECONNREFUSED\)"),
+    ("notify full", r"Cannot send READY=1 to NOTIFY_SOCKET \S*/notify: Resource temporarily unavailable \(EAGAIN\)"),
 ])
-def test_a_readiness_channel_that_fails_costs_one_warning_not_the_start(procs, tmp_path, case, warning):
+def test_a_readiness_channel_that_fails_costs_one_warning_not_the_start(procs, sockets, tmp_path, case, warning):
     read_end, write_end = full_pipe() if case == "full pipe" else os.pipe()
     fd = read_end if case == "read end" else write_end
     env = base_env(DD_APM_SOCKET_ACTIVATION_READY_FD=str(fd))
     if case == "notify refuses":
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as gone:
             gone.bind(str(tmp_path / "notify"))  # closed: a socket file that nobody receives on
+        env = base_env(NOTIFY_SOCKET=str(tmp_path / "notify"))
+    if case == "notify full":
+        # A supervisor that does not read: its receive queue is full, a blocking send would wait for ever.
+        sockets.keep(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)).bind(str(tmp_path / "notify"))
+        sender = sockets.keep(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+        sender.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            while True:
+                sender.sendto(b"x", str(tmp_path / "notify"))
         env = base_env(NOTIFY_SOCKET=str(tmp_path / "notify"))
     port, report = free_port(), tmp_path / "report.json"
     try:
@@ -991,9 +1001,47 @@ def test_a_readiness_channel_that_fails_costs_one_warning_not_the_start(procs, t
         with connect(port) as c:
             assert answer_json(http_request(c))["pid"] == proc.pid
         one_warning(proc, warning)
+        if case in ("read end", "full pipe"):
+            assert fd not in read_report(report)["fds"]  # the program never inherits the readiness fd
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+@pytest.mark.parametrize("case", ["config error", "activation off", "ready_fd in the file", "listener error"])
+def test_failing_open_announces_readiness_before_the_program_starts(procs, sockets, tmp_path, case):
+    # Under Type=notify or s6's notification-fd, a service that never says so is killed and restarted in a loop.
+    notify = sockets.keep(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(TIMEOUT)
+    env = base_env(NOTIFY_SOCKET=str(tmp_path / "notify"))
+    read_end, write_end = os.pipe()
+    report = tmp_path / "report.json"
+    try:
+        if case == "listener error":
+            taken = sockets.tcp_listener().getsockname()[1]
+            proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:%d" % taken, "--ready-fd", str(write_end)],
+                                 systemd_agent(report), env, pass_fds=[write_end])
+        else:
+            config = write_config(tmp_path, port=free_port(), activation=case == "config error")
+            if case == "config error":
+                with open(config, "a") as f:
+                    f.write("bind_host: [oops\n")
+            if case == "ready_fd in the file":
+                path = tmp_path / "datadog.yaml"
+                path.write_text(path.read_text().replace("enabled: false\n", "enabled: false\n    ready_fd: %d\n"
+                                                         % write_end))
+            else:
+                env["DD_APM_SOCKET_ACTIVATION_READY_FD"] = str(write_end)
+            proc = start_drop_in(procs, config, report, env, pass_fds=[write_end])
+        os.close(write_end)
+        assert notify.recv(4096) == b"READY=1"
+        assert read_within(read_end) == b"\n"
+        assert read_within(read_end) == b""  # end of file: the program did not inherit it
+    finally:
+        os.close(read_end)
+    data = read_report(report)
+    assert data["pid"] == proc.pid and data["fds"] == [0, 1, 2] and "NOTIFY_SOCKET" not in data["env"], data
 
 
 # ---------------------------------------------------------------------------
@@ -1717,7 +1765,9 @@ def test_main_is_callable_with_an_argv_list(capsys):
     (["--listen", "tcp://127.0.0.1:1", "--hold-timeout", "1.5", "--", "true"],
      "argument --hold-timeout: '1.5': expected milliseconds"),
     (["--protocol", "env", "--listen", "X=tcp://127.0.0.1:1", "--listen", "X=tcp://127.0.0.1:2", "--", "true"],
-     "argument --listen: X would carry 2 fds"),
+     "argument --listen: X is named twice; under --protocol env each NAME takes one socket"),
+    (["--listen", "connection=tcp://127.0.0.1:0", "--", "true"],
+     "argument --listen: 'connection' is the held client's fd name, not a listener's"),
     (["--listen", "tcp://127.0.0.1:1", "--client-fd-var", "C", "--", "true"],
      "argument --client-fd-var: only used with --held-client fd under --protocol env"),
     (["--listen", "tcp://127.0.0.1:1", "--ready-fd", "2", "--", "true"],
@@ -2069,14 +2119,16 @@ def test_systemd_protocol_passes_only_the_chosen_sockets(procs, sockets, tmp_pat
     assert (data["listen_fds"], data["listen_fdnames"], data["fds"]) == ("1", "b", [0, 1, 2, 3])
 
 
-def test_one_env_name_for_several_inherited_sockets_is_a_usage_error(procs, sockets):
-    # Only once systemd:web is expanded does the loader know that X would name two sockets.
+def test_one_env_name_for_several_inherited_sockets_fails_open(procs, sockets):
+    # Only once systemd:web is expanded does the loader know that X would name two sockets: a fact of the
+    # environment it inherited, not of its command line.
     first, second = sockets.tcp_listener(), sockets.tcp_listener()
     argv = launch_with_fds([first, second], "web:web", [sys.executable, LOADER, "--protocol", "env", "--listen",
-                                                        "X=systemd:web", "--", "true"])
+                                                        "X=systemd:web", "--", *SAYS_ITS_PID])
     proc = procs(argv, base_env(), pass_fds=(first.fileno(), second.fileno()))
-    assert proc.wait_exit() == 2
-    assert "argument --listen: X would carry 2 fds; under --protocol env each NAME takes one socket" in proc.text()
+    proc.wait_for("started as %d" % proc.pid)
+    proc.wait_for(r"WARN .* Failed to get listeners for \S+: X=systemd:web matches 2 inherited sockets; under "
+                  r"--protocol env each NAME takes one$")
 
 
 def test_generic_systemd_listen_without_passed_sockets_fails_open(procs, tmp_path):
@@ -2097,8 +2149,9 @@ PRINTS_ITS_ENV = [sys.executable, "-c",
 
 @pytest.mark.parametrize("path", ["fail-open", "internal"])
 def test_failing_open_drops_every_listen_name_the_parent_set(procs, tmp_path, path):
-    options = ["--protocol", "env", "--listen", "T_HTTP_FD=systemd:", "--listen", "T_API_FD=tcp://127.0.0.1:0"]
-    env = base_env(T_HTTP_FD="7", T_API_FD="8", T_OTHER="kept")
+    options = ["--protocol", "env", "--listen", "T_HTTP_FD=systemd:", "--listen", "T_API_FD=tcp://127.0.0.1:0",
+               "--held-client", "fd", "--client-fd-var", "T_CLIENT_FD"]
+    env = base_env(T_HTTP_FD="7", T_API_FD="8", T_CLIENT_FD="9", T_OTHER="kept")
     if path == "internal":
         # No input reaches main()'s last guard from outside; run the guard's exec itself.
         code = ("import sys; sys.path.insert(0, %r); import trace_loader as t, os;"
@@ -2108,7 +2161,7 @@ def test_failing_open_drops_every_listen_name_the_parent_set(procs, tmp_path, pa
     else:
         proc = start_generic(procs, options, PRINTS_ITS_ENV, env)  # nothing was passed to this pid
     seen = json.loads(proc.wait_for(r"^env ")[0][4:])
-    assert "T_HTTP_FD" not in seen and "T_API_FD" not in seen, seen
+    assert "T_HTTP_FD" not in seen and "T_API_FD" not in seen and "T_CLIENT_FD" not in seen, seen
     assert seen["T_OTHER"] == "kept"
 
 
@@ -2260,6 +2313,23 @@ def test_the_program_starts_with_the_stop_signals_unblocked(procs, tmp_path):
     assert read_report(report)["blocked"] == []  # the mask the program started with
     if LINUX:
         assert signals_in_mask(proc_status_of(proc.pid)["SigBlk"]) == set()
+
+
+def test_a_stray_signal_the_parent_blocked_is_taken_by_the_loader_not_left_to_the_program(procs, tmp_path):
+    port = free_port()
+    report = tmp_path / "report.json"
+    proc = start_drop_in(procs, write_config(tmp_path, port=port), report,
+                         preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1]))
+    proc.wait_for("Polling")
+    os.kill(proc.pid, signal.SIGUSR1)
+    kubelet_probe(port)  # handled after the signal above was delivered
+    proc.wait_for(ABSORBED)
+    with connect(port) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
+    assert read_report(report)["blocked"] == []
+    if LINUX:  # nothing pending either: SIGUSR1's default action would end the program once it unblocks it
+        status = proc_status_of(proc.pid)
+        assert signal.SIGUSR1 not in signals_in_mask(status["SigPnd"]) | signals_in_mask(status["ShdPnd"])
 
 
 @pytest.mark.parametrize("parent", ["default", "ignored"])
@@ -2503,10 +2573,39 @@ def test_trace_level_masks_secrets(procs, tmp_path):
     line = proc.wait_for("Starting the trace-agent with env")[0]
     assert "'DD_API_KEY'='********'" in line and "'DD_LOG_LEVEL'='trace'" in line
     assert "'DD_PROXY_HTTPS'='********'" in line and "'DD_APM_ADDITIONAL_ENDPOINTS'='********'" in line
-    assert "'DATABASE_URL'='postgres://app:********@db:5432/x'" in line
+    assert "'DATABASE_URL'='postgres://********@db:5432/x'" in line
     assert "'MIRROR'='https://mirror.example:8443/'" in line  # a URL without a password, as it is
     for text in (proc.text(), log_file.read_text()):
         assert "s3cr3t" not in text
+
+
+# Credentials in values of variables whose names do not say so, and what stays visible.
+HIDDEN_CREDENTIALS = {
+    "V_NO_SCHEME": ("proxy-user:S3CR3T-1@proxy:3128", "********@proxy:3128"),
+    "V_AT_IN_PW": ("http://user:p@S3CR3T-2@proxy", "http://********@proxy"),
+    "V_EMAIL_USER": ("http://john@corp.example:S3CR3T-3@proxy", "http://********@proxy"),
+    "V_GITHUB_USER": ("https://ghp_S3CR3T-4@github.com/o/r.git", "https://********@github.com/o/r.git"),
+    "V_SENTRY_DSN": ("https://S3CR3T-5@o1.ingest.sentry.io/1", "https://********@o1.ingest.sentry.io/1"),
+    "V_QUERY": ("jdbc:mysql://db/app?user=app&password=S3CR3T-6", "jdbc:mysql://db/app?user=app&password=********"),
+    "V_PAIRS": ("Server=db;Pwd=S3CR3T-7;Access_Token=S3CR3T-8", "Server=db;Pwd=********;Access_Token=********"),
+    "V_LIST": ("http://a:S3CR3T-9@h1,b:S3CR3T-10@h2 x", "http://********@h1,********@h2 x"),
+    "V_PLAIN": ("https://mirror.example:8443/a?b=c", "https://mirror.example:8443/a?b=c"),
+}
+
+
+def test_trace_level_masks_credentials_in_any_value_in_linear_time(procs, tmp_path):
+    env = base_env(**{name: value for name, (value, _) in HIDDEN_CREDENTIALS.items()})
+    # Values a backtracking pattern takes seconds each to scan (the whole wait would outlast TIMEOUT).
+    env.update(("V_LONG_%d" % i, "://x:" * 26_000) for i in range(3))
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--log-level", "trace"], SAYS_ITS_PID, env)
+    port = bound_port(proc)
+    proc.wait_for("Polling")
+    connect(port).close()
+    line = proc.wait_for("with env")[0]
+    proc.wait_for("started as %d" % proc.pid)
+    for name, (_, shown) in HIDDEN_CREDENTIALS.items():
+        assert "%r=%r" % (name, shown) in line, line
+    assert "S3CR3T" not in proc.text()
 
 
 # ---------------------------------------------------------------------------
@@ -2770,6 +2869,27 @@ def test_emfile_while_clearing_a_stale_unix_socket_fails_open_naming_the_socket(
                   r"Too many open files \(EMFILE\)" % re.escape(str(stale)))
     proc.wait_for("started as %d" % proc.pid)
     assert stat.S_ISSOCK(os.lstat(str(stale)).st_mode)  # refused to judge it, so left it alone
+
+
+def test_trace_level_at_the_fd_limit_still_starts_the_program(procs, tmp_path):
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    # 0-2, the log file (3) and the unix receiver (4) fill a soft limit of 5: the program still has its one
+    # free fd to start with, and the trace line of its environment must need none (an import would). No TCP
+    # receiver: resolving its host loads the idna codec, which imports early what such a line might need.
+    config = write_config(tmp_path, socket_path=str(tmp_path / "apm.sock"), level="trace")
+    env = base_env(DD_DISABLE_FILE_LOGGING="false", DD_APM_LOG_FILE=str(tmp_path / "trace-agent.log"))
+    agent = ["/bin/sh", "-c", 'ulimit -S -n 1024 && exec "$0" "$@"', *SAYS_ITS_PID]
+    proc = procs([sys.executable, "-I", "-S", LOADER, config, *agent], env,
+                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (5, hard)))
+    proc.wait_for("Polling")
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(str(tmp_path / "apm.sock"))
+        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        proc.wait_for("started as %d" % proc.pid)
+    proc.wait_for("Starting the trace-agent with env")
+    assert "Internal error" not in proc.text()
 
 
 @pytest.mark.parametrize("closed", [0, 1, 2])
@@ -3073,6 +3193,36 @@ def test_handoff_closes_what_it_holds(sockets):
 def test_adopt_rejects_garbage(value):
     with pytest.raises(tl.LoaderError, match="DD_APM_NET_RECEIVER_FD"):
         tl.adopt(environ={"DD_APM_NET_RECEIVER_FD": value})
+
+
+@pytest.mark.parametrize("fd", [0, 1, 2])
+def test_adopt_refuses_a_standard_stream(sockets, fd):
+    # A socket on fd 2 (stderr to a socket, as under systemd's journal) must not become close-on-exec.
+    with pytest.raises(tl.LoaderError, match=r"^DD_APM_NET_RECEIVER_FD is '%d', not a file descriptor number "
+                                             r"from 3$" % fd):
+        tl.adopt(environ={"DD_APM_NET_RECEIVER_FD": str(fd)})
+
+
+def test_adopt_refuses_one_fd_under_two_names(sockets):
+    listener = sockets.tcp_listener()
+    listener.set_inheritable(True)
+    env = {"APP_FD": str(listener.fileno()), "API_FD": str(listener.fileno())}
+    with pytest.raises(tl.LoaderError, match=r"^APP_FD and API_FD both name fd %d$" % listener.fileno()):
+        tl.adopt(names=["APP_FD", "API_FD"], environ=env)
+    gc.collect()
+    assert os.get_inheritable(listener.fileno())  # untouched: still open, still inheritable
+
+
+def test_adopt_takes_one_str_as_one_name_and_a_client_var_alone(sockets):
+    listener = sockets.tcp_listener()
+    held = sockets.connect(listener.getsockname()[1])
+    env = {"APP_FD": str(listener.detach()), "APP_CLIENT_FD": str(held.detach())}
+    with tl.adopt(names="APP_FD", client_var="APP_CLIENT_FD", environ=env) as handoff:
+        assert list(handoff.listeners) == ["APP_FD"] and handoff.client is not None
+    listener, held = sockets.tcp_listener(), sockets.connect(sockets.tcp_listener().getsockname()[1])
+    env = {"DD_APM_NET_RECEIVER_FD": str(listener.detach()), "MY_CLIENT_FD": str(held.detach())}
+    with tl.adopt(client_var="MY_CLIENT_FD", environ=env) as handoff:  # the drop-in listeners, this client
+        assert list(handoff.listeners) == ["DD_APM_NET_RECEIVER_FD"] and handoff.client is not None
 
 
 def test_import_has_no_side_effects():

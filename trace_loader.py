@@ -197,8 +197,12 @@ _PATH_SHOWN_MAX = 300
 # A variable whose name holds one of these (any case) is masked at trace level:
 # the words that say "secret", and the Datadog variables that carry credentials
 # under other names (proxy URLs with user:password@, endpoints' API keys).
-_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "DD_PROXY_",
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "PWD", "CREDENTIAL", "AUTH", "DD_PROXY_",
                  "ADDITIONAL_ENDPOINTS")
+# What ends a word of a value, for the masking of what it holds; '?' and '&'
+# end a query's NAME=VALUE pair too.
+_WORD_ENDS = {ord(c): "\0" for c in " \t\n\r\v\f,;"}
+_PAIR_ENDS = {**_WORD_ENDS, ord("?"): "\0", ord("&"): "\0"}
 
 
 class _Log:
@@ -307,18 +311,43 @@ def _is_secret_name(name: str) -> bool:
 def _env_shown(env: Mapping[str, str]) -> str:
     """The environment for a trace line: secrets masked, every value cut."""
     return ", ".join(
-        "%s=%s" % (_quoted(name, 64), "'********'" if _is_secret_name(name) else _quoted(_url_password_masked(value)))
+        "%s=%s" % (_quoted(name, 64), "'********'" if _is_secret_name(name) else _quoted(_secrets_masked(value)))
         for name, value in sorted(env.items())
     )
 
 
-def _url_password_masked(value: str) -> str:
-    """`value` with the password of every URL in it masked: scheme://user:********@host."""
-    import re  # only at trace level
+def _secrets_masked(value: str) -> str:
+    """`value` with what may be a credential masked: user info, and NAME=VALUE pairs whose NAME says secret.
 
-    # Up to the next '@' (or space): a password that holds '/' is masked too,
-    # and masking a port and path by mistake hides nothing worth seeing.
-    return re.sub(r"(://[^\s:/@]*:)[^\s@]*@", r"\1********@", value)
+    The user info of every word (scheme://********@host, ********@proxy:3128)
+    and the VALUE of every such pair (?password=********). In linear time
+    and with no regular expression: no backtracking, and no import (which
+    would need a free fd).
+    """
+    return _each_word(_each_word(value, _WORD_ENDS, _user_info_masked), _PAIR_ENDS, _secret_pair_masked)
+
+
+def _each_word(value: str, ends: dict[int, str], masked: Callable[[str], str]) -> str:
+    """`value` with `masked` applied to each of its words: the runs between the characters of `ends`."""
+    out, pos = [], 0
+    for word in value.translate(ends).split("\0"):
+        out.append(masked(word) + value[pos + len(word):pos + len(word) + 1])
+        pos += len(word) + 1
+    return "".join(out)
+
+
+def _user_info_masked(word: str) -> str:
+    # All of it up to the word's last '@': a password may hold '@' (Go's URL
+    # parser splits at the last) or '/'; a user name (a token, a Sentry DSN's
+    # key) may be the secret itself. A path masked by mistake hides nothing.
+    start = word.find("://") + 3 if "://" in word else 0
+    at = word.rfind("@", start)
+    return word if at < 0 else word[:start] + "********" + word[at:]
+
+
+def _secret_pair_masked(word: str) -> str:
+    name, sep, _ = word.partition("=")
+    return name + sep + "********" if sep and _is_secret_name(name) else word
 
 
 # ---------------------------------------------------------------------------
@@ -1944,9 +1973,11 @@ def _set_waiting_signal_handlers() -> None:
         except (OSError, ValueError):
             pass  # a real-time signal the C library reserves for itself: not ours to set
     # A signal mask survives execve too: one that blocks SIGTERM would leave
-    # the waiting loader unstoppable and the signal pending for the program.
-    # Unblock the stop signals, as a Go program waiting on signal.Notify does.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _signals_named(_STOP_SIGNALS))
+    # the waiting loader unstoppable, and any blocked signal pending for the
+    # program. Unblock every signal set above, as a Go program waiting on
+    # signal.Notify does: a pending one is taken (and ignored) here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [*_signals_named(_STOP_SIGNALS + _IGNORED_SIGNALS),
+                                                *_realtime_signals()])
 
 
 def _exit_as_init(signum: int, frame: object) -> None:
@@ -2062,13 +2093,15 @@ class _Launch:
     """What to exec: the resolved path, argv as given, the base environment, the protocol."""
 
     def __init__(self, path: str, argv: list[str], env: dict[str, str], label: str,
-                 protocol: _HandoffProtocol, *, inherited_fds: Iterable[int]) -> None:
+                 protocol: _HandoffProtocol, *, inherited_fds: Iterable[int],
+                 ready_fd: int = _NO_READY_FD) -> None:
         self.path = path
         self.argv = argv
         self.env = env
         self.label = label
         self.protocol = protocol
         self.inherited_fds = frozenset(inherited_fds)  # open when we started: not ours to close
+        self.ready_fd = ready_fd  # _NO_READY_FD: none, or readiness announced already
 
 
 def _exec_program(launch: _Launch, env: dict[str, str], log: _Log) -> NoReturn:
@@ -2092,10 +2125,13 @@ def _exec_directly(launch: _Launch, log: _Log, client: _HeldClient | None = None
 
     Safe at any point, even halfway through a hand-off: every fd that was
     not open when we started is made close-on-exec, and a held client is
-    reset (its peer sees a reset, never a hang).
+    reset (its peer sees a reset, never a hang). Readiness is announced if
+    it was not yet: the program is starting, and the trace-agent speaks
+    neither protocol itself.
     """
     if client is not None:
         client.reset()
+    _announce_ready(launch, log)
     for fd in _open_fds():
         if fd > 2 and fd not in launch.inherited_fds:
             _close_on_exec_if_open(fd)
@@ -2551,31 +2587,32 @@ class _Activation:
     """How to wait and what to hand over, as each front door read it."""
 
     def __init__(self, *, probe: bool, probe_only: str = "", grace_ms: int, hold_timeout_ms: int,
-                 held_client: str, ready_fd: int = _NO_READY_FD, stop_when_idle: int = 0,
-                 stop_timeout: int = _DEFAULT_STOP_TIMEOUT) -> None:
+                 held_client: str, stop_when_idle: int = 0, stop_timeout: int = _DEFAULT_STOP_TIMEOUT) -> None:
         self.probe = probe  # the probe check is on
         self.probe_only = probe_only  # the listener it may watch ("": the first TCP one)
         self.grace_ms = grace_ms
         self.hold_timeout_ms = hold_timeout_ms
         self.held_client = held_client  # _HELD_FD or _HELD_RELAY
-        self.ready_fd = ready_fd  # _NO_READY_FD: none
         self.stop_when_idle = stop_when_idle  # seconds; 0: exec in place, never stop
         self.stop_timeout = stop_timeout
 
 
-def _announce_ready(launch: _Launch, ready_fd: int, log: _Log) -> None:
-    """Tell the supervisor that every listener listens: READY=1 to $NOTIFY_SOCKET, a newline on the ready fd.
+def _announce_ready(launch: _Launch, log: _Log) -> None:
+    """Tell the supervisor we are ready: READY=1 to $NOTIFY_SOCKET, a newline on the ready fd; once.
 
-    Both are used up here, so the program inherits neither. Whatever the
-    supervisor's end does (gone, refusing, full, a fd that is not open), it
-    costs one warning: the listeners are open and the wait goes on.
+    Once every listener listens, or just before the program starts when the
+    loader fails open. Both are used up here, so the program inherits
+    neither. Whatever the supervisor's end does (gone, refusing, full, a fd
+    that is not open), it costs one warning: the start goes on.
     """
-    address = launch.env.pop("NOTIFY_SOCKET", "")
+    address, ready_fd, launch.ready_fd = launch.env.pop("NOTIFY_SOCKET", ""), launch.ready_fd, _NO_READY_FD
     if address:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+                # MSG_DONTWAIT: a supervisor whose receive queue is full must not block us for ever.
                 # sd_notify(3): a leading '@' names the abstract namespace (a NUL in sun_path).
-                notify.sendto(b"READY=1", "\0" + address[1:] if address.startswith("@") else address)
+                notify.sendto(b"READY=1", socket.MSG_DONTWAIT,
+                              "\0" + address[1:] if address.startswith("@") else address)
         except OSError as exc:  # ENOENT, ECONNREFUSED, EAGAIN, EMFILE, anything else alike
             log.warn("Cannot send READY=1 to NOTIFY_SOCKET %s: %s", _path_shown(address), _oserror_text(exc))
     if ready_fd != _NO_READY_FD:
@@ -2583,6 +2620,9 @@ def _announce_ready(launch: _Launch, ready_fd: int, log: _Log) -> None:
             _use_ready_fd(ready_fd, launch)
         except OSError as exc:  # EPIPE (the supervisor is gone), EBADF (opened read-only), anything else alike
             log.warn("Cannot write the readiness newline to fd %d: %s", ready_fd, _oserror_text(exc))
+            if ready_fd in launch.inherited_fds and not stat.S_ISSOCK(os.fstat(ready_fd).st_mode):
+                # The program does not inherit it either (a socket may be a listener it is handed).
+                os.set_inheritable(ready_fd, False)
 
 
 def _use_ready_fd(fd: int, launch: _Launch) -> None:
@@ -2615,7 +2655,7 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
         spec = listener.spec
         named = spec.handoff_name if spec.kind != _INHERITED and spec.handoff_name else spec.shown_as
         log.debug("%s file descriptor is %d", named, listener.fd)
-    _announce_ready(launch, activation.ready_fd, log)
+    _announce_ready(launch, log)
     probe = _choose_probe_listener(listeners, enabled=activation.probe, only=activation.probe_only)
     while True:  # wait, hand off; with a stop-when-idle time: supervise, wait again
         _release_memory(_memory_steps(launch.env), log)
@@ -2673,12 +2713,16 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
         log.critical("Cannot start the trace-agent: %s", exc)
         return 1
     protocol = _EnvProtocol(_DROP_IN_FD_VARS, CLIENT_FD_VAR)
-    launch = _Launch(path, program, dict(environ), "the trace-agent", protocol, inherited_fds=inherited_fds)
+    # Until the configuration is read, the ready fd is what its variable says, if anything.
+    ready_fd = _decimal(environ.get("DD_APM_SOCKET_ACTIVATION_READY_FD", ""), _MAX_FD) or _NO_READY_FD
+    launch = _Launch(path, program, dict(environ), "the trace-agent", protocol, inherited_fds=inherited_fds,
+                     ready_fd=ready_fd if ready_fd >= _MIN_READY_FD else _NO_READY_FD)
     try:
         settings = _load_drop_in_settings(config_path, environ, log)
     except _ConfigError as exc:
         log.warn("Failed to load the configuration: %s", exc)
         _exec_directly(launch, log)
+    launch.ready_fd = settings.ready_fd
     log.configure(level=settings.log_level, console=settings.log_to_console, path=settings.log_file)
     if not settings.apm_enabled and not settings.error_tracking:
         log.info("Trace-agent is disabled, stopping...")
@@ -2690,8 +2734,8 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
     # The probe check watches the TCP receiver only, never the OTLP port.
     activation = _Activation(probe=settings.handle_tcp_probe, probe_only=RECEIVER_FD_VAR,
                              grace_ms=settings.probe_grace_ms, hold_timeout_ms=settings.hold_timeout_ms,
-                             held_client=settings.held_client, ready_fd=settings.ready_fd,
-                             stop_when_idle=settings.stop_when_idle, stop_timeout=settings.stop_timeout)
+                             held_client=settings.held_client, stop_when_idle=settings.stop_when_idle,
+                             stop_timeout=settings.stop_timeout)
     return _serve(launch, specs, activation, log)
 
 
@@ -2861,21 +2905,15 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
         return 1
     for_us = environ.get("LISTEN_PID", "") == str(os.getpid())
     launch = _Launch(path, program, dict(environ), label, _generic_protocol(args, for_us, []),
-                     inherited_fds=inherited_fds)
+                     inherited_fds=inherited_fds, ready_fd=args.ready_fd)
     try:
-        specs, unselected = _expand_inherited(args.listen, environ)
+        specs, unselected = _expand_inherited(args.listen, environ, one_each=args.protocol == "env")
     except _ListenerError as exc:
         log.warn("Failed to get listeners for %s: %s", label, exc)
         _exec_directly(launch, log)
-    names = [spec.handoff_name for spec in specs]
-    for name in names:
-        # Checked once every systemd:[FDNAME] is expanded: one may match several sockets.
-        if args.protocol == "env" and names.count(name) > 1:
-            parser.error("argument --listen: %s would carry %d fds; under --protocol env each NAME takes one "
-                         "socket" % (name, names.count(name)))
     launch.protocol = _generic_protocol(args, for_us, unselected)
     activation = _Activation(probe=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
-                             hold_timeout_ms=args.hold_timeout, held_client=args.held_client, ready_fd=args.ready_fd,
+                             hold_timeout_ms=args.hold_timeout, held_client=args.held_client,
                              stop_when_idle=args.stop_when_idle, stop_timeout=args.stop_timeout)
     return _serve(launch, specs, activation, log)
 
@@ -2893,13 +2931,14 @@ def _generic_protocol(args: argparse.Namespace, for_us: bool, unselected: list[i
 
 
 def _env_handoff_vars(args: argparse.Namespace) -> list[str]:
-    """The variables --listen NAME= names under --protocol env (under systemd's, NAME is an fd name).
+    """The variables --listen NAME= and --client-fd-var name under --protocol env (none under systemd's).
 
     Reads the options as parsed or as converted: the last-resort exec has only the former.
     """
     if str(args.protocol).lower() != "env":
         return []
-    return [_split_listen_name(value)[0] if isinstance(value, str) else value.handoff_name for value in args.listen]
+    return [_split_listen_name(value)[0] if isinstance(value, str) else value.handoff_name
+            for value in args.listen] + ([args.client_fd_var] if args.client_fd_var else [])
 
 
 def _check_generic_options(args: argparse.Namespace, unknown: list[str], program: list[str]) -> None:
@@ -2932,6 +2971,11 @@ def _check_generic_options(args: argparse.Namespace, unknown: list[str], program
         if protocol == "systemd" and spec.handoff_name and not _valid_fdname(spec.handoff_name):
             raise ValueError("argument --listen: %s is not a valid fd name (printable ASCII, no ':')"
                              % _quoted(spec.handoff_name))
+        if protocol == "systemd" and spec.handoff_name == "connection":
+            raise ValueError("argument --listen: 'connection' is the held client's fd name, not a listener's")
+        if protocol == "env" and [s.handoff_name for s in args.listen].count(spec.handoff_name) > 1:
+            raise ValueError("argument --listen: %s is named twice; under --protocol env each NAME takes one "
+                             "socket" % spec.handoff_name)
     client_var = args.client_fd_var
     if client_var and not _valid_env_name(client_var):
         raise ValueError("argument --client-fd-var: %s is not a valid variable name" % _quoted(client_var))
@@ -2968,8 +3012,9 @@ def _inherited_fds(environ: Mapping[str, str]) -> list[tuple[int, str]]:
     return [(_SD_LISTEN_FDS_START + i, name or "unknown") for i, name in enumerate(names)]
 
 
-def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str]) -> tuple[list[_ListenerSpec], list[int]]:
-    """Replace each `systemd:[NAME]` spec by one spec per matching inherited fd.
+def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str], *,
+                      one_each: bool = False) -> tuple[list[_ListenerSpec], list[int]]:
+    """Replace each `systemd:[NAME]` spec by one spec per matching inherited fd (`one_each`: by one fd).
 
     Also returns the inherited fds that no spec asked for.
     """
@@ -2985,6 +3030,9 @@ def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str]) ->
         if not matches:
             raise _ListenerError("no inherited socket is named %s (LISTEN_FDNAMES: %s)"
                                 % (_quoted(spec.systemd_name), _quoted(environ.get("LISTEN_FDNAMES", ""))))
+        if one_each and len(matches) > 1:
+            raise _ListenerError("%s=%s matches %d inherited sockets; under --protocol env each NAME takes one"
+                                 % (spec.handoff_name, spec.shown_as, len(matches)))
         for fd, name in matches:
             expanded.append(_ListenerSpec(spec.handoff_name or name, _INHERITED, fd=fd,
                                           shown_as="systemd socket %s" % _escaped(name)))
@@ -3052,9 +3100,11 @@ def adopt(*, names: Iterable[str] | None = None, client_var: str = "",
     Reads systemd's protocol when ``LISTEN_PID`` is this process (fds from 3,
     ``LISTEN_FDS``, ``LISTEN_FDNAMES``, unnamed sockets ``unknown``, the
     client named ``connection``). Else it reads the variables ``names``
-    (generic ``--protocol env``: the ``--listen`` NAMEs) and ``client_var``
-    (``--client-fd-var``), by default the drop-in ones
-    (``DD_APM_NET_RECEIVER_FD`` and the others). Finding no hand-off at all
+    (generic ``--protocol env``: the ``--listen`` NAMEs; one str is one
+    name) and ``client_var`` (``--client-fd-var``), by default the drop-in
+    ones (``DD_APM_NET_RECEIVER_FD`` and the others). The held client
+    belongs to the first TCP listener in ``names`` order (the ``--listen``
+    order): the loader's probe listener. Finding no hand-off at all
     is a LoaderError too: a program started without the loader catches it
     and binds its own sockets. On any error every fd stays open and
     untouched. The sockets it returns are close-on-exec, as
@@ -3067,12 +3117,18 @@ def adopt(*, names: Iterable[str] | None = None, client_var: str = "",
         client_name, source = "connection", "LISTEN_FDS"
     else:
         if names is None:
-            names, client_var = _DROP_IN_FD_VARS, CLIENT_FD_VAR
+            names, client_var = _DROP_IN_FD_VARS, client_var or CLIENT_FD_VAR
+        names = [names] if isinstance(names, str) else names  # one name, not its characters
         wanted = [var for var in dict.fromkeys([*names, client_var]) if var]
         found = [(_fd_number(var, env[var]), var) for var in wanted if env.get(var)]
         if not found:
             raise LoaderError("no sockets were handed over to this process: LISTEN_PID is not %d, and none of %s "
                               "is set" % (os.getpid(), ", ".join(wanted)))
+        for index, (fd, var) in enumerate(found):
+            # Two socket objects on one fd: closing one would close the other's.
+            twin = next((other for number, other in found[:index] if number == fd), "")
+            if twin:
+                raise LoaderError("%s and %s both name fd %d" % (twin, var, fd))
         client_name, source = client_var, ""
     socks = _wrap_sockets(found, source=source)
     listeners: dict[str, socket.socket] = {}
@@ -3093,8 +3149,9 @@ def adopt(*, names: Iterable[str] | None = None, client_var: str = "",
 
 def _fd_number(var: str, text: str) -> int:
     fd = _decimal(text, _MAX_FD)
-    if fd is None:
-        raise LoaderError("%s is %s, not a file descriptor number" % (var, _quoted(text)))
+    if fd is None or fd < _SD_LISTEN_FDS_START:
+        # 0-2 are the standard streams, never a socket handed over.
+        raise LoaderError("%s is %s, not a file descriptor number from 3" % (var, _quoted(text)))
     return fd
 
 
