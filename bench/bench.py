@@ -16,7 +16,8 @@ Figures (median of --runs runs, with min and max; ratios against the peers):
   6. burst: 1,000 clients within ~100 ms before the agent wakes
   7. relay: round trip and MB/s each way through the held client relayed by
      the helper (generic mode, --held-client relay) vs. a direct connection
-     to the same server, both on the same server in the same run
+     to the same server, in the same run, all on one CPU; the round trip to a
+     server doing no work (the floor) and to http.server (keep-alive HTTP/1.1)
   8. hold-timeout wake: a silent client of a server-first protocol, from the
      connect to the banner's first byte, less --hold-timeout, vs. the same
      server already listening and started at the connect
@@ -29,7 +30,11 @@ Figures (median of --runs runs, with min and max; ratios against the peers):
 With BENCH_BASELINE set to one or more git revisions (spaces or commas between),
 trace_loader.py at each of them runs too, as "loader@<rev> -I -S", in figures 1-4.
 
-Linux only (it reads /proc). Usage: bench.py [--runs N] [--json] [--python PATH] [--help]
+--only SECTION[,SECTION] runs only those: idle (1-3), probes, latency, burst,
+relay, hold, yaml, sleep.
+
+Linux only (it reads /proc).
+Usage: bench.py [--runs N] [--only SECTIONS] [--json] [--python PATH] [--help]
 """
 
 from __future__ import annotations
@@ -122,6 +127,36 @@ def serve(c):
 while True:
     conn, _ = listener.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+# A real HTTP/1.1 server for the relay's round trip: http.server, keep-alive, one thread per connection,
+# adopting its listener like SERVER. It answers PUT /v0.4/traces as the trace agent does (the body read,
+# a small JSON answer); header and body are two writes, as http.server makes them, so Nagle is off.
+HTTP_SERVER = r"""
+import http.server, os, socket, sys
+if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+    sys.exit("http server: expected one socket under the systemd protocol")
+BODY = b'{"rate_by_service":{}}'
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def do_PUT(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+server.socket.close()
+server.socket = socket.socket(fileno=3)
+server.daemon_threads = True
+server.serve_forever()
 """
 PORT_LINE = re.compile(r"at \S+:(\d+)(\.\.\.)?$", re.M)
 HELPER_LINE = re.compile(r"through helper pid (\d+)")
@@ -522,14 +557,14 @@ def bench_burst(python: str, tmp: str, runs: int, env: dict[str, str], clients: 
 MB = 1 << 20  # MB/s below are MiB/s
 
 
-def start_generic(python: str, env: dict[str, str], server_args: list[str], *,
+def start_generic(python: str, env: dict[str, str], server_args: list[str], *, script: str = SERVER,
                   hold_timeout_ms: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
-    """The loader in generic mode in front of SERVER, relaying the held client, waiting: it and its port."""
+    """The loader in generic mode in front of `script` (SERVER), relaying the held client, waiting: it and its port."""
     argv = [python, "-I", "-S", LOADER, "--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe",
             "--held-client", "relay"]
     if hold_timeout_ms is not None:
         argv += ["--hold-timeout", str(hold_timeout_ms)]
-    proc = subprocess.Popen([*argv, "--", sys.executable, "-I", "-S", "-c", SERVER, *server_args], env=env,
+    proc = subprocess.Popen([*argv, "--", sys.executable, "-I", "-S", "-c", script, *server_args], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = wait_line(proc, "Polling")
     found = PORT_LINE.search(log)
@@ -592,44 +627,102 @@ def ended(pid: int, timeout: float) -> bool:
     return False
 
 
-def bench_relay(python: str, runs: int, env: dict[str, str], size: int = 256 * MB,
-                pings: int = 2000) -> dict[str, Stats]:
+HTTP_REQUEST = (b"PUT /v0.4/traces HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 2\r\n\r\n[]")
+CONTENT_LENGTH = re.compile(rb"^content-length:[ \t]*(\d+)", re.I | re.M)
+
+
+def http_call(sock: socket.socket) -> float:
+    """One keep-alive HTTP_REQUEST to HTTP_SERVER: seconds until the whole response is in."""
+    start = time.perf_counter()
+    sock.sendall(HTTP_REQUEST)
+    data = b""
+    while True:
+        more = sock.recv(65536)
+        if not more:
+            raise RuntimeError("the HTTP server closed the connection: %r" % data)
+        data += more
+        head, blank, body = data.partition(b"\r\n\r\n")
+        found = CONTENT_LENGTH.search(head) if blank else None
+        if found and len(body) >= int(found.group(1)):
+            break
+    if not data.startswith(b"HTTP/1.1 200 "):
+        raise RuntimeError("unexpected HTTP response: %r" % data)
+    return time.perf_counter() - start
+
+
+def round_trips(relayed: socket.socket, direct: socket.socket, one: Callable[[socket.socket], float], count: int, *,
+                relayed_first: bool) -> dict[str, float]:
+    """Median seconds of `count` round trips on each connection, the two back to back."""
+    pair = [("relayed", relayed), ("direct", direct)][::1 if relayed_first else -1]
+    medians = {name: stats([one(sock) for _ in range(count)])["median"] for name, sock in pair}
+    return {name: medians[name] for name in ("relayed", "direct")}
+
+
+def relay_through_loader(python: str, env: dict[str, str], script: str,
+                         wake: Callable[[socket.socket], float]) -> tuple[subprocess.Popen[bytes], socket.socket,
+                                                                            socket.socket, int]:
+    """The loader in front of the server `script`, woken by `wake` on a first connection, which the helper
+    relays; then a direct connection to the same server (after the wake the port is the server's own listener):
+    the loader, the relayed and the direct connection, and the helper's pid."""
+    proc, port = start_generic(python, env, [], script=script)
+    relayed = socket.create_connection(("127.0.0.1", port))
+    relayed.settimeout(60)
+    wake(relayed)
+    log = wait_line(proc, "through helper pid")
+    found = HELPER_LINE.search(log)
+    if not found:
+        raise RuntimeError("no helper pid in the loader's relay line: %r" % log)
+    direct = socket.create_connection(("127.0.0.1", port))
+    direct.settimeout(60)
+    wake(direct)
+    return proc, relayed, direct, int(found.group(1))
+
+
+def bench_relay(python: str, runs: int, env: dict[str, str], size: int = 256 * MB, pings: int = 2000,
+                requests: int = 2000) -> dict[str, Stats]:
     rates: dict[str, list[float]] = {}
     helper_cpu: list[float] = []
     buf = memoryview(bytearray(MB))
-    for run in range(runs):
-        proc, port = start_generic(python, env, [])
-        with socket.create_connection(("127.0.0.1", port)) as relayed:
-            relayed.settimeout(60)
-            call(relayed, b"P", 0, buf)  # the data wakes the loader; the server answers through the helper
-            log = wait_line(proc, "through helper pid")
-            found = HELPER_LINE.search(log)
-            if not found:
-                raise RuntimeError("no helper pid in the loader's relay line: %r" % log)
-            helper = int(found.group(1))
-            # After the wake the port is the server's own listener: no helper in between.
-            with socket.create_connection(("127.0.0.1", port)) as direct:
-                direct.settimeout(60)
-                call(direct, b"P", 0, buf)
-                pair = [("relayed", relayed), ("direct", direct)][::-1 if run % 2 else 1]
-                trips = {name: [call(sock, b"P", 0, buf) for _ in range(pings)] for name, sock in pair}
-                for name, values in trips.items():
-                    rates.setdefault("round trip %s us" % name, []).append(stats(values)["median"] * 1e6)
-                rates.setdefault("added round trip / direct", []).append(
-                    stats(trips["relayed"])["median"] / stats(trips["direct"])["median"] - 1)
-                before = process_cpu_ns(helper)
-                for op, what in ((b"U", "upload"), (b"D", "download")):
-                    # Side by side: the two back to back, who goes first alternating per run.
-                    pair = [("relayed", relayed), ("direct", direct)][::-1 if run % 2 else 1]
-                    seconds = {name: call(sock, op, size, buf) for name, sock in pair}
-                    for name, value in seconds.items():
-                        rates.setdefault("%s %s MB/s" % (what, name), []).append(size / MB / value)
-                    rates.setdefault("%s relayed/direct" % what, []).append(seconds["direct"] / seconds["relayed"])
-                helper_cpu.append((process_cpu_ns(helper) - before) / 1e9 / (2 * size / 1e9))
-        if not ended(helper, 5.0):
-            print("note: relay helper pid %d still running 5 s after its client closed" % helper, file=sys.stderr)
-        stop(proc)
-    out = {key: stats(values) for key, values in sorted(rates.items())}
+
+    def ping(sock: socket.socket) -> float:
+        return call(sock, b"P", 0, buf)
+
+    # Everything on one CPU, the benchmark included (the loader, its helper and the servers inherit it):
+    # the relay's cost is wake-ups, and a second core that other work may take or leave would decide them.
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {max(mine)})
+    try:
+        for run in range(runs):
+            # The round trip to a server that does no work (the floor: the two extra loopback hops and their
+            # wake-ups are all there is), and to http.server answering a keep-alive request, each relayed vs.
+            # direct, who goes first alternating per run.
+            for what, script, one, count in (("ping", SERVER, ping, pings), ("HTTP", HTTP_SERVER, http_call, requests)):
+                proc, relayed, direct, helper = relay_through_loader(python, env, script, one)
+                with relayed, direct:
+                    trips = round_trips(relayed, direct, one, count, relayed_first=not run % 2)
+                    for name, value in trips.items():
+                        rates.setdefault("%s round trip %s us" % (what, name), []).append(value * 1e6)
+                    rates.setdefault("%s added round trip / direct" % what, []).append(
+                        trips["relayed"] / trips["direct"] - 1)
+                    if what == "ping":
+                        before = process_cpu_ns(helper)
+                        for op, direction in ((b"U", "upload"), (b"D", "download")):
+                            pair = [("relayed", relayed), ("direct", direct)][::-1 if run % 2 else 1]
+                            seconds = {name: call(sock, op, size, buf) for name, sock in pair}
+                            for name in ("relayed", "direct"):
+                                rates.setdefault("%s %s MB/s" % (direction, name), []).append(
+                                    size / MB / seconds[name])
+                            rates.setdefault("%s relayed/direct" % direction, []).append(
+                                seconds["direct"] / seconds["relayed"])
+                        helper_cpu.append((process_cpu_ns(helper) - before) / 1e9 / (2 * size / 1e9))
+                if not ended(helper, 5.0):
+                    print("note: relay helper pid %d still running 5 s after its client closed" % helper,
+                          file=sys.stderr)
+                stop(proc)
+    finally:
+        os.sched_setaffinity(0, mine)
+    out = {key: stats(values) for key, values in rates.items()}
     out["helper CPU s per GB relayed"] = stats(helper_cpu)
     return out
 
@@ -814,9 +907,15 @@ def ratio(a: float, b: float) -> str:
 
 
 def print_table(result: dict[str, object]) -> None:
+    print("\nmachine: %s; %s %s" % (result["machine"], result["python"], result["python_version"]))
+    if "idle" in result:
+        print_idle(result)
+    print_sections(result)
+
+
+def print_idle(result: dict[str, object]) -> None:
     idle = result["idle"]
     assert isinstance(idle, dict)
-    print("\nmachine: %s; %s %s" % (result["machine"], result["python"], result["python_version"]))
     print("\n1-3. idle footprint (median [min-max] of %s runs; \"loader\": the plain entrypoint, "
           "python3 trace_loader.py, no flags, no .pyc)" % result["runs"])
     # Wide enough for the longest name (loader@<rev> -I -S for a baseline).
@@ -833,13 +932,18 @@ def print_table(result: dict[str, object]) -> None:
             "%d" % row["idle_wakeups_5s"]["median"] if "idle_wakeups_5s" in row else "-",
             ratio(row["VmRSS"]["median"], bare["VmRSS"]["median"]) if bare else "-",
             "%+.1f ms" % (row["startup_ms"]["median"] - bare["startup_ms"]["median"]) if bare else "-"))
+
+
+def print_sections(result: dict[str, object]) -> None:
     headings = {
         "probes": "4. probe cost (log level info, 5,000 probes FIN/RST alternating; floor: the same syscalls in a "
                   "bare Python loop; all running at once, probed in turn)",
         "latency": "5. wake latency: connect+send to first response byte",
         "burst": "6. burst: 1,000 clients before the agent wakes",
-        "relay": "7. relay: round trip (median of 2,000 pings) and throughput (256 MB each way), the held client "
-                 "relayed by the helper vs. a direct connection to the same server (ratios: per run, back to back)",
+        "relay": "7. relay, all on one CPU: the held client relayed by the helper vs. a direct connection to the "
+                 "same server after the wake (ratios: per run, back to back). Round trip, median of 2,000 each: "
+                 "ping, a server doing no work (the floor: two extra loopback hops, each a wake-up), and "
+                 "HTTP, a keep-alive PUT to http.server; throughput: 256 MB each way to the ping server",
         "hold": "8. hold-timeout wake: a silent client, connect to the server's banner (server-first protocol)",
         "yaml": "9. YAML reader growth: CPU time on N and 2N lines, 11 reads of each (ratio of the best times; "
                 "linear ~2.0)",
@@ -847,6 +951,8 @@ def print_table(result: dict[str, object]) -> None:
                  "wake/stop cycles (SIGTERM may come up to 100 ms late)",
     }
     for section, heading in headings.items():
+        if section not in result:
+            continue
         print("\n%s" % heading)
         rows = result[section]
         assert isinstance(rows, dict)
@@ -885,15 +991,26 @@ def main(argv: list[str]) -> int:
                                              capture_output=True, text=True, check=False).stdout.strip(),
             "runs": runs, "baselines": baseline_revisions(),
         }
+        sections: dict[str, Callable[[], object]] = {
+            "idle": lambda: bench_idle(python, tmp, runs, env),
+            "probes": lambda: bench_probes(python, tmp, max(3, runs // 2), env),
+            "latency": lambda: bench_latency(python, tmp, runs, env),
+            "burst": lambda: bench_burst(python, tmp, max(3, runs // 2), env),
+            "relay": lambda: bench_relay(python, max(3, runs // 2), env),
+            "hold": lambda: bench_hold(python, runs, env),
+            "yaml": bench_yaml,
+            "sleep": lambda: bench_sleep(python, env),
+        }
+        chosen = argv[argv.index("--only") + 1].split(",") if "--only" in argv else list(sections)
+        unknown = sorted(set(chosen) - set(sections))
+        if unknown:
+            print("bench: --only: no section %s (sections: %s)" % (", ".join(unknown), ",".join(sections)),
+                  file=sys.stderr)
+            return 2
         start = time.monotonic()
-        result["idle"] = bench_idle(python, tmp, runs, env)
-        result["probes"] = bench_probes(python, tmp, max(3, runs // 2), env)
-        result["latency"] = bench_latency(python, tmp, runs, env)
-        result["burst"] = bench_burst(python, tmp, max(3, runs // 2), env)
-        result["relay"] = bench_relay(python, max(3, runs // 2), env)
-        result["hold"] = bench_hold(python, runs, env)
-        result["yaml"] = bench_yaml()
-        result["sleep"] = bench_sleep(python, env)
+        for name in sections:
+            if name in chosen:
+                result[name] = sections[name]()
         result["seconds"] = round(time.monotonic() - start, 1)
     if "--json" in argv:
         print(json.dumps(result, indent=2))
