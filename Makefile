@@ -57,10 +57,12 @@ demo:
 ## bench: footprint and speed, side by side with a bare interpreter, systemd-socket-activate and
 ## the loader at each revision in $(BENCH_BASELINE)
 # BENCH_BASELINE: git revisions to compare against (spaces or commas between; empty: none). By default
-# 9aa27d9, the loader without the relay and the hold timeout, and db24234, the loader with them.
-BENCH_BASELINE ?= 9aa27d9 db24234
+# 9aa27d9, the loader without the relay and the hold timeout, and 0fbce05, the loader without back to
+# sleep, readiness and the threaded relay. BENCH_ARGS: e.g. --only relay (bench/bench.py --help).
+BENCH_BASELINE ?= 9aa27d9 0fbce05
+BENCH_ARGS ?=
 bench:
-	BENCH_BASELINE='$(BENCH_BASELINE)' $(PYTHON) bench/bench.py
+	BENCH_BASELINE='$(BENCH_BASELINE)' $(PYTHON) bench/bench.py $(BENCH_ARGS)
 
 ## version: the loader's version
 version:
