@@ -1211,8 +1211,7 @@ _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.ENOTCONN})
 # POLLPRI too: an urgent (MSG_OOB) byte alone is data, but it is out of band,
 # so neither POLLIN nor a peek reports it.
 _CLIENT_EVENTS = select.POLLIN | select.POLLPRI
-_POLL_EVENT_NAMES = ((select.POLLIN, "POLLIN"), (select.POLLPRI, "POLLPRI"), (select.POLLERR, "POLLERR"),
-                     (select.POLLHUP, "POLLHUP"), (select.POLLNVAL, "POLLNVAL"))
+_POLL_EVENT_NAMES = [(getattr(select, name), name) for name in ("POLLIN", "POLLPRI", "POLLERR", "POLLHUP", "POLLNVAL")]
 
 # struct linger {int l_onoff = 1; int l_linger = 0}: close() then resets
 # instead of sending a FIN. Built without the struct module, which costs a
@@ -1666,7 +1665,6 @@ def _connect_to_own_listener(listener: socket.socket) -> tuple[socket.socket, st
     retries it, and it completes once the program accepts. The helper waits
     for that (_finish_connect), so the loader's exec is never delayed.
     """
-    error: OSError | None = None
     for target_family, target in _relay_targets(listener):
         sock = socket.socket(target_family, socket.SOCK_STREAM)  # close-on-exec (PEP 446)
         sock.setblocking(False)
@@ -1674,9 +1672,7 @@ def _connect_to_own_listener(listener: socket.socket) -> tuple[socket.socket, st
         if code in (0, errno.EINPROGRESS):
             return sock, _peer_text(target)
         sock.close()
-        error = OSError(code, os.strerror(code))
-    assert error is not None
-    raise error
+    raise OSError(code, os.strerror(code))  # the last target's
 
 
 def _start_relay(client: _HeldClient, log: _Log) -> None:
