@@ -1363,9 +1363,7 @@ class _Waiter:
                 ready = self.poller.poll(_ms_until(self.deadline))
             except OSError as exc:
                 return self.wake("poll() failed: %s" % _oserror_text(exc))
-            if not ready:
-                return self.wake(self.timeout_reason())  # only a deadline ends an empty poll
-            reason = self.on_events(ready)
+            reason = self.on_events(ready) if ready else self.timeout_reason()  # only a deadline ends an empty poll
             if reason:
                 return self.wake(reason)
 
