@@ -1649,10 +1649,9 @@ def _relay_targets(listener: socket.socket) -> list[tuple[socket.AddressFamily, 
     """Where to connect to reach `listener`: its address, with a wildcard made loopback."""
     host, port, *rest = listener.getsockname()  # IPv6 adds the flow info and the scope id
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    if host != "::1":
-        return [(listener.family, (host, port, *rest))]
     # A dual-stack wildcard where ::1 is missing (IPv6 disabled on lo) still takes IPv4 loopback.
-    return [(listener.family, (host, port, *rest)), (socket.AF_INET, ("127.0.0.1", port))]
+    fallback = [(socket.AF_INET, ("127.0.0.1", port))] if host == "::1" else []
+    return [(listener.family, (host, port, *rest)), *fallback]
 
 
 def _connect_to_own_listener(listener: socket.socket) -> tuple[socket.socket, str]:
