@@ -1132,7 +1132,7 @@ def test_an_absorbed_probe_costs_no_log_call_and_no_peer_text_at_info_level(sock
     assert log.calls == [("info", "Polling... (fds %s%s)")] and peers == []
     sockets.connect(port).sendall(b"x")
     thread.join(10)
-    assert wakes and "sent data" in wakes[0].reason  # the one peer text: the wake's reason
+    assert wakes and "sent data" in wakes[0]  # the one peer text: the wake's reason
     assert len(peers) == 1 and [level for level, _ in log.calls] == ["info", "debug"]
 
 

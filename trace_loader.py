@@ -52,9 +52,7 @@ _MEMORY_STEPS = ("bytecode", "trim", "pageout")
 
 
 def _memory_steps(environ: Mapping[str, str]) -> frozenset[str]:
-    text = environ.get("TRACE_LOADER_RELEASE_MEMORY", "")
-    if not text:
-        return frozenset(_MEMORY_STEPS)
+    text = environ.get("TRACE_LOADER_RELEASE_MEMORY") or ",".join(_MEMORY_STEPS)  # unset or empty: all
     return frozenset(step.strip() for step in text.split(",")) & frozenset(_MEMORY_STEPS)
 
 
@@ -1233,20 +1231,16 @@ _IDLE, _HOLDING, _GRACE = "IDLE", "HOLDING", "GRACE"
 
 # accept(2): these mean the client went away before we took it (or a network
 # error it reports on Linux); the listener is fine and we keep waiting.
-_ACCEPT_RETRY_ERRNOS = frozenset(
-    getattr(errno, name) for name in (
-        "EAGAIN", "EWOULDBLOCK", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT",
-        "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH",
-    ) if hasattr(errno, name)
-)
+_ACCEPT_RETRY_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "EAGAIN", "EWOULDBLOCK", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT",
+    "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH") if hasattr(errno, name))
 # A peek that fails with these saw a reset: a probe closed with an RST.
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.ENOTCONN})
 
 # POLLPRI too: an urgent (MSG_OOB) byte alone is data, but it is out of band,
 # so neither POLLIN nor a peek reports it.
 _CLIENT_EVENTS = select.POLLIN | select.POLLPRI
-_POLL_EVENT_NAMES = ((select.POLLIN, "POLLIN"), (select.POLLPRI, "POLLPRI"), (select.POLLERR, "POLLERR"),
-                     (select.POLLHUP, "POLLHUP"), (select.POLLNVAL, "POLLNVAL"))
+_POLL_EVENT_NAMES = [(getattr(select, name), name) for name in ("POLLIN", "POLLPRI", "POLLERR", "POLLHUP", "POLLNVAL")]
 
 # struct linger {int l_onoff = 1; int l_linger = 0}: close() then resets
 # instead of sending a FIN. Built without the struct module, which costs a
@@ -1290,20 +1284,6 @@ class _HeldClient:
     def peer(self) -> str:
         return _peer_text(self.address)
 
-    def reset(self) -> None:
-        _close_with_reset(self.sock)
-
-
-class _Wake:
-    """Why the wait ended, and the client to hand over, if one is held."""
-
-    __slots__ = ("client", "probes", "reason")
-
-    def __init__(self, reason: str, client: _HeldClient | None, probes: dict[str, int]) -> None:
-        self.reason = reason
-        self.client = client
-        self.probes = probes
-
 
 def _peer_text(address: object) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
@@ -1313,6 +1293,14 @@ def _peer_text(address: object) -> str:
 
 def _events_text(revents: int) -> str:
     return " ".join(name for bit, name in _POLL_EVENT_NAMES if revents & bit) or hex(revents)
+
+
+def _ms_until(deadline: float | None) -> int | None:
+    """poll()'s timeout for a time.monotonic() deadline; None (no timeout) for none."""
+    if deadline is None:
+        return None
+    # poll() counts whole milliseconds: round up so we never spin just before the deadline.
+    return max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
 
 
 def _peek(client: _HeldClient) -> str:
@@ -1392,29 +1380,21 @@ class _Waiter:
 
     # -- the loop -------------------------------------------------------------
 
-    def run(self) -> _Wake:
+    def run(self) -> str:
+        """Wait: why the wait ended. The client to hand over, if one is held, is then `held`."""
         self.log.info("Polling... (fds %s%s)", ", ".join(str(fd) for fd in self.by_fd),
                       "; probe check on fd %d" % self.probe.fd if self.probe else "")
         while True:
             if self.debugging:
                 self.log.debug("Polling... (state %s)", self.state)
-            # No deadline, no timeout: an idle loader never wakes up.
-            timeout = None if self.deadline is None else self.remaining_ms()
             try:
-                ready = self.poller.poll(timeout)  # PEP 475 retries EINTR for us
+                # No deadline, no timeout: an idle loader never wakes up. PEP 475 retries EINTR for us.
+                ready = self.poller.poll(_ms_until(self.deadline))
             except OSError as exc:
                 return self.wake("poll() failed: %s" % _oserror_text(exc))
-            if not ready:
-                return self.wake(self.timeout_reason())  # only a deadline ends an empty poll
-            reason = self.on_events(ready)
+            reason = self.on_events(ready) if ready else self.timeout_reason()  # only a deadline ends an empty poll
             if reason:
                 return self.wake(reason)
-
-    def remaining_ms(self) -> int:
-        assert self.deadline is not None
-        # poll() counts whole milliseconds: round up so we never spin just
-        # before the deadline.
-        return max(0, int((self.deadline - time.monotonic()) * 1000 + 0.999))
 
     def timeout_reason(self) -> str:
         """Built only when the deadline passes: which one it was, grace or hold timeout."""
@@ -1423,11 +1403,11 @@ class _Waiter:
             return "a second TCP client arrived and the held one stayed silent for %d ms" % self.grace_ms
         return "the held TCP client %s sent nothing for %d ms" % (self.held.peer, self.hold_timeout_ms)
 
-    def wake(self, reason: str) -> _Wake:
+    def wake(self, reason: str) -> str:
         """The end of the wait: the probe listener as it was before, and why we wake."""
         if self.probe is not None:
             self.probe.sock.setblocking(self.probe_was_blocking)
-        return _Wake(reason, self.held, self.probes)
+        return reason
 
     def on_events(self, ready: list[tuple[int, int]]) -> str:
         """Handle one poll() result; a non-empty reason ends the wait."""
@@ -1694,14 +1674,13 @@ _RELAY_STACK = 256 * 1024
 _SIOCATMARK = 0x40047307 if sys.platform == "darwin" else 0x8905  # <sys/sockio.h>, <asm/sockios.h>
 
 
-def _relay_target(listener: socket.socket) -> tuple[socket.AddressFamily, tuple[object, ...]]:
+def _relay_targets(listener: socket.socket) -> list[tuple[socket.AddressFamily, tuple[object, ...]]]:
     """Where to connect to reach `listener`: its address, with a wildcard made loopback."""
-    address = listener.getsockname()
-    if listener.family == socket.AF_INET6:
-        host = "::1" if address[0] == "::" else address[0]
-        return socket.AF_INET6, (host, address[1], 0, address[3] if len(address) > 3 else 0)
-    host = "127.0.0.1" if address[0] == "0.0.0.0" else address[0]
-    return socket.AF_INET, (host, address[1])
+    host, port, *rest = listener.getsockname()  # IPv6 adds the flow info and the scope id
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    # A dual-stack wildcard where ::1 is missing (IPv6 disabled on lo) still takes IPv4 loopback.
+    fallback = [(socket.AF_INET, ("127.0.0.1", port))] if host == "::1" else []
+    return [(listener.family, (host, port, *rest)), *fallback]
 
 
 def _connect_to_own_listener(listener: socket.socket) -> tuple[socket.socket, str]:
@@ -1712,23 +1691,14 @@ def _connect_to_own_listener(listener: socket.socket) -> tuple[socket.socket, st
     retries it, and it completes once the program accepts. The helper waits
     for that (_finish_connect), so the loader's exec is never delayed.
     """
-    family, address = _relay_target(listener)
-    targets = [(family, address)]
-    if family == socket.AF_INET6 and address[0] == "::1":
-        # A dual-stack wildcard where ::1 is missing (IPv6 disabled on lo)
-        # still takes IPv4 loopback.
-        targets.append((socket.AF_INET, ("127.0.0.1", address[1])))
-    error: OSError | None = None
-    for target_family, target in targets:
+    for target_family, target in _relay_targets(listener):
         sock = socket.socket(target_family, socket.SOCK_STREAM)  # close-on-exec (PEP 446)
         sock.setblocking(False)
         code = sock.connect_ex(target)  # an immediate failure (no route, refused) shows here
         if code in (0, errno.EINPROGRESS):
             return sock, _peer_text(target)
         sock.close()
-        error = OSError(code, os.strerror(code))
-    assert error is not None
-    raise error
+    raise OSError(code, os.strerror(code))  # the last target's
 
 
 def _start_relay(client: _HeldClient, log: _Log) -> None:
@@ -1755,21 +1725,18 @@ def _fork_relay_helper(client: socket.socket, upstream: socket.socket) -> int:
     itself and waitpid() fails with ECHILD, while the helper runs fine.
     """
     read_end, write_end = os.pipe()  # close-on-exec (PEP 446); carries the helper's pid
-    try:
-        middle = os.fork()
-        if middle == 0:
-            _in_child(lambda: _middle_child(read_end, write_end, client, upstream))
-        os.close(write_end)
-        write_end = -1
-        text = os.read(read_end, 32)  # EOF once the middle child has exited, pid or not
+    with open(read_end, "rb"):  # closes read_end, fork or not
         try:
-            os.waitpid(middle, 0)  # no zombie left for the program to inherit
-        except ChildProcessError:
-            pass  # reaped by the kernel already (SIGCHLD ignored)
-    finally:
-        os.close(read_end)
-        if write_end >= 0:
+            middle = os.fork()
+            if middle == 0:
+                _in_child(lambda: _middle_child(read_end, write_end, client, upstream))
+        finally:
             os.close(write_end)
+        text = os.read(read_end, 32)  # EOF once the middle child has exited, pid or not
+    try:
+        os.waitpid(middle, 0)  # no zombie left for the program to inherit
+    except ChildProcessError:
+        pass  # reaped by the kernel already (SIGCHLD ignored)
     if not text.isdigit():
         raise OSError(errno.ECHILD, "the relay helper did not start")
     return int(text)
@@ -1805,7 +1772,14 @@ def _relay_helper(client: socket.socket, upstream: socket.socket) -> None:
             # No fd but its two sockets: never a listener (the port must free
             # when the program exits), never the loader's stderr pipe.
             os.close(fd)
-    _ignore_signals_in_helper()
+    # A stop signal sent to the whole process group (systemd's
+    # KillMode=control-group, Ctrl-C) must not cut the relayed request: the
+    # helper ends when its connection ends, so a program that finishes its
+    # in-flight requests on SIGTERM finishes this one too. SIG_IGN, not a
+    # handler: the helper never execs. SIGPIPE too: a write to a peer that
+    # left fails with EPIPE instead (there is no MSG_NOSIGNAL on macOS).
+    _set_signals([*_signals_named((*_STOP_SIGNALS, *_IGNORED_SIGNALS, "SIGPIPE")), *_realtime_signals()],
+                 signal.SIG_IGN)
     try:
         _finish_connect(upstream)
     except OSError:
@@ -1815,20 +1789,6 @@ def _relay_helper(client: socket.socket, upstream: socket.socket) -> None:
         upstream.close()
         return
     _relay_bytes(client, upstream)
-
-
-def _ignore_signals_in_helper() -> None:
-    # A stop signal sent to the whole process group (systemd's
-    # KillMode=control-group, Ctrl-C) must not cut the relayed request: the
-    # helper ends when its connection ends, so a program that finishes its
-    # in-flight requests on SIGTERM finishes this one too. SIG_IGN, not a
-    # handler: the helper never execs. SIGPIPE too: a write to a peer that
-    # left fails with EPIPE instead (there is no MSG_NOSIGNAL on macOS).
-    for signum in [*_signals_named((*_STOP_SIGNALS, *_IGNORED_SIGNALS, "SIGPIPE")), *_realtime_signals()]:
-        try:
-            signal.signal(signum, signal.SIG_IGN)
-        except (OSError, ValueError):
-            pass  # a real-time signal the C library reserves for itself: not ours to set
 
 
 def _finish_connect(upstream: socket.socket) -> None:
@@ -2113,8 +2073,7 @@ def _exec_program(launch: _Launch, env: dict[str, str], log: _Log) -> NoReturn:
         os.execve(launch.path, launch.argv, env)
     except (OSError, ValueError) as exc:
         # Back to ignoring SIGPIPE so this last line cannot kill us instead.
-        if hasattr(signal, "SIGPIPE"):
-            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         log.error("Failed to start %s with args %s: %s", launch.label,
                   _quoted(" ".join(launch.argv), 300), _oserror_text(exc))
         sys.exit(1)
@@ -2130,7 +2089,7 @@ def _exec_directly(launch: _Launch, log: _Log, client: _HeldClient | None = None
     neither protocol itself.
     """
     if client is not None:
-        client.reset()
+        _close_with_reset(client.sock)
     _announce_ready(launch, log)
     for fd in _open_fds():
         if fd > 2 and fd not in launch.inherited_fds:
@@ -2160,9 +2119,8 @@ def _check_room_to_start(kept: set[int]) -> None:
                             "too few left to start with" % (limit - free, limit))
 
 
-def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake, held_client: str,
+def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], client: _HeldClient | None, held_client: str,
                        log: _Log) -> NoReturn:
-    client = wake.client
     if client is not None and held_client == _HELD_RELAY:
         try:
             _start_relay(client, log)
@@ -2170,7 +2128,7 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake,
             # The program starts all the same; only this one client is lost.
             log.warn("Cannot relay the held TCP client %s (%s); closing it and starting %s without it",
                      client.peer, _oserror_text(exc), launch.label)
-            client.reset()
+            _close_with_reset(client.sock)
         client = None
     env = dict(launch.env)
     launch.protocol.scrub(env)
@@ -2211,7 +2169,9 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake,
 
 _MADV_PAGEOUT = 21  # linux/mman.h, since Linux 5.4
 _MADVISE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EPERM})
-_SYSTEM_LIBRARY_DIRS = ("/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/")
+# Not files ("[heap]", "[vdso]"), and system libraries (libc, the dynamic linker): those are what the
+# agent maps first after execve, and other processes share them anyway.
+_KEPT_MAPPINGS = ("[", "/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/")
 
 
 def _rss_kb() -> int:
@@ -2262,11 +2222,7 @@ def _page_out_file_mappings(libc: ctypes.CDLL) -> None:
         fields = line.split(None, 5)
         # Only mappings of a file that we never write: their pages can be
         # read back from the file. Writable ones are our private data.
-        if len(fields) < 6 or fields[5].startswith("[") or "w" in fields[1]:
-            continue
-        # System libraries (libc, the dynamic linker) are what the agent maps
-        # first after execve, and other processes share them anyway: keep them.
-        if fields[5].startswith(_SYSTEM_LIBRARY_DIRS):
+        if len(fields) < 6 or "w" in fields[1] or fields[5].startswith(_KEPT_MAPPINGS):
             continue
         start, end = (int(x, 16) for x in fields[0].split("-"))
         if madvise(start, end - start, _MADV_PAGEOUT) != 0:
@@ -2302,8 +2258,8 @@ _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 _MAX_SAMPLE_INTERVAL = 4.0
 
 
-def _start_and_supervise(launch: _Launch, listeners: list[_Listener], wake: _Wake, activation: _Activation,
-                         log: _Log) -> int | None:
+def _start_and_supervise(launch: _Launch, listeners: list[_Listener], client: _HeldClient | None,
+                         activation: _Activation, log: _Log) -> int | None:
     """Fork: the child execs the program with the usual hand-off, and we supervise it.
 
     Returns the program's end (-N: killed by signal N) if it ended on its
@@ -2315,20 +2271,20 @@ def _start_and_supervise(launch: _Launch, listeners: list[_Listener], wake: _Wak
     # Blocked across the fork: a signal sent meanwhile waits for the loop (in
     # the loader) or for the waiting handlers (in the child, until execve).
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, caught)
-    # Caught before the fork: a SIGCHLD our parent set to ignored would
-    # have the kernel reap the program and lose its status.
-    previous = _catch_signals(caught)
+    # Caught before the fork: a SIGCHLD our parent set to ignored would have the kernel reap the program
+    # and lose its status. Any other signal ignored (SIGINT, SIGHUP) stays so, for us and the program.
+    previous = _set_signals([signum for signum in caught if signum == signal.SIGCHLD
+                             or signal.getsignal(signum) is not signal.SIG_IGN], _ignore_signal)
     try:
         pid = os.fork()
     except OSError as exc:
-        _restore_signals(previous, mask)
         log.warn("Cannot fork (%s); starting %s in place, never stopped", _oserror_text(exc), launch.label)
-        _exec_with_handoff(launch, listeners, wake, activation.held_client, log)
+        pid = 0  # as the child would: the hand-off and execve, in place
     if pid == 0:
         _restore_signals(previous, mask)
-        _exec_with_handoff(launch, listeners, wake, activation.held_client, log)
-    if wake.client is not None:
-        wake.client.sock.close()  # the program's now, or the relay helper's
+        _exec_with_handoff(launch, listeners, client, activation.held_client, log)
+    if client is not None:
+        client.sock.close()  # the program's now, or the relay helper's
     # signal.set_wakeup_fd: the C handler writes each signal's number into the
     # pipe, and poll() wakes on it; the Python handler does nothing.
     read_end, write_end = os.pipe()  # close-on-exec (PEP 446)
@@ -2348,14 +2304,12 @@ def _start_and_supervise(launch: _Launch, listeners: list[_Listener], wake: _Wak
     return -late[0] if status is None and late else status
 
 
-def _catch_signals(signums: list[int]) -> dict[int, signal._HANDLER]:
-    """Our do-nothing handler on each signal but those our parent set to ignored; their old handlers."""
+def _set_signals(signums: Iterable[int], handler: signal._HANDLER) -> dict[int, signal._HANDLER]:
+    """`handler` for each signal but those the C library reserves; the handlers they had."""
     previous = {}
     for signum in signums:
         try:
-            # SIGINT or SIGHUP ignored stays ignored, for us and the program.
-            if signum == signal.SIGCHLD or signal.getsignal(signum) is not signal.SIG_IGN:
-                previous[signum] = signal.signal(signum, _ignore_signal)
+            previous[signum] = signal.signal(signum, handler)
         except (OSError, ValueError):
             pass  # a real-time signal the C library reserves for itself: not ours to set
     return previous
@@ -2396,14 +2350,13 @@ def _supervise(pid: int, signals: int, listeners: list[_Listener], activation: _
     stopping_since: float | None = None
     stop_signal = 0
     while True:
-        poller.poll(None if next_step is None else max(0, int((next_step - time.monotonic()) * 1000 + 0.999)))
+        poller.poll(_ms_until(next_step))
         for signum in _read_signals(signals):
             if signum != signal.SIGCHLD:
                 os.kill(pid, signum)  # never fails: the program is our child, reaped below
             # Not lost: after an idle stop the loader ends instead of waiting again. SIGHUP
             # only during the stop: while the program runs, many take it to reload.
-            stopping = stopping_since is not None
-            if signum in (signal.SIGTERM, signal.SIGINT) or (stopping and signum == signal.SIGHUP):
+            if signum in (signal.SIGTERM, signal.SIGINT) or (stopping_since is not None and signum == signal.SIGHUP):
                 stop_signal = signum
         status = _reap_children(pid)
         if status is not None and stopping_since is None:
@@ -2495,7 +2448,7 @@ class _Usage:
         for counter in (self.count_with_sock_diag, self.count_in_proc_net):
             try:
                 return waiting + counter()
-            except (OSError, ValueError, IndexError):
+            except (AttributeError, OSError, ValueError, IndexError):
                 continue  # no AF_NETLINK (macOS) or refused by a sandbox; no /proc, or a row we cannot read
         return None
 
@@ -2537,8 +2490,6 @@ def _u32(value: int) -> bytes:
 
 def _sock_diag(request: bytes) -> list[bytes]:
     """The messages a NETLINK_SOCK_DIAG dump answers to `request`."""
-    if not hasattr(socket, "AF_NETLINK"):
-        raise OSError(errno.EAFNOSUPPORT, "no AF_NETLINK")
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as sock:
         # nlmsghdr: length, type, flags, sequence, port id (0: the kernel)
         header = _u32(16 + len(request)) + _SOCK_DIAG_BY_FAMILY.to_bytes(2, sys.byteorder) \
@@ -2560,15 +2511,14 @@ def _sock_diag(request: bytes) -> list[bytes]:
 
 
 def _unix_diag_name(message: bytes) -> bytes:
-    """UNIX_DIAG_NAME, after the 16-byte unix_diag_msg; the kernel counts the path's NUL too."""
-    pos = 16
-    while pos + 4 <= len(message):
-        length, kind = (int.from_bytes(message[i:i + 2], sys.byteorder) for i in (pos, pos + 2))
-        if kind == 0:
-            name = message[pos + 4:pos + length]
-            return name if name[:1] == b"\0" else name.rstrip(b"\0")
-        pos += (length + 3) & ~3  # RTA_ALIGN
-    return b""
+    """UNIX_DIAG_NAME (b"" if unnamed); the kernel counts the path's NUL too.
+
+    The kernel puts it first of the attributes after the 16-byte
+    unix_diag_msg; the one that follows it (UNIX_DIAG_SHUTDOWN) it always adds.
+    """
+    length, kind = (int.from_bytes(message[i:i + 2], sys.byteorder) for i in (16, 18))
+    name = message[20:16 + length] if kind == 0 else b""
+    return name if name[:1] == b"\0" else name.rstrip(b"\0")
 
 
 def _proc_net_rows(name: str, maxsplit: int) -> Iterator[list[bytes]]:
@@ -2662,14 +2612,14 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
         waiter = _Waiter(listeners, probe, grace_ms=activation.grace_ms if probe else 0,
                          hold_timeout_ms=activation.hold_timeout_ms, log=log, program_label=launch.label)
         began = time.monotonic()
-        wake = waiter.run()
-        fin, rst = wake.probes[_FIN], wake.probes[_RST]
+        reason = waiter.run()
+        fin, rst = waiter.probes[_FIN], waiter.probes[_RST]
         log.info("Waking %s: %s; %d probe%s absorbed since start (FIN: %d, RST: %d); waited %d s",
-                 launch.label, wake.reason, fin + rst, "" if fin + rst == 1 else "s", fin, rst,
+                 launch.label, reason, fin + rst, "" if fin + rst == 1 else "s", fin, rst,
                  time.monotonic() - began)
         if not activation.stop_when_idle:
-            _exec_with_handoff(launch, listeners, wake, activation.held_client, log)
-        status = _start_and_supervise(launch, listeners, wake, activation, log)
+            _exec_with_handoff(launch, listeners, waiter.held, activation.held_client, log)
+        status = _start_and_supervise(launch, listeners, waiter.held, activation, log)
         if status is not None:
             return _end_like(status)
 
