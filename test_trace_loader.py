@@ -3571,7 +3571,7 @@ def proc_status(pid: int) -> dict[str, int]:
 
 
 @pytest.mark.skipif(not LINUX or not hasattr(os, "memfd_create"), reason="the bytecode step needs a memfd")
-@pytest.mark.parametrize("options", [[], ["-X", "utf8", "-W", "ignore"]])
+@pytest.mark.parametrize("options", [[], ["-X", "utf8", "-W", "ignore"], ["--"]])
 def test_run_from_source_the_loader_waits_as_bytecode_with_its_options_argv_and_fds(procs, tmp_path, options):
     report = tmp_path / "report.json"
     port = free_port()
@@ -3580,13 +3580,32 @@ def test_run_from_source_the_loader_waits_as_bytecode_with_its_options_argv_and_
     proc.wait_for("Polling")
     with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
         argv = os.fsdecode(f.read()).split("\0")
-    # The same interpreter and options, -S, the runner, then the script and its arguments as given.
-    assert argv[: len(options) + 3] == [sys.executable, *options, "-S", "-c"], argv
+    # The same interpreter and options (less a closing "--", which would make -S the script), -S, the
+    # runner, then the script and its arguments as given.
+    kept = [option for option in options if option != "--"]
+    assert argv[: len(kept) + 3] == [sys.executable, *kept, "-S", "-c"], argv
     assert argv[argv.index(LOADER):-1] == [LOADER, config, *agent_argv(report)]
     assert open_fds_of(proc.pid) == [0, 1, 2, 3]  # no memfd left behind
     with connect(port) as c:
         assert answer_json(http_request(c))["pid"] == proc.pid
     assert read_report(report)["fds"] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not LINUX or not hasattr(os, "memfd_create"), reason="the bytecode step needs a memfd")
+def test_the_bytecode_step_never_starts_another_interpreter(procs, tmp_path):
+    # argv[0] "python3" and a PATH where that name is something else: sys.executable names it, not the
+    # interpreter that runs (`exec -a`, a unit's Environment=PATH=...). The step must not exec it.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text("#!/bin/sh\nexit 99\n")
+    (bin_dir / "python3").chmod(0o755)
+    port = free_port()
+    env = dict(base_env(), PATH="%s:%s" % (bin_dir, os.environ["PATH"]))
+    proc = procs(["python3", LOADER, write_config(tmp_path, port=port), *agent_argv(tmp_path / "report.json")],
+                 env, executable=sys.executable)
+    proc.wait_for("Polling")
+    with connect(port) as c:
+        assert answer_json(http_request(c))["pid"] == proc.pid
 
 
 @pytest.mark.skipif(not LINUX or not hasattr(os, "memfd_create"), reason="the bytecode step needs a memfd")

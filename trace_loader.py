@@ -75,7 +75,7 @@ def _exec_as_bytecode(code: types.CodeType) -> None:
 
     Returns, having changed nothing, where it cannot: no memfd (macOS), no
     /proc, fds 0-2 closed, a command line that does not end in our argv,
-    execve refused. Signal dispositions need nothing: execve resets our
+    sys.executable not the interpreter that runs, execve refused. Signal dispositions need nothing: execve resets our
     handlers to the default and keeps ignored signals ignored, as they came
     to us; CPython ignores SIGPIPE and SIGXFSZ again at start-up.
     """
@@ -88,6 +88,16 @@ def _exec_as_bytecode(code: types.CodeType) -> None:
         return
     head = len(command_line) - len(sys.argv)
     if head < 1 or command_line[head:] != [os.fsencode(arg) for arg in sys.argv]:
+        return
+    options = command_line[1:head]
+    if options[-1:] == [b"--"]:
+        options.pop()  # `python3 -- trace_loader.py`: -S and -c must come before it
+    try:
+        # sys.executable is worked out from argv[0] and PATH: `exec -a`, or a PATH that differs from the
+        # one that found us, can name another interpreter, for which our bytecode is garbage.
+        if not os.path.samefile(sys.executable, "/proc/self/exe"):
+            return
+    except OSError:
         return
     import marshal
 
@@ -103,7 +113,7 @@ def _exec_as_bytecode(code: types.CodeType) -> None:
         if 2 < fd < os.sysconf("SC_OPEN_MAX") - _FREE_FDS_TO_START_AGAIN and os.write(fd, bytecode) == len(bytecode):
             runner = (_BYTECODE_RUNNER % fd).encode()
             # The script's path stays in the command line, for ps and pgrep; -S: the loader needs no site.
-            os.execv(sys.executable, [*command_line[:head], b"-S", b"-c", runner, *command_line[head:]])
+            os.execv(sys.executable, [command_line[0], *options, b"-S", b"-c", runner, *command_line[head:]])
     except (OSError, ValueError):
         pass  # no memory for it, no limit to read, or the interpreter is gone: go on from source
     os.close(fd)
