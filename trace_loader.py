@@ -2120,7 +2120,7 @@ def _exec_program(launch: _Launch, env: dict[str, str], log: _Log) -> NoReturn:
         sys.exit(1)
 
 
-def _exec_directly(launch: _Launch, log: _Log, client: _HeldClient | None = None) -> NoReturn:
+def _fail_open(launch: _Launch, log: _Log, client: _HeldClient | None = None) -> NoReturn:
     """Fail open: the program, unchanged environment, none of our fds.
 
     Safe at any point, even halfway through a hand-off: every fd that was
@@ -2179,7 +2179,7 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], wake: _Wake,
         fds = launch.protocol.hand_over(env, listeners, client)
     except _HandoffError as exc:
         log.warn("Failed to hand the sockets over to %s: %s", launch.label, exc)
-        _exec_directly(launch, log, client)
+        _fail_open(launch, log, client)
     for fd in fds:
         # The program inherits these fds (close-on-exec cleared) in blocking
         # mode, as the Go loader leaves them; every other fd of ours is
@@ -2647,7 +2647,7 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
         listeners = _open_listeners(specs, log)
     except LoaderError as exc:
         log.warn("Failed to get listeners for %s: %s", launch.label, exc)
-        _exec_directly(launch, log)
+        _fail_open(launch, log)
     if not listeners:
         log.info("All %s inputs are disabled, stopping...", launch.label)
         return 0
@@ -2721,7 +2721,7 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
         settings = _load_drop_in_settings(config_path, environ, log)
     except _ConfigError as exc:
         log.warn("Failed to load the configuration: %s", exc)
-        _exec_directly(launch, log)
+        _fail_open(launch, log)
     launch.ready_fd = settings.ready_fd
     log.configure(level=settings.log_level, console=settings.log_to_console, path=settings.log_file)
     if not settings.apm_enabled and not settings.error_tracking:
@@ -2729,7 +2729,7 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
         return 0
     if not settings.socket_activation:
         log.info("Socket-activation for the trace-agent is disabled, running the trace-agent directly...")
-        _exec_directly(launch, log)
+        _fail_open(launch, log)
     specs = _drop_in_specs(settings, log)
     # The probe check watches the TCP receiver only, never the OTLP port.
     activation = _Activation(probe=settings.handle_tcp_probe, probe_only=RECEIVER_FD_VAR,
@@ -2910,7 +2910,7 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
         specs, unselected = _expand_inherited(args.listen, environ, one_each=args.protocol == "env")
     except _ListenerError as exc:
         log.warn("Failed to get listeners for %s: %s", label, exc)
-        _exec_directly(launch, log)
+        _fail_open(launch, log)
     launch.protocol = _generic_protocol(args, for_us, unselected)
     activation = _Activation(probe=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
                              hold_timeout_ms=args.hold_timeout, held_client=args.held_client,
@@ -3241,7 +3241,7 @@ def _last_resort_exec(program: list[str], own_args: list[str], environ: dict[str
     scrubbed = _DROP_IN_FD_VARS + tuple(named) + (() if for_us else _SYSTEMD_VARS)
     launch = _Launch(path, program, environ, _program_label(program[0]), _EnvProtocol(scrubbed, ""),
                      inherited_fds=inherited_fds)
-    _exec_directly(launch, log)
+    _fail_open(launch, log)
 
 
 def _run_as_script() -> None:
