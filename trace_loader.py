@@ -154,8 +154,6 @@ class _ConfigError(LoaderError):
 
     def __init__(self, message: str, *, source: str = "", line: int = 0, key: str = "") -> None:
         self.message = message
-        self.source = source
-        self.line = line
         self.key = key
         where = _path_shown(source) + (":%d" % line if line else "") if source else ""
         parts = [p for p in (where, key, message) if p]
@@ -2683,26 +2681,21 @@ def _program_label(name: str) -> str:
 # ---------------------------------------------------------------------------
 
 def _drop_in_specs(settings: _DropInSettings, log: _Log) -> list[_ListenerSpec]:
-    specs: list[_ListenerSpec] = []
     if settings.bind_host_reason.startswith("containerized"):
         log.info("Activating non-local traffic automatically in containerized environment, "
                  "trace-agent will listen on 0.0.0.0")
-    if settings.receiver_port > 0:
-        specs.append(_ListenerSpec(RECEIVER_FD_VAR, _TCP, host=settings.bind_host, port=settings.receiver_port,
-                                   shown_as="TCP receiver"))
-    else:
-        log.info("Trace-agent TCP receiver is disabled")
-    if settings.receiver_socket:
-        specs.append(_ListenerSpec(UNIX_FD_VAR, _UNIX, path=settings.receiver_socket, mode=0o722,
-                                   shown_as="unix receiver"))
-    else:
-        log.info("Trace-agent unix receiver is disabled")
-    if settings.otlp_enabled:
-        specs.append(_ListenerSpec(OTLP_FD_VAR, _TCP, host=settings.bind_host, port=settings.otlp_port,
-                                   shown_as="OTLP receiver"))
-    else:
-        log.info("Trace-agent OTLP receiver is disabled")
-    return specs
+    candidates = (
+        (settings.receiver_port > 0, _ListenerSpec(RECEIVER_FD_VAR, _TCP, host=settings.bind_host,
+                                                   port=settings.receiver_port, shown_as="TCP receiver")),
+        (settings.receiver_socket != "", _ListenerSpec(UNIX_FD_VAR, _UNIX, path=settings.receiver_socket, mode=0o722,
+                                                       shown_as="unix receiver")),
+        (settings.otlp_enabled, _ListenerSpec(OTLP_FD_VAR, _TCP, host=settings.bind_host, port=settings.otlp_port,
+                                              shown_as="OTLP receiver")),
+    )
+    for enabled, spec in candidates:
+        if not enabled:
+            log.info("Trace-agent %s is disabled", spec.shown_as)
+    return [spec for enabled, spec in candidates if enabled]
 
 
 def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str], log: _Log,
@@ -2813,17 +2806,11 @@ def _parse_host_port(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _milliseconds(option: str, text: str, high: int, note: str = "") -> int:
+def _number(option: str, text: str, high: int, unit: str, note: str = "") -> int:
+    """`text` as a count of `unit` from 0 to `high`, or a ValueError naming the option."""
     value = _decimal(text, high)
     if value is None:
-        raise ValueError("argument %s: %s: expected milliseconds from 0 to %d%s" % (option, _quoted(text), high, note))
-    return value
-
-
-def _seconds(option: str, text: str) -> int:
-    value = _decimal(text, _MAX_STOP_SECONDS)
-    if value is None:
-        raise ValueError("argument %s: %s: expected seconds from 0 to %d" % (option, _quoted(text), _MAX_STOP_SECONDS))
+        raise ValueError("argument %s: %s: expected %s from 0 to %d%s" % (option, _quoted(text), unit, high, note))
     return value
 
 
@@ -2956,10 +2943,12 @@ def _check_generic_options(args: argparse.Namespace, unknown: list[str], program
             raise ValueError("argument --listen: %s: %s" % (_quoted(value), exc)) from None
     protocol = args.protocol = _one_of("--protocol", args.protocol, ("systemd", "env"))
     args.held_client = _one_of("--held-client", args.held_client, _HELD_CLIENT_WAYS[::-1])
-    args.hold_timeout = _milliseconds("--hold-timeout", args.hold_timeout, _MAX_HOLD_TIMEOUT_MS, " (0: no limit)")
-    args.probe_grace_period = _milliseconds("--probe-grace-period", args.probe_grace_period, _MAX_PROBE_GRACE_MS)
-    args.stop_when_idle = _seconds("--stop-when-idle", args.stop_when_idle)
-    args.stop_timeout = _seconds("--stop-timeout", args.stop_timeout)
+    args.hold_timeout = _number("--hold-timeout", args.hold_timeout, _MAX_HOLD_TIMEOUT_MS, "milliseconds",
+                                " (0: no limit)")
+    args.probe_grace_period = _number("--probe-grace-period", args.probe_grace_period, _MAX_PROBE_GRACE_MS,
+                                      "milliseconds")
+    args.stop_when_idle = _number("--stop-when-idle", args.stop_when_idle, _MAX_STOP_SECONDS, "seconds")
+    args.stop_timeout = _number("--stop-timeout", args.stop_timeout, _MAX_STOP_SECONDS, "seconds")
     args.log_level = _one_of("--log-level", args.log_level, tuple(_LEVELS))
     args.ready_fd = _NO_READY_FD if args.ready_fd is None else _ready_fd(args.ready_fd)
     if not program:
@@ -3253,10 +3242,7 @@ def _run_as_script() -> None:
     except KeyboardInterrupt:  # SIGINT before main() gave it its default action
         status = 128 + signal.SIGINT
     except Exception as exc:  # noqa: BLE001 -- the script's last guard: one line and a status, no traceback
-        try:
-            os.write(2, ("trace_loader.py: internal error: %s: %s\n" % (type(exc).__name__, exc)).encode())
-        except OSError:
-            pass  # nowhere left to say it
+        _say(sys.stderr, "trace_loader.py: internal error: %s: %s\n" % (type(exc).__name__, exc))
         status = 1
     for stream in (sys.stdout, sys.stderr):
         _say(stream, "")  # flushes what is left; closed or absent costs nothing
