@@ -208,19 +208,18 @@ class _Log:
 
     def __init__(self) -> None:
         self.threshold = _LEVELS["info"]
-        self.console = True
-        self.file_fd = -1
+        self.fds: tuple[int, ...] = (2,)  # where a line goes: stderr, and the log file once one is open
 
     def configure(self, *, level: str, console: bool, path: str | None) -> None:
         self.threshold = _LEVELS[level]
-        self.console = console
+        self.fds = (2,) if console else ()
         if not path or level == "off":
             return
         # O_APPEND: the agent appends to the same file after execve. os.open
         # makes the fd non-inheritable (PEP 446), so the agent never sees it.
         # O_NONBLOCK: a FIFO named as log file must not hang the loader.
         try:
-            self.file_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o640)
+            self.fds += (os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o640),)
         except (OSError, ValueError) as exc:
             self.warn("Cannot open log file %s (%s); logging to the console only",
                       _path_shown(path), _oserror_text(exc))
@@ -245,7 +244,7 @@ class _Log:
         if len(data) >= _MAX_LOG_LINE:
             data = data[: _MAX_LOG_LINE - 5].decode("utf-8", "ignore").encode("utf-8") + b" ..."
         data += b"\n"
-        for fd in ((2,) if self.console else ()) + ((self.file_fd,) if self.file_fd >= 0 else ()):
+        for fd in self.fds:
             try:
                 os.write(fd, data)
             except OSError:
@@ -279,19 +278,14 @@ def _oserror_text(exc: BaseException) -> str:
     return str(exc)
 
 
-def _quoted(value: str, limit: int = 64) -> str:
-    """A user's value, quoted and cut short, safe for one log line.
+def _quoted(value: str, limit: int = 64, *, quotes: bool = True) -> str:
+    """A user's value, quoted (or escaped alone, for a phrase that labels it itself) and cut short.
 
     repr() escapes every control character (CR, ESC, ...), so no value can
     forge a line or drive a terminal; README "Logging".
     """
-    return repr(value[:limit]) + ("... (%d characters)" % len(value) if len(value) > limit else "")
-
-
-def _escaped(value: str, limit: int = 64) -> str:
-    """`value` escaped as _quoted does, without the quotes: for a phrase that quotes or labels it itself."""
-    text = repr(value[:limit])[1:-1]
-    return text + "... (%d characters)" % len(value) if len(value) > limit else text
+    text = repr(value[:limit]) if quotes else repr(value[:limit])[1:-1]
+    return text + ("... (%d characters)" % len(value) if len(value) > limit else "")
 
 
 def _path_shown(value: str) -> str:
@@ -1554,10 +1548,8 @@ class _EnvProtocol:
     def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
                  inherited_fds: frozenset[int]) -> set[int]:
         # The fds stay where they are; those we inherited pass through.
-        kept = {0, 1, 2} | {lsn.fd for lsn in listeners} | (inherited_fds - set(self.unselected_fds))
-        if client is not None and self.client_var:
-            kept.add(client.sock.fileno())
-        return kept
+        client_fds = {client.sock.fileno()} if client is not None and self.client_var else set()
+        return {0, 1, 2} | {lsn.fd for lsn in listeners} | client_fds | (inherited_fds - set(self.unselected_fds))
 
 
 class _SystemdProtocol:
@@ -2058,7 +2050,7 @@ def _exec_format_problem(path: str, *, depth: int = 0) -> str:
         name = os.fsdecode(_script_interpreter(head))
         if not name:
             return "starts with '#!' but names no interpreter"
-        shown = _escaped(name, _PATH_SHOWN_MAX)
+        shown = _quoted(name, _PATH_SHOWN_MAX, quotes=False)
         if not (os.path.isfile(name) and os.access(name, os.X_OK)):
             return "starts with '#!%s', and that interpreter is missing or not executable" % shown
         # The interpreter may be a script itself: the kernel runs it the same way.
@@ -2673,7 +2665,7 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
 
 
 def _program_label(name: str) -> str:
-    return _escaped(os.path.basename(name) or name)
+    return _quoted(os.path.basename(name) or name, quotes=False)
 
 
 # ---------------------------------------------------------------------------
@@ -3024,7 +3016,7 @@ def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str], *,
                                  % (spec.handoff_name, spec.shown_as, len(matches)))
         for fd, name in matches:
             expanded.append(_ListenerSpec(spec.handoff_name or name, _INHERITED, fd=fd,
-                                          shown_as="systemd socket %s" % _escaped(name)))
+                                          shown_as="systemd socket %s" % _quoted(name, quotes=False)))
     chosen = {s.fd for s in expanded if s.kind == _INHERITED}
     return expanded, [fd for fd, _ in inherited if fd not in chosen]
 
