@@ -684,8 +684,8 @@ def _read_yaml_subset(text: str, wanted: Iterable[str], *, source: str = "<confi
 # environment over the file over defaults (README "Configuration").
 # ---------------------------------------------------------------------------
 
-_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
-_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+_GO_BOOLS = {**dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+             **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False)}
 # What a plain (unquoted) YAML scalar may spell a boolean as; the last four are YAML 1.1's.
 _YAML_BOOLS = {"true": True, "false": False, "yes": True, "on": True, "no": False, "off": False}
 _INT64 = 1 << 63
@@ -844,11 +844,9 @@ def _describe_node(node: _Node) -> str:
 
 def _go_bool(text: str, name: str) -> bool:
     """strconv.ParseBool: exactly these spellings, nothing trimmed."""
-    if text in _GO_TRUE:
-        return True
-    if text in _GO_FALSE:
-        return False
-    raise _ConfigError("%s is not a boolean (use true or false)" % _quoted(text), key=name)
+    if text not in _GO_BOOLS:
+        raise _ConfigError("%s is not a boolean (use true or false)" % _quoted(text), key=name)
+    return _GO_BOOLS[text]
 
 
 def _go_int(text: str, name: str) -> int:
