@@ -162,8 +162,6 @@ class _ConfigError(LoaderError):
 
     def __init__(self, message: str, *, source: str = "", line: int = 0, key: str = "") -> None:
         self.message = message
-        self.source = source
-        self.line = line
         self.key = key
         where = _path_shown(source) + (":%d" % line if line else "") if source else ""
         parts = [p for p in (where, key, message) if p]
@@ -218,19 +216,18 @@ class _Log:
 
     def __init__(self) -> None:
         self.threshold = _LEVELS["info"]
-        self.console = True
-        self.file_fd = -1
+        self.fds: tuple[int, ...] = (2,)  # where a line goes: stderr, and the log file once one is open
 
     def configure(self, *, level: str, console: bool, path: str | None) -> None:
         self.threshold = _LEVELS[level]
-        self.console = console
+        self.fds = (2,) if console else ()
         if not path or level == "off":
             return
         # O_APPEND: the agent appends to the same file after execve. os.open
         # makes the fd non-inheritable (PEP 446), so the agent never sees it.
         # O_NONBLOCK: a FIFO named as log file must not hang the loader.
         try:
-            self.file_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o640)
+            self.fds += (os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o640),)
         except (OSError, ValueError) as exc:
             self.warn("Cannot open log file %s (%s); logging to the console only",
                       _path_shown(path), _oserror_text(exc))
@@ -255,7 +252,7 @@ class _Log:
         if len(data) >= _MAX_LOG_LINE:
             data = data[: _MAX_LOG_LINE - 5].decode("utf-8", "ignore").encode("utf-8") + b" ..."
         data += b"\n"
-        for fd in ((2,) if self.console else ()) + ((self.file_fd,) if self.file_fd >= 0 else ()):
+        for fd in self.fds:
             try:
                 os.write(fd, data)
             except OSError:
@@ -289,19 +286,14 @@ def _oserror_text(exc: BaseException) -> str:
     return str(exc)
 
 
-def _quoted(value: str, limit: int = 64) -> str:
-    """A user's value, quoted and cut short, safe for one log line.
+def _quoted(value: str, limit: int = 64, *, quotes: bool = True) -> str:
+    """A user's value, quoted (or escaped alone, for a phrase that labels it itself) and cut short.
 
     repr() escapes every control character (CR, ESC, ...), so no value can
     forge a line or drive a terminal; README "Logging".
     """
-    return repr(value[:limit]) + ("... (%d characters)" % len(value) if len(value) > limit else "")
-
-
-def _escaped(value: str, limit: int = 64) -> str:
-    """`value` escaped as _quoted does, without the quotes: for a phrase that quotes or labels it itself."""
-    text = repr(value[:limit])[1:-1]
-    return text + "... (%d characters)" % len(value) if len(value) > limit else text
+    text = repr(value[:limit]) if quotes else repr(value[:limit])[1:-1]
+    return text + ("... (%d characters)" % len(value) if len(value) > limit else "")
 
 
 def _path_shown(value: str) -> str:
@@ -700,8 +692,8 @@ def _read_yaml_subset(text: str, wanted: Iterable[str], *, source: str = "<confi
 # environment over the file over defaults (README "Configuration").
 # ---------------------------------------------------------------------------
 
-_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
-_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+_GO_BOOLS = {**dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+             **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False)}
 # What a plain (unquoted) YAML scalar may spell a boolean as; the last four are YAML 1.1's.
 _YAML_BOOLS = {"true": True, "false": False, "yes": True, "on": True, "no": False, "off": False}
 _INT64 = 1 << 63
@@ -860,11 +852,9 @@ def _describe_node(node: _Node) -> str:
 
 def _go_bool(text: str, name: str) -> bool:
     """strconv.ParseBool: exactly these spellings, nothing trimmed."""
-    if text in _GO_TRUE:
-        return True
-    if text in _GO_FALSE:
-        return False
-    raise _ConfigError("%s is not a boolean (use true or false)" % _quoted(text), key=name)
+    if text not in _GO_BOOLS:
+        raise _ConfigError("%s is not a boolean (use true or false)" % _quoted(text), key=name)
+    return _GO_BOOLS[text]
 
 
 def _go_int(text: str, name: str) -> int:
@@ -1546,10 +1536,8 @@ class _EnvProtocol:
     def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
                  inherited_fds: frozenset[int]) -> set[int]:
         # The fds stay where they are; those we inherited pass through.
-        kept = {0, 1, 2} | {lsn.fd for lsn in listeners} | (inherited_fds - set(self.unselected_fds))
-        if client is not None and self.client_var:
-            kept.add(client.sock.fileno())
-        return kept
+        client_fds = {client.sock.fileno()} if client is not None and self.client_var else set()
+        return {0, 1, 2} | {lsn.fd for lsn in listeners} | client_fds | (inherited_fds - set(self.unselected_fds))
 
 
 class _SystemdProtocol:
@@ -2030,7 +2018,7 @@ def _exec_format_problem(path: str, *, depth: int = 0) -> str:
         name = os.fsdecode(_script_interpreter(head))
         if not name:
             return "starts with '#!' but names no interpreter"
-        shown = _escaped(name, _PATH_SHOWN_MAX)
+        shown = _quoted(name, _PATH_SHOWN_MAX, quotes=False)
         if not (os.path.isfile(name) and os.access(name, os.X_OK)):
             return "starts with '#!%s', and that interpreter is missing or not executable" % shown
         # The interpreter may be a script itself: the kernel runs it the same way.
@@ -2089,7 +2077,7 @@ def _exec_program(launch: _Launch, env: dict[str, str], log: _Log) -> NoReturn:
         sys.exit(1)
 
 
-def _exec_directly(launch: _Launch, log: _Log, client: _HeldClient | None = None) -> NoReturn:
+def _fail_open(launch: _Launch, log: _Log, client: _HeldClient | None = None) -> NoReturn:
     """Fail open: the program, unchanged environment, none of our fds.
 
     Safe at any point, even halfway through a hand-off: every fd that was
@@ -2147,7 +2135,7 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], client: _Hel
         fds = launch.protocol.hand_over(env, listeners, client)
     except _HandoffError as exc:
         log.warn("Failed to hand the sockets over to %s: %s", launch.label, exc)
-        _exec_directly(launch, log, client)
+        _fail_open(launch, log, client)
     for fd in fds:
         # The program inherits these fds (close-on-exec cleared) in blocking
         # mode, as the Go loader leaves them; every other fd of ours is
@@ -2607,7 +2595,7 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
         listeners = _open_listeners(specs, log)
     except LoaderError as exc:
         log.warn("Failed to get listeners for %s: %s", launch.label, exc)
-        _exec_directly(launch, log)
+        _fail_open(launch, log)
     if not listeners:
         log.info("All %s inputs are disabled, stopping...", launch.label)
         return 0
@@ -2635,7 +2623,7 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
 
 
 def _program_label(name: str) -> str:
-    return _escaped(os.path.basename(name) or name)
+    return _quoted(os.path.basename(name) or name, quotes=False)
 
 
 # ---------------------------------------------------------------------------
@@ -2643,26 +2631,21 @@ def _program_label(name: str) -> str:
 # ---------------------------------------------------------------------------
 
 def _drop_in_specs(settings: _DropInSettings, log: _Log) -> list[_ListenerSpec]:
-    specs: list[_ListenerSpec] = []
     if settings.bind_host_reason.startswith("containerized"):
         log.info("Activating non-local traffic automatically in containerized environment, "
                  "trace-agent will listen on 0.0.0.0")
-    if settings.receiver_port > 0:
-        specs.append(_ListenerSpec(RECEIVER_FD_VAR, _TCP, host=settings.bind_host, port=settings.receiver_port,
-                                   shown_as="TCP receiver"))
-    else:
-        log.info("Trace-agent TCP receiver is disabled")
-    if settings.receiver_socket:
-        specs.append(_ListenerSpec(UNIX_FD_VAR, _UNIX, path=settings.receiver_socket, mode=0o722,
-                                   shown_as="unix receiver"))
-    else:
-        log.info("Trace-agent unix receiver is disabled")
-    if settings.otlp_enabled:
-        specs.append(_ListenerSpec(OTLP_FD_VAR, _TCP, host=settings.bind_host, port=settings.otlp_port,
-                                   shown_as="OTLP receiver"))
-    else:
-        log.info("Trace-agent OTLP receiver is disabled")
-    return specs
+    candidates = (
+        (settings.receiver_port > 0, _ListenerSpec(RECEIVER_FD_VAR, _TCP, host=settings.bind_host,
+                                                   port=settings.receiver_port, shown_as="TCP receiver")),
+        (settings.receiver_socket != "", _ListenerSpec(UNIX_FD_VAR, _UNIX, path=settings.receiver_socket, mode=0o722,
+                                                       shown_as="unix receiver")),
+        (settings.otlp_enabled, _ListenerSpec(OTLP_FD_VAR, _TCP, host=settings.bind_host, port=settings.otlp_port,
+                                              shown_as="OTLP receiver")),
+    )
+    for enabled, spec in candidates:
+        if not enabled:
+            log.info("Trace-agent %s is disabled", spec.shown_as)
+    return [spec for enabled, spec in candidates if enabled]
 
 
 def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str], log: _Log,
@@ -2681,7 +2664,7 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
         settings = _load_drop_in_settings(config_path, environ, log)
     except _ConfigError as exc:
         log.warn("Failed to load the configuration: %s", exc)
-        _exec_directly(launch, log)
+        _fail_open(launch, log)
     launch.ready_fd = settings.ready_fd
     log.configure(level=settings.log_level, console=settings.log_to_console, path=settings.log_file)
     if not settings.apm_enabled and not settings.error_tracking:
@@ -2689,7 +2672,7 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
         return 0
     if not settings.socket_activation:
         log.info("Socket-activation for the trace-agent is disabled, running the trace-agent directly...")
-        _exec_directly(launch, log)
+        _fail_open(launch, log)
     specs = _drop_in_specs(settings, log)
     # The probe check watches the TCP receiver only, never the OTLP port.
     activation = _Activation(probe=settings.handle_tcp_probe, probe_only=RECEIVER_FD_VAR,
@@ -2773,17 +2756,11 @@ def _parse_host_port(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _milliseconds(option: str, text: str, high: int, note: str = "") -> int:
+def _number(option: str, text: str, high: int, unit: str, note: str = "") -> int:
+    """`text` as a count of `unit` from 0 to `high`, or a ValueError naming the option."""
     value = _decimal(text, high)
     if value is None:
-        raise ValueError("argument %s: %s: expected milliseconds from 0 to %d%s" % (option, _quoted(text), high, note))
-    return value
-
-
-def _seconds(option: str, text: str) -> int:
-    value = _decimal(text, _MAX_STOP_SECONDS)
-    if value is None:
-        raise ValueError("argument %s: %s: expected seconds from 0 to %d" % (option, _quoted(text), _MAX_STOP_SECONDS))
+        raise ValueError("argument %s: %s: expected %s from 0 to %d%s" % (option, _quoted(text), unit, high, note))
     return value
 
 
@@ -2870,7 +2847,7 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
         specs, unselected = _expand_inherited(args.listen, environ, one_each=args.protocol == "env")
     except _ListenerError as exc:
         log.warn("Failed to get listeners for %s: %s", label, exc)
-        _exec_directly(launch, log)
+        _fail_open(launch, log)
     launch.protocol = _generic_protocol(args, for_us, unselected)
     activation = _Activation(probe=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
                              hold_timeout_ms=args.hold_timeout, held_client=args.held_client,
@@ -2916,10 +2893,12 @@ def _check_generic_options(args: argparse.Namespace, unknown: list[str], program
             raise ValueError("argument --listen: %s: %s" % (_quoted(value), exc)) from None
     protocol = args.protocol = _one_of("--protocol", args.protocol, ("systemd", "env"))
     args.held_client = _one_of("--held-client", args.held_client, _HELD_CLIENT_WAYS[::-1])
-    args.hold_timeout = _milliseconds("--hold-timeout", args.hold_timeout, _MAX_HOLD_TIMEOUT_MS, " (0: no limit)")
-    args.probe_grace_period = _milliseconds("--probe-grace-period", args.probe_grace_period, _MAX_PROBE_GRACE_MS)
-    args.stop_when_idle = _seconds("--stop-when-idle", args.stop_when_idle)
-    args.stop_timeout = _seconds("--stop-timeout", args.stop_timeout)
+    args.hold_timeout = _number("--hold-timeout", args.hold_timeout, _MAX_HOLD_TIMEOUT_MS, "milliseconds",
+                                " (0: no limit)")
+    args.probe_grace_period = _number("--probe-grace-period", args.probe_grace_period, _MAX_PROBE_GRACE_MS,
+                                      "milliseconds")
+    args.stop_when_idle = _number("--stop-when-idle", args.stop_when_idle, _MAX_STOP_SECONDS, "seconds")
+    args.stop_timeout = _number("--stop-timeout", args.stop_timeout, _MAX_STOP_SECONDS, "seconds")
     args.log_level = _one_of("--log-level", args.log_level, tuple(_LEVELS))
     args.ready_fd = _NO_READY_FD if args.ready_fd is None else _ready_fd(args.ready_fd)
     if not program:
@@ -2995,7 +2974,7 @@ def _expand_inherited(specs: list[_ListenerSpec], environ: Mapping[str, str], *,
                                  % (spec.handoff_name, spec.shown_as, len(matches)))
         for fd, name in matches:
             expanded.append(_ListenerSpec(spec.handoff_name or name, _INHERITED, fd=fd,
-                                          shown_as="systemd socket %s" % _escaped(name)))
+                                          shown_as="systemd socket %s" % _quoted(name, quotes=False)))
     chosen = {s.fd for s in expanded if s.kind == _INHERITED}
     return expanded, [fd for fd, _ in inherited if fd not in chosen]
 
@@ -3201,7 +3180,7 @@ def _last_resort_exec(program: list[str], own_args: list[str], environ: dict[str
     scrubbed = _DROP_IN_FD_VARS + tuple(named) + (() if for_us else _SYSTEMD_VARS)
     launch = _Launch(path, program, environ, _program_label(program[0]), _EnvProtocol(scrubbed, ""),
                      inherited_fds=inherited_fds)
-    _exec_directly(launch, log)
+    _fail_open(launch, log)
 
 
 def _run_as_script() -> None:
@@ -3213,10 +3192,7 @@ def _run_as_script() -> None:
     except KeyboardInterrupt:  # SIGINT before main() gave it its default action
         status = 128 + signal.SIGINT
     except Exception as exc:  # noqa: BLE001 -- the script's last guard: one line and a status, no traceback
-        try:
-            os.write(2, ("trace_loader.py: internal error: %s: %s\n" % (type(exc).__name__, exc)).encode())
-        except OSError:
-            pass  # nowhere left to say it
+        _say(sys.stderr, "trace_loader.py: internal error: %s: %s\n" % (type(exc).__name__, exc))
         status = 1
     for stream in (sys.stdout, sys.stderr):
         _say(stream, "")  # flushes what is left; closed or absent costs nothing
