@@ -2298,7 +2298,10 @@ def _start_and_supervise(launch: _Launch, listeners: list[_Listener], client: _H
     except Exception as exc:  # noqa: BLE001 -- main()'s last resort would start the program a second time
         log.critical("Internal error while supervising %s (%s: %s); waiting for it to end", launch.label,
                      type(exc).__name__, exc)
-        status = _status_of(os.waitpid(pid, 0)[1])
+        try:
+            status = _status_of(os.waitpid(pid, 0)[1])
+        except ChildProcessError:  # reaped before the error: its status is lost
+            status = 1
     # Blocked again while the waiting handlers come back: a signal caught
     # until now is in the pipe, a later one waits for them.
     signal.pthread_sigmask(signal.SIG_BLOCK, caught)
