@@ -2479,7 +2479,7 @@ class _Usage:
         self.opened()  # since the wake, from the first sample on
 
     def count(self) -> int | None:
-        """None where the kernel cannot tell (neither socket diagnostics nor /proc/net: macOS)."""
+        """None where it cannot be counted (neither socket diagnostics nor /proc/net: macOS; no fd left)."""
         # A client in a backlog makes its listener readable.
         waiting = len(self.poller.poll(0))
         for counter in (self.count_with_sock_diag, self.count_in_proc_net):
