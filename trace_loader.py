@@ -2253,7 +2253,7 @@ _NLM_F_DUMP_REQUEST = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _UDIAG_SHOW_NAME = 1  # linux/unix_diag.h; the name comes back as attribute UNIX_DIAG_NAME (0)
 _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
-_MAX_SAMPLE_INTERVAL = 4.0
+_MAX_SAMPLE_INTERVAL = 5.0
 
 
 def _start_and_supervise(launch: _Launch, listeners: list[_Listener], client: _HeldClient | None,
@@ -2274,8 +2274,11 @@ def _start_and_supervise(launch: _Launch, listeners: list[_Listener], client: _H
     previous = _set_signals([signum for signum in caught if signum == signal.SIGCHLD
                              or signal.getsignal(signum) is not signal.SIG_IGN], _ignore_signal)
     try:
+        # signal.set_wakeup_fd: the C handler writes each signal's number into the pipe, and poll()
+        # wakes on it; the Python handler does nothing. Made before the fork: after it, nothing may fail.
+        read_end, write_end = os.pipe()  # close-on-exec (PEP 446)
         pid = os.fork()
-    except OSError as exc:
+    except OSError as exc:  # EMFILE, EAGAIN, ENOMEM
         log.warn("Cannot fork (%s); starting %s in place, never stopped", _oserror_text(exc), launch.label)
         pid = 0  # as the child would: the hand-off and execve, in place
     if pid == 0:
@@ -2283,14 +2286,20 @@ def _start_and_supervise(launch: _Launch, listeners: list[_Listener], client: _H
         _exec_with_handoff(launch, listeners, client, activation.held_client, log)
     if client is not None:
         client.sock.close()  # the program's now, or the relay helper's
-    # signal.set_wakeup_fd: the C handler writes each signal's number into the
-    # pipe, and poll() wakes on it; the Python handler does nothing.
-    read_end, write_end = os.pipe()  # close-on-exec (PEP 446)
-    for fd in (read_end, write_end):
-        os.set_blocking(fd, False)
-    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    status = _supervise(pid, read_end, listeners, activation, launch.label, log)
+    try:
+        for fd in (read_end, write_end):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        # Unblocked even where the mask we inherited blocks them: the loop would never wake for them.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, caught)
+        status = _supervise(pid, read_end, listeners, activation, launch.label, log)
+    except Exception as exc:  # noqa: BLE001 -- main()'s last resort would start the program a second time
+        log.critical("Internal error while supervising %s (%s: %s); waiting for it to end", launch.label,
+                     type(exc).__name__, exc)
+        try:
+            status = _status_of(os.waitpid(pid, 0)[1])
+        except ChildProcessError:  # reaped before the error: its status is lost
+            status = 1
     # Blocked again while the waiting handlers come back: a signal caught
     # until now is in the pipe, a later one waits for them.
     signal.pthread_sigmask(signal.SIG_BLOCK, caught)
@@ -2336,10 +2345,8 @@ def _supervise(pid: int, signals: int, listeners: list[_Listener], activation: _
                log: _Log) -> int | None:
     """The loop: forward signals, reap, sample idleness, stop. As _start_and_supervise returns."""
     idle_for, usage = activation.stop_when_idle, _Usage(listeners)
-    # Idleness begins at most one interval before the first idle sample, so
-    # SIGTERM comes at most that late: 8% of the idle time (at most 4 s)
-    # leaves the rest of 10% (and 5 s) for a late wake-up and the count.
-    interval = min(_MAX_SAMPLE_INTERVAL, idle_for * 0.08)
+    # Idleness begins at most one interval before the first idle sample, so SIGTERM comes at most that late.
+    interval = min(_MAX_SAMPLE_INTERVAL, idle_for * 0.1)
     poller = select.poll()
     poller.register(signals, select.POLLIN)
     started = time.monotonic()
@@ -2347,10 +2354,11 @@ def _supervise(pid: int, signals: int, listeners: list[_Listener], activation: _
     idle_since: float | None = None
     stopping_since: float | None = None
     stop_signal = 0
+    orphans: list[int] = []  # what the program left running once it was stopped
     while True:
         poller.poll(_ms_until(next_step))
         for signum in _read_signals(signals):
-            if signum != signal.SIGCHLD:
+            if signum != signal.SIGCHLD and pid:
                 os.kill(pid, signum)  # never fails: the program is our child, reaped below
             # Not lost: after an idle stop the loader ends instead of waiting again. SIGHUP
             # only during the stop: while the program runs, many take it to reload.
@@ -2362,29 +2370,47 @@ def _supervise(pid: int, signals: int, listeners: list[_Listener], activation: _
             return status
         if status is not None and stopping_since is not None:
             log.info("Stopped %s in %.1f s (%s)", label, time.monotonic() - stopping_since, _status_text(status))
+            # Its children (a wrapper's, a daemon's), orphaned to us, would keep serving on the listeners.
+            pid, orphans, next_step = 0, _children(log), time.monotonic() + activation.stop_timeout
+            for child in orphans:
+                os.kill(child, signal.SIGTERM)  # never fails: our child, a zombie at worst
+        elif pid == 0:
+            orphans = _children(log)
+        if pid == 0 and not orphans:
             return -stop_signal if stop_signal else None
         now = time.monotonic()
         if next_step is None or now < next_step:
             continue
         if stopping_since is not None:
-            log.warn("%s still runs %d s after SIGTERM: SIGKILL", label, activation.stop_timeout)
-            os.kill(pid, signal.SIGKILL)
+            log.warn("%s still runs %d s after SIGTERM: SIGKILL", label if pid else "What %s left" % label,
+                     activation.stop_timeout)
+            for child in [pid] if pid else orphans:
+                os.kill(child, signal.SIGKILL)
             next_step = None
             continue
         busy = usage.count()
-        if busy is None:
-            log.warn("Cannot count the connections of %s (no socket diagnostics, no /proc/net); it will not "
-                     "be stopped when idle", label)
-            next_step = None
-            continue
-        log.debug("Sockets of %s in use: %d (connections and waiting clients)", label, busy)
-        idle_since = None if busy else (now if idle_since is None else idle_since)
+        if busy is None and not usage.failed:  # never stopped on a count we could not make
+            log.warn("Cannot count the connections of %s (no socket diagnostics, no /proc/net, or no fd "
+                     "left); it is not stopped while they cannot be counted", label)
+        usage.failed = usage.failed or busy is None
+        log.debug("Sockets of %s in use: %s (connections and waiting clients)", label, busy)
+        idle_since = None if busy != 0 else (now if idle_since is None else idle_since)
         if idle_since is not None and now >= idle_since + idle_for:
             log.info("Stopping %s: its sockets were idle for %d s (it ran %d s)", label, idle_for, now - started)
             os.kill(pid, signal.SIGTERM)
             stopping_since, next_step = now, now + activation.stop_timeout
         else:
             next_step = now + interval if idle_since is None else min(now + interval, idle_since + idle_for)
+
+
+def _children(log: _Log) -> list[int]:
+    """The loader's children: once the program is reaped, the orphans it left (Linux 3.5)."""
+    try:
+        with open("/proc/self/task/%d/children" % os.getpid(), "rb") as children:
+            return [int(pid) for pid in children.read().split()]
+    except OSError as exc:  # no /proc, or a kernel without CONFIG_PROC_CHILDREN
+        log.warn("Cannot list what the program left running (%s): it keeps the listeners", _oserror_text(exc))
+        return []
 
 
 def _read_signals(fd: int) -> bytes:
@@ -2405,7 +2431,11 @@ def _reap_children(pid: int) -> int | None:
         if child == 0:
             return found
         if child == pid:
-            found = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            found = _status_of(status)
+
+
+def _status_of(status: int) -> int:
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def _status_text(status: int) -> str:
@@ -2417,11 +2447,15 @@ def _end_like(status: int) -> int:
     if status >= 0:
         return status
     if os.getpid() != 1:  # as PID 1 the kernel drops it: 128+N below
+        import resource
+
+        # A core-dumping signal (SEGV, ABRT, QUIT...) would dump our core over the program's: no room for one.
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
         if -status != signal.SIGKILL:  # whose action cannot be changed, and is the default
             signal.signal(-status, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [-status])
-        os.kill(os.getpid(), -status)
-    return 128 - status  # PID 1, or a signal whose default does not end a process
+        os.kill(os.getpid(), -status)  # the program was killed by it: it ends us too
+    return 128 - status
 
 
 class _Usage:
@@ -2431,6 +2465,8 @@ class _Usage:
         self.ports: dict[int, set[int]] = {}  # TCP ports by address family
         self.names: set[bytes] = set()  # unix paths; an abstract name starts with NUL
         self.poller = select.poll()
+        self.failed = False  # a count failed once: warned
+        self.opens = -1
         for listener in listeners:
             sock, address = listener.sock, listener.sock.getsockname()
             self.poller.register(sock.fileno(), select.POLLIN)
@@ -2438,17 +2474,37 @@ class _Usage:
                 self.names.add(os.fsencode(address) if isinstance(address, str) else address)
             elif sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
                 self.ports.setdefault(sock.family, set()).add(address[1])
+        self.opened()  # since the wake, from the first sample on
 
     def count(self) -> int | None:
-        """None where the kernel cannot tell (neither socket diagnostics nor /proc/net: macOS)."""
+        """None where it cannot be counted (neither socket diagnostics nor /proc/net: macOS; no fd left)."""
         # A client in a backlog makes its listener readable.
         waiting = len(self.poller.poll(0))
         for counter in (self.count_with_sock_diag, self.count_in_proc_net):
             try:
-                return waiting + counter()
+                return waiting + counter() + self.opened()
             except (AttributeError, OSError, ValueError, IndexError):
                 continue  # no AF_NETLINK (macOS) or refused by a sandbox; no /proc, or a row we cannot read
         return None
+
+    def opened(self) -> int:
+        """1 if the network namespace accepted a TCP connection since the last call, else 0.
+
+        Connections that open and close between two samples (a client that opens one per request)
+        are seen only so: `Tcp: ... PassiveOpens` in /proc/net/snmp, for every server of the
+        namespace, so another server's clients keep the program up too (never the reverse).
+        Without /proc/net/snmp only open connections count.
+        """
+        if not self.ports:
+            return 0
+        try:
+            with open("/proc/net/snmp", "rb") as snmp:
+                names, values = (row.split() for row in snmp if row.startswith(b"Tcp:"))
+            opens = int(values[names.index(b"PassiveOpens")])
+        except (OSError, ValueError):
+            return 0
+        rose, self.opens = self.opens not in (-1, opens), opens
+        return int(rose)
 
     def count_with_sock_diag(self) -> int:
         """NETLINK_SOCK_DIAG: one dump per family, of the held states only; filtered on the port here."""
@@ -2605,7 +2661,11 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
         log.debug("%s file descriptor is %d", named, listener.fd)
     _announce_ready(launch, log)
     probe = _choose_probe_listener(listeners, enabled=activation.probe, only=activation.probe_only)
+    files = _socket_files(listeners)
     while True:  # wait, hand off; with a stop-when-idle time: supervise, wait again
+        for path, _ in set(_socket_files(listeners).items()) - set(files.items()):  # a program may delete it
+            log.warn("%s no longer names the unix socket the loader listens on: no client can reach it",
+                     _path_shown(path))
         _release_memory(_memory_steps(launch.env), log)
         waiter = _Waiter(listeners, probe, grace_ms=activation.grace_ms if probe else 0,
                          hold_timeout_ms=activation.hold_timeout_ms, log=log, program_label=launch.label)
@@ -2620,6 +2680,19 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
         status = _start_and_supervise(launch, listeners, waiter.held, activation, log)
         if status is not None:
             return _end_like(status)
+
+
+def _socket_files(listeners: list[_Listener]) -> dict[str, tuple[int, ...]]:
+    """The file (st_ino, st_dev; (): none) that each unix listener's path names now."""
+    found = {}
+    for listener in listeners:
+        path = listener.sock.getsockname() if listener.sock.family == socket.AF_UNIX else ""
+        if path and isinstance(path, str):  # neither unnamed nor abstract (bytes)
+            try:
+                found[path] = tuple(os.stat(path)[1:3])
+            except OSError:
+                found[path] = ()
+    return found
 
 
 def _program_label(name: str) -> str:
