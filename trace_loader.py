@@ -2466,7 +2466,6 @@ class _Usage:
         self.names: set[bytes] = set()  # unix paths; an abstract name starts with NUL
         self.poller = select.poll()
         self.failed = False  # a count failed once: warned
-        self.opens = -1
         for listener in listeners:
             sock, address = listener.sock, listener.sock.getsockname()
             self.poller.register(sock.fileno(), select.POLLIN)
@@ -2474,7 +2473,6 @@ class _Usage:
                 self.names.add(os.fsencode(address) if isinstance(address, str) else address)
             elif sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
                 self.ports.setdefault(sock.family, set()).add(address[1])
-        self.opened()  # since the wake, from the first sample on
 
     def count(self) -> int | None:
         """None where it cannot be counted (neither socket diagnostics nor /proc/net: macOS; no fd left)."""
@@ -2482,29 +2480,10 @@ class _Usage:
         waiting = len(self.poller.poll(0))
         for counter in (self.count_with_sock_diag, self.count_in_proc_net):
             try:
-                return waiting + counter() + self.opened()
+                return waiting + counter()
             except (AttributeError, OSError, ValueError, IndexError):
                 continue  # no AF_NETLINK (macOS) or refused by a sandbox; no /proc, or a row we cannot read
         return None
-
-    def opened(self) -> int:
-        """1 if the network namespace accepted a TCP connection since the last call, else 0.
-
-        Connections that open and close between two samples (a client that opens one per request)
-        are seen only so: `Tcp: ... PassiveOpens` in /proc/net/snmp, for every server of the
-        namespace, so another server's clients keep the program up too (never the reverse).
-        Without /proc/net/snmp only open connections count.
-        """
-        if not self.ports:
-            return 0
-        try:
-            with open("/proc/net/snmp", "rb") as snmp:
-                names, values = (row.split() for row in snmp if row.startswith(b"Tcp:"))
-            opens = int(values[names.index(b"PassiveOpens")])
-        except (OSError, ValueError):
-            return 0
-        rose, self.opens = self.opens not in (-1, opens), opens
-        return int(rose)
 
     def count_with_sock_diag(self) -> int:
         """NETLINK_SOCK_DIAG: one dump per family, of the held states only; filtered on the port here."""
