@@ -3339,6 +3339,25 @@ def test_a_silent_open_connection_keeps_the_program_up(procs, sockets):
 
 
 @needs_proc
+@pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="systemd-socket-activate is not installed")
+def test_under_systemd_socket_activate_the_program_sleeps_and_wakes_on_the_inherited_socket(procs):
+    port = free_port()  # systemd-socket-activate refuses port 0
+    argv = [shutil.which("systemd-socket-activate"), "-l", "127.0.0.1:%d" % port, sys.executable, LOADER,
+            "--listen", "systemd:", "--handle-tcp-probe", "--log-level", "debug", "--stop-when-idle", "1", "--",
+            sys.executable, "-c", SLEEPY_SERVER, "0"]
+    proc = procs(argv, base_env())
+    proc.wait_for("Listening on 127.0.0.1:%d" % port)
+    first = served_by(port)  # the loader starts on this request, and the server after it
+    proc.wait_for(STOPPED)
+    proc.wait_for(r"Polling\.\.\. \(fds", count=2)  # the inherited socket, waited on again
+    kubelet_probe(port)
+    proc.wait_for(ABSORBED)
+    second = served_by(port)
+    assert second != first and proc.is_loader()  # a new server; the loader kept systemd's pid
+    assert second in child_pids(proc.pid)  # its child (beside, for a moment, the relay helper)
+
+
+@needs_proc
 def test_tcp_probes_between_samples_do_not_keep_the_program_up(procs):
     proc, port = sleepy_loader(procs, "--stop-when-idle", "2")
     served_by(port)
