@@ -721,29 +721,25 @@ _DEFAULT_STOP_TIMEOUT = 30
 _HELD_FD, _HELD_RELAY = "fd", "relay"
 _HELD_CLIENT_WAYS = (_HELD_FD, _HELD_RELAY)
 
-# (YAML path, environment variables in order of precedence)
-_KEYS: dict[str, tuple[str, ...]] = {
-    "apm_config.enabled": ("DD_APM_ENABLED",),
-    "apm_config.error_tracking_standalone.enabled": ("DD_APM_ERROR_TRACKING_STANDALONE_ENABLED",),
-    "apm_config.socket_activation.enabled": ("DD_APM_SOCKET_ACTIVATION_ENABLED",),
-    "apm_config.socket_activation.handle_tcp_probe": ("DD_APM_SOCKET_ACTIVATION_HANDLE_TCP_PROBE",),
-    "apm_config.socket_activation.probe_grace_period": ("DD_APM_SOCKET_ACTIVATION_PROBE_GRACE_PERIOD",),
-    "apm_config.socket_activation.held_client": ("DD_APM_SOCKET_ACTIVATION_HELD_CLIENT",),
-    "apm_config.socket_activation.hold_timeout": ("DD_APM_SOCKET_ACTIVATION_HOLD_TIMEOUT",),
-    "apm_config.socket_activation.ready_fd": ("DD_APM_SOCKET_ACTIVATION_READY_FD",),
-    "apm_config.socket_activation.stop_when_idle": ("DD_APM_SOCKET_ACTIVATION_STOP_WHEN_IDLE",),
-    "apm_config.socket_activation.stop_timeout": ("DD_APM_SOCKET_ACTIVATION_STOP_TIMEOUT",),
-    "apm_config.receiver_port": ("DD_APM_RECEIVER_PORT", "DD_RECEIVER_PORT"),
-    "apm_config.receiver_socket": ("DD_APM_RECEIVER_SOCKET",),
-    "apm_config.apm_non_local_traffic": ("DD_APM_NON_LOCAL_TRAFFIC",),
-    "bind_host": ("DD_BIND_HOST",),
-    "otlp_config.receiver": (),
-    "otlp_config.traces.internal_port": ("DD_OTLP_CONFIG_TRACES_INTERNAL_PORT",),
-    "log_level": ("DD_LOG_LEVEL",),
-    "apm_config.log_file": ("DD_APM_LOG_FILE",),
-    "log_to_console": ("DD_LOG_TO_CONSOLE",),
-    "disable_file_logging": ("DD_DISABLE_FILE_LOGGING",),
-}
+# The YAML paths the drop-in front door reads.
+_KEYS = (
+    "apm_config.enabled", "apm_config.error_tracking_standalone.enabled", "apm_config.socket_activation.enabled",
+    *("apm_config.socket_activation." + name for name in ("handle_tcp_probe", "probe_grace_period", "held_client",
+                                                         "hold_timeout", "ready_fd", "stop_when_idle", "stop_timeout")),
+    "apm_config.receiver_port", "apm_config.receiver_socket", "apm_config.apm_non_local_traffic", "bind_host",
+    "otlp_config.receiver", "otlp_config.traces.internal_port", "log_level", "apm_config.log_file", "log_to_console",
+    "disable_file_logging",
+)
+
+
+def _env_names(key: str) -> tuple[str, ...]:
+    """The variables that set `key`, in order of precedence: the agent's names for it.
+
+    DD_ and the path in upper case with '_' for '.', where apm_config (and an
+    apm_ key under it) is APM; the receiver port also has an older name.
+    """
+    name = "DD_" + key.upper().replace("APM_CONFIG.APM_", "APM_").replace("APM_CONFIG.", "APM_").replace(".", "_")
+    return (name, "DD_RECEIVER_PORT") if key == "apm_config.receiver_port" else (name,)
 
 
 class _Config:
@@ -756,7 +752,7 @@ class _Config:
         self.log = log
 
     def from_env(self, key: str) -> tuple[str, str] | None:
-        for name in _KEYS[key]:
+        for name in _env_names(key):
             value = self.environ.get(name, "")
             if value != "":  # an empty value counts as unset
                 return name, value
