@@ -1315,12 +1315,12 @@ def _peek(client: _HeldClient) -> str:
 class _Waiter:
     """The wait's state: what is polled, what is held, and until when."""
 
-    def __init__(self, listeners: list[_Listener], probe: _Listener | None, *, grace_ms: int,
+    def __init__(self, listeners: list[_Listener], probe_listener: _Listener | None, *, grace_ms: int,
                  hold_timeout_ms: int, log: _Log, program_label: str) -> None:
         self.program_label = program_label
         self.by_fd = {lsn.fd: lsn for lsn in listeners}
-        self.probe = probe
-        self.probe_fd = probe.fd if probe is not None else -1
+        self.probe_listener = probe_listener
+        self.probe_fd = probe_listener.fd if probe_listener is not None else -1
         self.grace_ms = grace_ms
         self.hold_timeout_ms = hold_timeout_ms
         self.log = log
@@ -1333,9 +1333,9 @@ class _Waiter:
         # Non-blocking for the wait only: a client that vanishes between poll()
         # and accept() must not block us. wake() restores it: a socket we
         # inherited reaches the program as it came, even when we fail open.
-        self.probe_was_blocking = probe is not None and os.get_blocking(probe.fd)
-        if probe is not None:
-            probe.sock.setblocking(False)
+        self.probe_listener_was_blocking = probe_listener is not None and os.get_blocking(probe_listener.fd)
+        if probe_listener is not None:
+            probe_listener.sock.setblocking(False)
         self.state = _IDLE
         self.held: _HeldClient | None = None
         self.deadline: float | None = None
@@ -1345,7 +1345,7 @@ class _Waiter:
 
     def enter_idle(self, how: str) -> None:
         """The held client closed (`how`: FIN or RST): a probe; the probe listener is polled again."""
-        assert self.held is not None and self.probe is not None
+        assert self.held is not None and self.probe_listener is not None
         fd = self.held.sock.fileno()
         self.poller.unregister(fd)
         self.held.sock.close()
@@ -1354,7 +1354,7 @@ class _Waiter:
                            self.held.peer, how)
         self.held = None
         if self.state == _GRACE:
-            self.poller.register(self.probe.fd, select.POLLIN)
+            self.poller.register(self.probe_listener.fd, select.POLLIN)
         self.state, self.deadline = _IDLE, None
 
     def enter_holding(self, client: _HeldClient) -> None:
@@ -1366,8 +1366,8 @@ class _Waiter:
 
     def enter_grace(self) -> None:
         """A second client waits: leave it in the backlog, give the held one `grace_ms`."""
-        assert self.probe is not None
-        self.poller.unregister(self.probe.fd)
+        assert self.probe_listener is not None
+        self.poller.unregister(self.probe_listener.fd)
         self.state = _GRACE
         grace_end = time.monotonic() + self.grace_ms / 1000.0
         if self.deadline is None or grace_end < self.deadline:  # else the hold timeout comes first
@@ -1379,7 +1379,7 @@ class _Waiter:
     def run(self) -> str:
         """Wait: why the wait ended. The client to hand over, if one is held, is then `held`."""
         self.log.info("Polling... (fds %s%s)", ", ".join(str(fd) for fd in self.by_fd),
-                      "; probe check on fd %d" % self.probe.fd if self.probe else "")
+                      "; probe check on fd %d" % self.probe_listener.fd if self.probe_listener else "")
         while True:
             if self.debugging:
                 self.log.debug("Polling... (state %s)", self.state)
@@ -1401,8 +1401,8 @@ class _Waiter:
 
     def wake(self, reason: str) -> str:
         """The end of the wait: the probe listener as it was before, and why we wake."""
-        if self.probe is not None:
-            self.probe.sock.setblocking(self.probe_was_blocking)
+        if self.probe_listener is not None:
+            self.probe_listener.sock.setblocking(self.probe_listener_was_blocking)
         return reason
 
     def on_events(self, ready: list[tuple[int, int]]) -> str:
@@ -1453,14 +1453,14 @@ class _Waiter:
         return ""
 
     def on_probe_listener(self) -> str:
-        assert self.probe is not None
+        assert self.probe_listener is not None
         if self.state == _HOLDING:
             if self.grace_ms == 0:
                 return "a second TCP client arrived while one was held"
             self.enter_grace()
             return ""
         try:
-            sock, address = self.probe.sock.accept()  # close-on-exec until handed over (PEP 446)
+            sock, address = self.probe_listener.sock.accept()  # close-on-exec until handed over (PEP 446)
         except OSError as exc:
             if exc.errno not in _ACCEPT_RETRY_ERRNOS:
                 # EMFILE and the like: the program, with a fresh process, can take it.
@@ -1470,7 +1470,7 @@ class _Waiter:
             if self.debugging:
                 self.log.debug("A TCP client left before it was accepted: %s", exc)
             return ""
-        client = _HeldClient(sock, address, self.probe)
+        client = _HeldClient(sock, address, self.probe_listener)
         self.enter_holding(client)
         if self.debugging:
             self.log.debug("Accepted connection on TCP listener: %d (peer %s)", sock.fileno(), client.peer)
@@ -2565,10 +2565,10 @@ def _proc_net_rows(name: str, maxsplit: int) -> Iterator[list[bytes]]:
 class _Activation:
     """How to wait and what to hand over, as each front door read it."""
 
-    def __init__(self, *, probe: bool, probe_only: str = "", grace_ms: int, hold_timeout_ms: int,
+    def __init__(self, *, probe_check: bool, probe_listener_name: str = "", grace_ms: int, hold_timeout_ms: int,
                  held_client: str, stop_when_idle: int = 0, stop_timeout: int = _DEFAULT_STOP_TIMEOUT) -> None:
-        self.probe = probe  # the probe check is on
-        self.probe_only = probe_only  # the listener it may watch ("": the first TCP one)
+        self.probe_check = probe_check  # the probe check is on
+        self.probe_listener_name = probe_listener_name  # the listener it may watch ("": the first TCP one)
         self.grace_ms = grace_ms
         self.hold_timeout_ms = hold_timeout_ms
         self.held_client = held_client  # _HELD_FD or _HELD_RELAY
@@ -2620,7 +2620,7 @@ def _use_ready_fd(fd: int, launch: _Launch) -> None:
     launch.inherited_fds -= {fd}  # its number may come back as one of ours: never to pass through
 
 
-def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation, log: _Log) -> int:
+def _run_activation(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation, log: _Log) -> int:
     try:
         _refuse_closed_std_fds()
         listeners = _open_listeners(specs, log)
@@ -2635,14 +2635,15 @@ def _serve(launch: _Launch, specs: list[_ListenerSpec], activation: _Activation,
         named = spec.handoff_name if spec.kind != _INHERITED and spec.handoff_name else spec.shown_as
         log.debug("%s file descriptor is %d", named, listener.fd)
     _announce_ready(launch, log)
-    probe = _choose_probe_listener(listeners, enabled=activation.probe, only=activation.probe_only)
+    probe_listener = _choose_probe_listener(listeners, enabled=activation.probe_check,
+                                            only=activation.probe_listener_name)
     files = _socket_files(listeners)
     while True:  # wait, hand off; with a stop-when-idle time: supervise, wait again
         for path, _ in set(_socket_files(listeners).items()) - set(files.items()):  # a program may delete it
             log.warn("%s no longer names the unix socket the loader listens on: no client can reach it",
                      _path_shown(path))
         _release_memory(_memory_steps(launch.env), log)
-        waiter = _Waiter(listeners, probe, grace_ms=activation.grace_ms if probe else 0,
+        waiter = _Waiter(listeners, probe_listener, grace_ms=activation.grace_ms if probe_listener else 0,
                          hold_timeout_ms=activation.hold_timeout_ms, log=log, program_label=launch.label)
         began = time.monotonic()
         reason = waiter.run()
@@ -2723,11 +2724,11 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
         _fail_open(launch, log)
     specs = _drop_in_specs(settings, log)
     # The probe check watches the TCP receiver only, never the OTLP port.
-    activation = _Activation(probe=settings.handle_tcp_probe, probe_only=RECEIVER_FD_VAR,
+    activation = _Activation(probe_check=settings.handle_tcp_probe, probe_listener_name=RECEIVER_FD_VAR,
                              grace_ms=settings.probe_grace_ms, hold_timeout_ms=settings.hold_timeout_ms,
                              held_client=settings.held_client, stop_when_idle=settings.stop_when_idle,
                              stop_timeout=settings.stop_timeout)
-    return _serve(launch, specs, activation, log)
+    return _run_activation(launch, specs, activation, log)
 
 
 # ---------------------------------------------------------------------------
@@ -2897,10 +2898,10 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
         log.warn("Failed to get listeners for %s: %s", label, exc)
         _fail_open(launch, log)
     launch.protocol = _generic_protocol(args, for_us, unselected)
-    activation = _Activation(probe=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
+    activation = _Activation(probe_check=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
                              hold_timeout_ms=args.hold_timeout, held_client=args.held_client,
                              stop_when_idle=args.stop_when_idle, stop_timeout=args.stop_timeout)
-    return _serve(launch, specs, activation, log)
+    return _run_activation(launch, specs, activation, log)
 
 
 def _generic_protocol(args: argparse.Namespace, for_us: bool, unselected: list[int]) -> _HandoffProtocol:
