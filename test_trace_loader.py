@@ -3358,29 +3358,21 @@ def test_under_systemd_socket_activate_the_program_sleeps_and_wakes_on_the_inher
 
 
 @needs_proc
-def test_tcp_probes_between_samples_do_not_keep_the_program_up(procs):
-    proc, port = sleepy_loader(procs, "--stop-when-idle", "2")
-    served_by(port)
-    probes = 0
-    while not proc.count("Stopping"):  # 5 probes per 200 ms sample, each over in about a millisecond
-        rst_probe(port)
-        probes += 1
-        assert probes < 150, proc.text()  # 6 s: the idle time three times over, even if a sample catches a probe
-        proc.wait_for(r"Sockets of \S+ in use|Stopping", count=probes // 5 + 1)
-    assert probes >= 25  # the program was stopped although probes came all through its idle time
-    proc.wait_for(STOPPED)
-
-
-@needs_proc
-def test_unix_probes_between_samples_do_not_keep_the_program_up(procs, tmp_path):
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_probes_between_samples_do_not_keep_the_program_up(procs, tmp_path, family):
     path = str(tmp_path / "s.sock")
-    proc = start_generic(procs, ["--listen", "unix://" + path, "--log-level", "debug", "--stop-when-idle", "2"],
+    listen = "unix://" + path if family == "unix" else "tcp://127.0.0.1:0"
+    proc = start_generic(procs, ["--listen", listen, "--log-level", "debug", "--stop-when-idle", "2"],
                          [sys.executable, "-c", SLEEPY_SERVER, "0"])
+    port = 0 if family == "unix" else bound_port(proc)
     proc.wait_for("Polling")
     probes = 0
     while not proc.count("Stopping"):  # 5 probes per 200 ms sample, each over in about a millisecond
-        with socket.socket(socket.AF_UNIX) as probe:
-            probe.connect(path)
+        if family == "unix":
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(path)
+        else:
+            rst_probe(port)
         probes += 1
         assert probes < 150, proc.text()  # 6 s: the idle time three times over, even if a sample catches a probe
         proc.wait_for(r"Sockets of \S+ in use|Stopping", count=probes // 5 + 1)
