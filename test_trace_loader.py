@@ -3394,6 +3394,53 @@ def test_a_program_whose_children_keep_serving_has_them_stopped_too(procs):
 
 
 @needs_proc
+def test_what_the_program_left_and_ignores_sigterm_is_killed_after_the_stop_timeout(procs):
+    # What the program left that ignores SIGTERM gets SIGKILL after the stop timeout, and the wait comes
+    # back; a process the loader's parent started (not the program's) is left alone.
+    sibling = subprocess.Popen(["sleep", "60"])
+    # SIGTERM ignored, inherited: a shell left behind, and its sleep, ours only once the shell is SIGKILLed.
+    script = 'trap "" TERM; sh -c "sleep 120 & wait" & exec "$0" -c "$1" 0'
+    program = ["sh", "-c", script, sys.executable, SLEEPY_SERVER]
+    proc, port = sleepy_loader(procs, "--stop-timeout", "1", program=program)
+    first = served_by(port)
+    proc.wait_for(r"WARN .* What \S+ left still runs 1 s after SIGTERM: SIGKILL")
+    proc.wait_for(r"Polling\.\.\. \(fds", count=2)
+    assert child_pids(proc.pid) == []
+    assert sibling.poll() is None  # not the program's: untouched
+    sibling.kill()
+    sibling.wait()
+    assert served_by(port) != first
+
+
+@needs_proc
+def test_a_sibling_of_the_loader_is_not_stopped_with_the_program(procs, tmp_path):
+    mark = tmp_path / "sibling.pid"
+    script = 'sleep 60 & echo $! > "$0"; exec "$@"'  # the sleep becomes the loader's child
+    argv = ["sh", "-c", script, str(mark), sys.executable, LOADER, "--listen", "tcp://127.0.0.1:0", "--log-level",
+            "debug", "--stop-when-idle", "1", "--", sys.executable, "-c", SLEEPY_SERVER, "0"]
+    proc = procs(argv, base_env())
+    port = bound_port(proc)
+    served_by(port)
+    proc.wait_for(STOPPED)
+    proc.wait_for(r"Polling\.\.\. \(fds", count=2)
+    sibling = int(mark.read_text())
+    assert sibling in child_pids(proc.pid)  # alive, still the loader's child
+    os.kill(sibling, signal.SIGKILL)
+    # Reaped during the wait: no zombie left while no program runs.
+    wait_until(lambda: child_pids(proc.pid) == [], "the sibling reaped by the waiting loader")
+
+
+@needs_proc
+def test_a_program_killed_by_a_signal_the_c_library_reserves_is_not_started_twice(procs):
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--stop-when-idle", "60"],
+                         ["sh", "-c", "kill -32 $$"])
+    with connect(bound_port(proc)) as c:
+        c.sendall(b"x")
+    assert proc.wait_exit() == 128 + 32
+    assert proc.count("Starting sh") == 1 and proc.count("Internal error") == 0, proc.text()
+
+
+@needs_proc
 def test_a_unix_socket_file_the_program_deletes_is_named_in_a_warning(procs, tmp_path):
     path = str(tmp_path / "s.sock")
     program = [sys.executable, "-c", "import os, signal, socket, sys; "

@@ -2269,6 +2269,7 @@ def _start_and_supervise(launch: _Launch, listeners: list[_Listener], client: _H
     # and lose its status. Any other signal ignored (SIGINT, SIGHUP) stays so, for us and the program.
     previous = _set_signals([signum for signum in caught if signum == signal.SIGCHLD
                              or signal.getsignal(signum) is not signal.SIG_IGN], _ignore_signal)
+    siblings = _children()  # ours before the program: never what it left behind
     try:
         # signal.set_wakeup_fd: the C handler writes each signal's number into the pipe, and poll()
         # wakes on it; the Python handler does nothing. Made before the fork: after it, nothing may fail.
@@ -2288,10 +2289,12 @@ def _start_and_supervise(launch: _Launch, listeners: list[_Listener], client: _H
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         # Unblocked even where the mask we inherited blocks them: the loop would never wake for them.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, caught)
-        status = _supervise(pid, read_end, listeners, activation, launch.label, log)
+        status = _supervise(pid, read_end, listeners, activation, launch.label, log, siblings)
     except Exception as exc:  # noqa: BLE001 -- main()'s last resort would start the program a second time
         log.critical("Internal error while supervising %s (%s: %s); waiting for it to end", launch.label,
                      type(exc).__name__, exc)
+        _set_signals([signum for signum in caught if signum != signal.SIGCHLD], lambda signum, _: os.kill(pid, signum))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, caught)
         try:
             status = _status_of(os.waitpid(pid, 0)[1])
         except ChildProcessError:  # reaped before the error: its status is lost
@@ -2338,7 +2341,7 @@ def _become_subreaper(log: _Log) -> None:
 
 
 def _supervise(pid: int, signals: int, listeners: list[_Listener], activation: _Activation, label: str,
-               log: _Log) -> int | None:
+               log: _Log, siblings: set[int]) -> int | None:
     """The loop: forward signals, reap, sample idleness, stop. As _start_and_supervise returns."""
     idle_for, usage = activation.stop_when_idle, _Usage(listeners)
     # Idleness begins at most one interval before the first idle sample, so SIGTERM comes at most that late.
@@ -2350,39 +2353,43 @@ def _supervise(pid: int, signals: int, listeners: list[_Listener], activation: _
     idle_since: float | None = None
     stopping_since: float | None = None
     stop_signal = 0
-    orphans: list[int] = []  # what the program left running once it was stopped
+    status: int | None = None  # the program's end, once reaped during an idle stop
+    signalled: set[int] = set()  # what it left running, signalled since
     while True:
         poller.poll(_ms_until(next_step))
         for signum in _read_signals(signals):
-            if signum != signal.SIGCHLD and pid:
-                os.kill(pid, signum)  # never fails: the program is our child, reaped below
+            if signum != signal.SIGCHLD and status is None:
+                os.kill(pid, signum)  # never fails: the program is our child, a zombie at worst
             # Not lost: after an idle stop the loader ends instead of waiting again. SIGHUP
             # only during the stop: while the program runs, many take it to reload.
             if signum in (signal.SIGTERM, signal.SIGINT) or (stopping_since is not None and signum == signal.SIGHUP):
                 stop_signal = signum
-        status = _reap_children(pid)
-        if status is not None and stopping_since is None:
-            log.info("%s ended (%s); the loader ends the same way", label, _status_text(status))
-            return status
-        if status is not None and stopping_since is not None:
+        ended = _reap_children(pid)
+        if ended is not None and stopping_since is None:
+            log.info("%s ended (%s); the loader ends the same way", label, _status_text(ended))
+            return ended
+        if ended is not None and stopping_since is not None:
+            status = ended
             log.info("Stopped %s in %.1f s (%s)", label, time.monotonic() - stopping_since, _status_text(status))
-            # Its children (a wrapper's, a daemon's), orphaned to us, would keep serving on the listeners.
-            pid, orphans, next_step = 0, _children(log), time.monotonic() + activation.stop_timeout
-            for child in orphans:
-                os.kill(child, signal.SIGTERM)  # never fails: our child, a zombie at worst
-        elif pid == 0:
-            orphans = _children(log)
-        if pid == 0 and not orphans:
-            return -stop_signal if stop_signal else None
+        if status is not None:
+            # What it started and left to us (a wrapper's server, a worker) would keep serving on the
+            # listeners: stopped too, the same way. Checked on every turn: orphans keep coming to us.
+            left = _children() - siblings
+            if not left:
+                return -stop_signal if stop_signal else None
+            for child in left - signalled:
+                os.kill(child, signal.SIGKILL if next_step is None else signal.SIGTERM)  # ours, a zombie at worst
+            signalled |= left
         now = time.monotonic()
-        if next_step is None or now < next_step:
+        if next_step is not None and now < next_step:
             continue
         if stopping_since is not None:
-            log.warn("%s still runs %d s after SIGTERM: SIGKILL", label if pid else "What %s left" % label,
-                     activation.stop_timeout)
-            for child in [pid] if pid else orphans:
-                os.kill(child, signal.SIGKILL)
-            next_step = None
+            if next_step is not None:
+                log.warn("%s still runs %d s after SIGTERM: SIGKILL", label if status is None
+                         else "What %s left" % label, activation.stop_timeout)
+                for child in [pid] if status is None else _children() - siblings:
+                    os.kill(child, signal.SIGKILL)
+            next_step = None  # from now on, what dies wakes us (SIGCHLD), and what it left is ours by then
             continue
         busy = usage.count()
         if busy is None and not usage.failed:  # never stopped on a count we could not make
@@ -2399,14 +2406,22 @@ def _supervise(pid: int, signals: int, listeners: list[_Listener], activation: _
             next_step = now + interval if idle_since is None else min(now + interval, idle_since + idle_for)
 
 
-def _children(log: _Log) -> list[int]:
-    """The loader's children: once the program is reaped, the orphans it left (Linux 3.5)."""
+def _children() -> set[int]:
+    """The loader's children in its own process group (so never one another session sent us, as PID 1)."""
     try:
-        with open("/proc/self/task/%d/children" % os.getpid(), "rb") as children:
-            return [int(pid) for pid in children.read().split()]
-    except OSError as exc:  # no /proc, or a kernel without CONFIG_PROC_CHILDREN
-        log.warn("Cannot list what the program left running (%s): it keeps the listeners", _oserror_text(exc))
-        return []
+        with open("/proc/self/task/%d/children" % os.getpid(), "rb") as children:  # Linux 3.5
+            pids = [int(pid) for pid in children.read().split()]
+    except OSError:  # no /proc: what the program left keeps running
+        return set()
+    group = os.getpgrp()
+    return {pid for pid in pids if _group_of(pid) == group}
+
+
+def _group_of(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:  # reaped meanwhile (by the SIGCHLD handler of the wait)
+        return -1
 
 
 def _read_signals(fd: int) -> bytes:
@@ -2447,8 +2462,11 @@ def _end_like(status: int) -> int:
 
         # A core-dumping signal (SEGV, ABRT, QUIT...) would dump our core over the program's: no room for one.
         resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
-        if -status != signal.SIGKILL:  # whose action cannot be changed, and is the default
-            signal.signal(-status, signal.SIG_DFL)
+        try:
+            if -status != signal.SIGKILL:  # whose action cannot be changed, and is the default
+                signal.signal(-status, signal.SIG_DFL)
+        except (OSError, ValueError):  # a real-time signal the C library reserves for itself: 128+N
+            return 128 - status
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [-status])
         os.kill(os.getpid(), -status)  # the program was killed by it: it ends us too
     return 128 - status
@@ -2638,6 +2656,10 @@ def _run_activation(launch: _Launch, specs: list[_ListenerSpec], activation: _Ac
     probe_listener = _choose_probe_listener(listeners, enabled=activation.probe_check,
                                             only=activation.probe_listener_name)
     files = _socket_files(listeners)
+    if activation.stop_when_idle:
+        # Orphans reparented to us (a subreaper, or PID 1) that end while we wait: reaped at once, no
+        # zombie. PEP 475 retries the wait's poll() after the handler; execve resets it for the program.
+        signal.signal(signal.SIGCHLD, lambda signum, frame: _reap_children(0))
     while True:  # wait, hand off; with a stop-when-idle time: supervise, wait again
         for path, _ in set(_socket_files(listeners).items()) - set(files.items()):  # a program may delete it
             log.warn("%s no longer names the unix socket the loader listens on: no client can reach it",
