@@ -2590,6 +2590,7 @@ HIDDEN_CREDENTIALS = {
     "V_PAIRS": ("Server=db;Pwd=S3CR3T-7;Access_Token=S3CR3T-8", "Server=db;Pwd=********;Access_Token=********"),
     "V_LIST": ("http://a:S3CR3T-9@h1,b:S3CR3T-10@h2 x", "http://********@h1,********@h2 x"),
     "V_PLAIN": ("https://mirror.example:8443/a?b=c", "https://mirror.example:8443/a?b=c"),
+    "V_HEADERS": ("Authorization=Bearer S3CR3T-11,x-tenant=t1", "Authorization=********,x-tenant=t1"),
 }
 
 

@@ -208,7 +208,8 @@ _SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "PWD", "CREDENT
 # What ends a word of a value, for the masking of what it holds; '?' and '&'
 # end a query's NAME=VALUE pair too.
 _WORD_ENDS = {ord(c): "\0" for c in " \t\n\r\v\f,;"}
-_PAIR_ENDS = {**_WORD_ENDS, ord("?"): "\0", ord("&"): "\0"}
+# A secret pair's VALUE runs on over spaces ("Authorization=Bearer TOKEN"), to the next pair.
+_PAIR_ENDS = {ord(c): "\0" for c in "\n\r\v\f,;?&"}
 
 
 class _Log:
