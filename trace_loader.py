@@ -1248,8 +1248,8 @@ _LINGER_RESET = (1).to_bytes(4, sys.byteorder) + (0).to_bytes(4, sys.byteorder)
 # Combined once: an IntFlag's | costs more than the recv() it is for.
 _PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
-# What a peek at the held client found.
-_SENT, _FIN, _RST, _SILENT = "sent", "FIN", "RST", "silent"
+# How a probe closed: a FIN, or a reset (RST).
+_FIN, _RST = "FIN", "RST"
 
 
 def _close_with_reset(sock: socket.socket) -> None:
@@ -1299,19 +1299,6 @@ def _ms_until(deadline: float | None) -> int | None:
     return max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
 
 
-def _peek(client: _HeldClient) -> str:
-    """_SENT, _FIN, _RST or _SILENT; any other error propagates."""
-    try:
-        data = client.sock.recv(1, _PEEK_NOW)
-    except BlockingIOError:
-        return _SILENT
-    except OSError as exc:
-        if exc.errno in _RESET_ERRNOS:
-            return _RST
-        raise
-    return _SENT if data else _FIN
-
-
 class _Waiter:
     """The wait's state: what is polled, what is held, and until when."""
 
@@ -1343,9 +1330,10 @@ class _Waiter:
 
     # -- the transitions ----------------------------------------------------
 
-    def enter_idle(self, how: str) -> None:
-        """The held client closed (`how`: FIN or RST): a probe; the probe listener is polled again."""
+    def enter_idle(self, how: str) -> str:
+        """The held client closed (`how`: FIN or RST): a probe absorbed; the probe listener is polled again."""
         assert self.held is not None and self.probe_listener is not None
+        self.probes[how] += 1
         fd = self.held.sock.fileno()
         self.poller.unregister(fd)
         self.held.sock.close()
@@ -1356,6 +1344,7 @@ class _Waiter:
         if self.state == _GRACE:
             self.poller.register(self.probe_listener.fd, select.POLLIN)
         self.state, self.deadline = _IDLE, None
+        return ""  # the wait goes on
 
     def enter_holding(self, client: _HeldClient) -> None:
         self.poller.register(client.sock.fileno(), _CLIENT_EVENTS)
@@ -1437,16 +1426,18 @@ class _Waiter:
         if revents & select.POLLPRI:
             return "the held TCP client %s sent urgent (out-of-band) data" % self.held.peer
         try:
-            outcome = _peek(self.held)
+            data: bytes | None = self.held.sock.recv(1, _PEEK_NOW)
+        except BlockingIOError:
+            data = None  # nothing to read: silent
         except OSError as exc:
+            if exc.errno in _RESET_ERRNOS:  # a probe closed with an RST
+                return self.enter_idle(_RST)
             return "error reading the held TCP client: %s" % _oserror_text(exc)
-        if outcome == _SENT:
+        if data:
             self.log.debug("TCP client sent data, executing %s...", self.program_label)
             return "the held TCP client %s sent data" % self.held.peer
-        if outcome in (_FIN, _RST):
-            self.probes[outcome] += 1
-            self.enter_idle(outcome)
-            return ""
+        if data is not None:  # end of file: a probe closed with a FIN
+            return self.enter_idle(_FIN)
         if revents & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
             # An error or hang-up the peek did not report: never spin on it.
             return "the held TCP client reported %s" % _events_text(revents)
