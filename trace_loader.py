@@ -1490,8 +1490,9 @@ class _HandoffError(LoaderError):
 
 
 # A hand-off protocol (_HandoffProtocol: one of the two classes below) tells
-# the program its fds: `scrub` on every exec, `hand_over` on wake; `kept_fds`
-# are those the program will hold once hand_over() has run (0-2 included).
+# the program its fds: `scrub` on every exec, `hand_over` on wake. hand_over
+# first checks that the fds the program will hold leave it room to start,
+# before it changes anything: until then the loader can still fail open.
 
 
 class _EnvProtocol:
@@ -1510,21 +1511,19 @@ class _EnvProtocol:
         for name in self.owned_vars:
             env.pop(name, None)
 
-    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None) -> list[int]:
+    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
+                  inherited_fds: frozenset[int]) -> list[int]:
+        handed = [(lsn.spec.handoff_name, lsn.fd) for lsn in listeners]
+        handed += [(self.client_var, client.sock.fileno())] if client is not None and self.client_var else []
+        fds = [fd for _, fd in handed]
+        # The fds stay where they are; those we inherited pass through.
+        _check_room_to_start({0, 1, 2, *fds} | (inherited_fds - set(self.unselected_fds)))
         for name in self.replaced_vars:
             env.pop(name, None)
         for fd in self.unselected_fds:
             _close_on_exec_if_open(fd)
-        handed = [(lsn.spec.handoff_name, lsn.fd) for lsn in listeners]
-        handed += [(self.client_var, client.sock.fileno())] if client is not None and self.client_var else []
         env.update((name, str(fd)) for name, fd in handed)
-        return [fd for _, fd in handed]
-
-    def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
-                 inherited_fds: frozenset[int]) -> set[int]:
-        # The fds stay where they are; those we inherited pass through.
-        client_fds = {client.sock.fileno()} if client is not None and self.client_var else set()
-        return {0, 1, 2} | {lsn.fd for lsn in listeners} | client_fds | (inherited_fds - set(self.unselected_fds))
+        return fds
 
 
 class _SystemdProtocol:
@@ -1540,11 +1539,14 @@ class _SystemdProtocol:
             for name in _SYSTEMD_VARS:
                 env.pop(name, None)
 
-    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None) -> list[int]:
+    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
+                  inherited_fds: frozenset[int]) -> list[int]:
         # "unknown" is the name systemd reports for a socket it was given no
         # name for; "connection" the one it gives an accepted connection.
         handed = [(lsn.fd, lsn.spec.handoff_name or "unknown") for lsn in listeners]
         handed += [(client.sock.fileno(), "connection")] if client is not None else []
+        # The program holds 0-2 and fds 3, 4, ...; every other fd is closed.
+        _check_room_to_start(set(range(_SD_LISTEN_FDS_START + len(handed))))
         # Only generic mode hands over this way, and it logs to stderr alone:
         # no log file of ours can sit on the fds we fill.
         targets = _move_fds_to([fd for fd, _ in handed], _SD_LISTEN_FDS_START)
@@ -1559,11 +1561,6 @@ class _SystemdProtocol:
         env["LISTEN_PID"] = str(os.getpid())  # execve keeps our pid for the program
         env["LISTEN_FDNAMES"] = ":".join(name for _, name in handed)
         return targets
-
-    def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
-                 inherited_fds: frozenset[int]) -> set[int]:
-        # 0-2 and fds 3, 4, ...; every other fd is closed.
-        return set(range(_SD_LISTEN_FDS_START + len(listeners) + (client is not None)))
 
 
 def _move_fds_to(sources: list[int], start: int) -> list[int]:
@@ -2118,8 +2115,7 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], client: _Hel
     env = dict(launch.env)
     launch.protocol.scrub(env)
     try:
-        _check_room_to_start(launch.protocol.kept_fds(listeners, client, launch.inherited_fds))
-        fds = launch.protocol.hand_over(env, listeners, client)
+        fds = launch.protocol.hand_over(env, listeners, client, launch.inherited_fds)
     except _HandoffError as exc:
         log.warn("Failed to hand the sockets over to %s: %s", launch.label, exc)
         _fail_open(launch, log, client)
