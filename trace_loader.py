@@ -1318,7 +1318,7 @@ class _Waiter:
         for listener in listeners:
             self.poller.register(listener.fd, select.POLLIN)
         # Non-blocking for the wait only: a client that vanishes between poll()
-        # and accept() must not block us. wake() restores it: a socket we
+        # and accept() must not block us. run() restores it: a socket we
         # inherited reaches the program as it came, even when we fail open.
         self.probe_listener_was_blocking = probe_listener is not None and os.get_blocking(probe_listener.fd)
         if probe_listener is not None:
@@ -1369,17 +1369,21 @@ class _Waiter:
         """Wait: why the wait ended. The client to hand over, if one is held, is then `held`."""
         self.log.info("Polling... (fds %s%s)", ", ".join(str(fd) for fd in self.by_fd),
                       "; probe check on fd %d" % self.probe_listener.fd if self.probe_listener else "")
-        while True:
+        reason = ""
+        while not reason:
             if self.debugging:
                 self.log.debug("Polling... (state %s)", self.state)
             try:
                 # No deadline, no timeout: an idle loader never wakes up. PEP 475 retries EINTR for us.
                 ready = self.poller.poll(_ms_until(self.deadline))
             except OSError as exc:
-                return self.wake("poll() failed: %s" % _oserror_text(exc))
-            reason = self.on_events(ready) if ready else self.timeout_reason()  # only a deadline ends an empty poll
-            if reason:
-                return self.wake(reason)
+                reason = "poll() failed: %s" % _oserror_text(exc)
+            else:
+                reason = self.on_events(ready) if ready else self.timeout_reason()  # only a deadline ends an empty poll
+        # The end of the wait: the probe listener as it was before.
+        if self.probe_listener is not None:
+            self.probe_listener.sock.setblocking(self.probe_listener_was_blocking)
+        return reason
 
     def timeout_reason(self) -> str:
         """Built only when the deadline passes: which one it was, grace or hold timeout."""
@@ -1387,12 +1391,6 @@ class _Waiter:
         if self.deadline != self.hold_end:
             return "a second TCP client arrived and the held one stayed silent for %d ms" % self.grace_ms
         return "the held TCP client %s sent nothing for %d ms" % (self.held.peer, self.hold_timeout_ms)
-
-    def wake(self, reason: str) -> str:
-        """The end of the wait: the probe listener as it was before, and why we wake."""
-        if self.probe_listener is not None:
-            self.probe_listener.sock.setblocking(self.probe_listener_was_blocking)
-        return reason
 
     def on_events(self, ready: list[tuple[int, int]]) -> str:
         """Handle one poll() result; a non-empty reason ends the wait."""
