@@ -1220,7 +1220,7 @@ def _open_listener(spec: _ListenerSpec, log: _Log) -> socket.socket | None:
 #            an unexpected error                                    wake
 #
 # Each transition is one method of _Waiter that sets the poll registrations
-# and the deadline together.
+# and the deadline together, logs it, and returns "" (the wait goes on).
 # ---------------------------------------------------------------------------
 
 _IDLE, _HOLDING, _GRACE = "IDLE", "HOLDING", "GRACE"
@@ -1346,14 +1346,17 @@ class _Waiter:
         self.state, self.deadline = _IDLE, None
         return ""  # the wait goes on
 
-    def enter_holding(self, client: _HeldClient) -> None:
+    def enter_holding(self, client: _HeldClient) -> str:
         self.poller.register(client.sock.fileno(), _CLIENT_EVENTS)
         self.held = client
         self.state = _HOLDING
         self.hold_end = time.monotonic() + self.hold_timeout_ms / 1000.0 if self.hold_timeout_ms else None
         self.deadline = self.hold_end
+        if self.debugging:
+            self.log.debug("Accepted connection on TCP listener: %d (peer %s)", client.sock.fileno(), client.peer)
+        return ""  # the wait goes on
 
-    def enter_grace(self) -> None:
+    def enter_grace(self) -> str:
         """A second client waits: leave it in the backlog, give the held one `grace_ms`."""
         assert self.probe_listener is not None
         self.poller.unregister(self.probe_listener.fd)
@@ -1362,6 +1365,7 @@ class _Waiter:
         if self.deadline is None or grace_end < self.deadline:  # else the hold timeout comes first
             self.deadline = grace_end
         self.log.debug("A second TCP client is waiting; giving the held one %d ms", self.grace_ms)
+        return ""  # the wait goes on
 
     # -- the loop -------------------------------------------------------------
 
@@ -1446,8 +1450,7 @@ class _Waiter:
         if self.state == _HOLDING:
             if self.grace_ms == 0:
                 return "a second TCP client arrived while one was held"
-            self.enter_grace()
-            return ""
+            return self.enter_grace()
         try:
             sock, address = self.probe_listener.sock.accept()  # close-on-exec until handed over (PEP 446)
         except OSError as exc:
@@ -1459,11 +1462,7 @@ class _Waiter:
             if self.debugging:
                 self.log.debug("A TCP client left before it was accepted: %s", exc)
             return ""
-        client = _HeldClient(sock, address, self.probe_listener)
-        self.enter_holding(client)
-        if self.debugging:
-            self.log.debug("Accepted connection on TCP listener: %d (peer %s)", sock.fileno(), client.peer)
-        return ""
+        return self.enter_holding(_HeldClient(sock, address, self.probe_listener))
 
     def listeners_text(self, fds: Iterable[int]) -> str:
         return ", ".join(self.by_fd[fd].spec.shown_as if fd in self.by_fd else "fd %d" % fd for fd in sorted(fds))
