@@ -1517,8 +1517,7 @@ class _EnvProtocol:
         _check_room_to_start({0, 1, 2, *fds} | (inherited_fds - set(self.unselected_fds)))
         for name in self.replaced_vars:
             env.pop(name, None)
-        for fd in self.unselected_fds:
-            _close_on_exec_if_open(fd)
+        _close_on_exec(self.unselected_fds)
         env.update((name, str(fd)) for name, fd in handed)
         return fds
 
@@ -1547,11 +1546,9 @@ class _SystemdProtocol:
         # Only generic mode hands over this way, and it logs to stderr alone:
         # no log file of ours can sit on the fds we fill.
         targets = _move_fds_to([fd for fd, _ in handed], _SD_LISTEN_FDS_START)
-        for fd in _open_fds():
-            if fd > 2 and fd not in targets:
-                # Under systemd's protocol the program gets 0-2 and its
-                # LISTEN_FDS, nothing else (a socket nobody asked for included).
-                _close_on_exec_if_open(fd)
+        # Under systemd's protocol the program gets 0-2 and its LISTEN_FDS,
+        # nothing else (a socket nobody asked for included).
+        _close_on_exec(fd for fd in _open_fds() if fd > 2 and fd not in targets)
         for name in _SYSTEMD_VARS:
             env.pop(name, None)
         env["LISTEN_FDS"] = str(len(targets))
@@ -1630,12 +1627,13 @@ def _fd_limit() -> int:
 _FD_SCAN_MAX = 1 << 16
 
 
-def _close_on_exec_if_open(fd: int) -> None:
-    try:
-        os.set_inheritable(fd, False)
-    except OSError as exc:
-        if exc.errno != errno.EBADF:  # already closed: nothing to keep from the program
-            raise
+def _close_on_exec(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.set_inheritable(fd, False)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:  # already closed: nothing to keep from the program
+                raise
 
 
 # ---------------------------------------------------------------------------
@@ -2070,9 +2068,7 @@ def _fail_open(launch: _Launch, log: _Log, client: _HeldClient | None = None) ->
     if client is not None:
         _close_with_reset(client.sock)
     _announce_ready(launch, log)
-    for fd in _open_fds():
-        if fd > 2 and fd not in launch.inherited_fds:
-            _close_on_exec_if_open(fd)
+    _close_on_exec(fd for fd in _open_fds() if fd > 2 and fd not in launch.inherited_fds)
     env = dict(launch.env)
     launch.protocol.scrub(env)
     _exec_program(launch, env, log)
