@@ -1487,7 +1487,8 @@ class _HandoffError(LoaderError):
 
 
 # A hand-off protocol (_HandoffProtocol: one of the two classes below) tells
-# the program its fds: `scrub` on every exec, `hand_over` on wake. hand_over
+# the program its fds: `scrubbed_vars` are left out of every exec's
+# environment (_Launch.scrubbed_env), `hand_over` runs on wake. hand_over
 # first checks that the fds the program will hold leave it room to start,
 # before it changes anything: until then the loader can still fail open.
 
@@ -1497,16 +1498,12 @@ class _EnvProtocol:
 
     def __init__(self, owned_vars: Iterable[str], client_var: str, *, replaced_vars: Iterable[str] = (),
                  unselected_fds: Iterable[int] = ()) -> None:
-        self.owned_vars = tuple(owned_vars) + ((client_var,) if client_var else ())
+        # A variable inherited from our own parent names an fd nobody handed
+        # the program: dropped on every path, so it is never adopted.
+        self.scrubbed_vars = tuple(owned_vars) + ((client_var,) if client_var else ())
         self.client_var = client_var
         self.replaced_vars = tuple(replaced_vars)  # still true on fail-open, stale once we hand over
         self.unselected_fds = tuple(unselected_fds)  # inherited sockets nobody asked for
-
-    def scrub(self, env: dict[str, str]) -> None:
-        # A variable inherited from our own parent names an fd nobody handed
-        # the program: drop it on every path, so it is never adopted.
-        for name in self.owned_vars:
-            env.pop(name, None)
 
     def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
                   inherited_fds: frozenset[int]) -> list[int]:
@@ -1527,13 +1524,8 @@ class _SystemdProtocol:
 
     def __init__(self, *, inherited_for_us: bool) -> None:
         # LISTEN_* addressed to this very process belong to the program too
-        # when we fail open (same pid after execve): keep them then.
-        self.inherited_for_us = inherited_for_us
-
-    def scrub(self, env: dict[str, str]) -> None:
-        if not self.inherited_for_us:
-            for name in _SYSTEMD_VARS:
-                env.pop(name, None)
+        # when we fail open (same pid after execve): kept then.
+        self.scrubbed_vars = () if inherited_for_us else _SYSTEMD_VARS
 
     def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
                   inherited_fds: frozenset[int]) -> list[int]:
@@ -2040,6 +2032,10 @@ class _Launch:
         self.inherited_fds = frozenset(inherited_fds)  # open when we started: not ours to close
         self.ready_fd = ready_fd  # _NO_READY_FD: none, or readiness announced already
 
+    def scrubbed_env(self) -> dict[str, str]:
+        """The environment of any exec: the base one less the variables the protocol scrubs."""
+        return {name: value for name, value in self.env.items() if name not in self.protocol.scrubbed_vars}
+
 
 def _exec_program(launch: _Launch, env: dict[str, str], log: _Log) -> NoReturn:
     log.info("Starting %s...", launch.label)
@@ -2069,8 +2065,7 @@ def _fail_open(launch: _Launch, log: _Log, client: _HeldClient | None = None) ->
         _close_with_reset(client.sock)
     _announce_ready(launch, log)
     _close_on_exec(fd for fd in _open_fds() if fd > 2 and fd not in launch.inherited_fds)
-    env = dict(launch.env)
-    launch.protocol.scrub(env)
+    env = launch.scrubbed_env()
     _exec_program(launch, env, log)
 
 
@@ -2105,8 +2100,7 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], client: _Hel
                      client.peer, _oserror_text(exc), launch.label)
             _close_with_reset(client.sock)
         client = None
-    env = dict(launch.env)
-    launch.protocol.scrub(env)
+    env = launch.scrubbed_env()
     try:
         fds = launch.protocol.hand_over(env, listeners, client, launch.inherited_fds)
     except _HandoffError as exc:
