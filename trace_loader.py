@@ -1362,8 +1362,7 @@ class _Waiter:
         self.poller.unregister(self.probe_listener.fd)
         self.state = _GRACE
         grace_end = time.monotonic() + self.grace_ms / 1000.0
-        if self.deadline is None or grace_end < self.deadline:  # else the hold timeout comes first
-            self.deadline = grace_end
+        self.deadline = min(grace_end, self.hold_end or grace_end)  # the hold timeout may come first
         self.log.debug("A second TCP client is waiting; giving the held one %d ms", self.grace_ms)
         return ""  # the wait goes on
 
@@ -2065,8 +2064,7 @@ def _fail_open(launch: _Launch, log: _Log, client: _HeldClient | None = None) ->
         _close_with_reset(client.sock)
     _announce_ready(launch, log)
     _close_on_exec(fd for fd in _open_fds() if fd > 2 and fd not in launch.inherited_fds)
-    env = launch.scrubbed_env()
-    _exec_program(launch, env, log)
+    _exec_program(launch, launch.scrubbed_env(), log)
 
 
 # Free fds a program needs below RLIMIT_NOFILE to start at all: one, for the
