@@ -1221,7 +1221,7 @@ def _open_listener(spec: _ListenerSpec, log: _Log) -> socket.socket | None:
 #            an unexpected error                                    wake
 #
 # Each transition is one method of _Waiter that sets the poll registrations
-# and the deadline together.
+# and the deadline together, logs it, and returns "" (the wait goes on).
 # ---------------------------------------------------------------------------
 
 _IDLE, _HOLDING, _GRACE = "IDLE", "HOLDING", "GRACE"
@@ -1249,8 +1249,8 @@ _LINGER_RESET = (1).to_bytes(4, sys.byteorder) + (0).to_bytes(4, sys.byteorder)
 # Combined once: an IntFlag's | costs more than the recv() it is for.
 _PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
-# What a peek at the held client found.
-_SENT, _FIN, _RST, _SILENT = "sent", "FIN", "RST", "silent"
+# How a probe closed: a FIN, or a reset (RST).
+_FIN, _RST = "FIN", "RST"
 
 
 def _close_with_reset(sock: socket.socket) -> None:
@@ -1300,19 +1300,6 @@ def _ms_until(deadline: float | None) -> int | None:
     return max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
 
 
-def _peek(client: _HeldClient) -> str:
-    """_SENT, _FIN, _RST or _SILENT; any other error propagates."""
-    try:
-        data = client.sock.recv(1, _PEEK_NOW)
-    except BlockingIOError:
-        return _SILENT
-    except OSError as exc:
-        if exc.errno in _RESET_ERRNOS:
-            return _RST
-        raise
-    return _SENT if data else _FIN
-
-
 class _Waiter:
     """The wait's state: what is polled, what is held, and until when."""
 
@@ -1332,7 +1319,7 @@ class _Waiter:
         for listener in listeners:
             self.poller.register(listener.fd, select.POLLIN)
         # Non-blocking for the wait only: a client that vanishes between poll()
-        # and accept() must not block us. wake() restores it: a socket we
+        # and accept() must not block us. run() restores it: a socket we
         # inherited reaches the program as it came, even when we fail open.
         self.probe_listener_was_blocking = probe_listener is not None and os.get_blocking(probe_listener.fd)
         if probe_listener is not None:
@@ -1344,9 +1331,10 @@ class _Waiter:
 
     # -- the transitions ----------------------------------------------------
 
-    def enter_idle(self, how: str) -> None:
-        """The held client closed (`how`: FIN or RST): a probe; the probe listener is polled again."""
+    def enter_idle(self, how: str) -> str:
+        """The held client closed (`how`: FIN or RST): a probe absorbed; the probe listener is polled again."""
         assert self.held is not None and self.probe_listener is not None
+        self.probes[how] += 1
         fd = self.held.sock.fileno()
         self.poller.unregister(fd)
         self.held.sock.close()
@@ -1357,23 +1345,27 @@ class _Waiter:
         if self.state == _GRACE:
             self.poller.register(self.probe_listener.fd, select.POLLIN)
         self.state, self.deadline = _IDLE, None
+        return ""  # the wait goes on
 
-    def enter_holding(self, client: _HeldClient) -> None:
+    def enter_holding(self, client: _HeldClient) -> str:
         self.poller.register(client.sock.fileno(), _CLIENT_EVENTS)
         self.held = client
         self.state = _HOLDING
         self.hold_end = time.monotonic() + self.hold_timeout_ms / 1000.0 if self.hold_timeout_ms else None
         self.deadline = self.hold_end
+        if self.debugging:
+            self.log.debug("Accepted connection on TCP listener: %d (peer %s)", client.sock.fileno(), client.peer)
+        return ""  # the wait goes on
 
-    def enter_grace(self) -> None:
+    def enter_grace(self) -> str:
         """A second client waits: leave it in the backlog, give the held one `grace_ms`."""
         assert self.probe_listener is not None
         self.poller.unregister(self.probe_listener.fd)
         self.state = _GRACE
         grace_end = time.monotonic() + self.grace_ms / 1000.0
-        if self.deadline is None or grace_end < self.deadline:  # else the hold timeout comes first
-            self.deadline = grace_end
+        self.deadline = min(grace_end, self.hold_end or grace_end)  # the hold timeout may come first
         self.log.debug("A second TCP client is waiting; giving the held one %d ms", self.grace_ms)
+        return ""  # the wait goes on
 
     # -- the loop -------------------------------------------------------------
 
@@ -1381,17 +1373,21 @@ class _Waiter:
         """Wait: why the wait ended. The client to hand over, if one is held, is then `held`."""
         self.log.info("Polling... (fds %s%s)", ", ".join(str(fd) for fd in self.by_fd),
                       "; probe check on fd %d" % self.probe_listener.fd if self.probe_listener else "")
-        while True:
+        reason = ""
+        while not reason:
             if self.debugging:
                 self.log.debug("Polling... (state %s)", self.state)
             try:
                 # No deadline, no timeout: an idle loader never wakes up. PEP 475 retries EINTR for us.
                 ready = self.poller.poll(_ms_until(self.deadline))
             except OSError as exc:
-                return self.wake("poll() failed: %s" % _oserror_text(exc))
-            reason = self.on_events(ready) if ready else self.timeout_reason()  # only a deadline ends an empty poll
-            if reason:
-                return self.wake(reason)
+                reason = "poll() failed: %s" % _oserror_text(exc)
+            else:
+                reason = self.on_events(ready) if ready else self.timeout_reason()  # only a deadline ends an empty poll
+        # The end of the wait: the probe listener as it was before.
+        if self.probe_listener is not None:
+            self.probe_listener.sock.setblocking(self.probe_listener_was_blocking)
+        return reason
 
     def timeout_reason(self) -> str:
         """Built only when the deadline passes: which one it was, grace or hold timeout."""
@@ -1399,12 +1395,6 @@ class _Waiter:
         if self.deadline != self.hold_end:
             return "a second TCP client arrived and the held one stayed silent for %d ms" % self.grace_ms
         return "the held TCP client %s sent nothing for %d ms" % (self.held.peer, self.hold_timeout_ms)
-
-    def wake(self, reason: str) -> str:
-        """The end of the wait: the probe listener as it was before, and why we wake."""
-        if self.probe_listener is not None:
-            self.probe_listener.sock.setblocking(self.probe_listener_was_blocking)
-        return reason
 
     def on_events(self, ready: list[tuple[int, int]]) -> str:
         """Handle one poll() result; a non-empty reason ends the wait."""
@@ -1438,16 +1428,18 @@ class _Waiter:
         if revents & select.POLLPRI:
             return "the held TCP client %s sent urgent (out-of-band) data" % self.held.peer
         try:
-            outcome = _peek(self.held)
+            data: bytes | None = self.held.sock.recv(1, _PEEK_NOW)
+        except BlockingIOError:
+            data = None  # nothing to read: silent
         except OSError as exc:
+            if exc.errno in _RESET_ERRNOS:  # a probe closed with an RST
+                return self.enter_idle(_RST)
             return "error reading the held TCP client: %s" % _oserror_text(exc)
-        if outcome == _SENT:
+        if data:
             self.log.debug("TCP client sent data, executing %s...", self.program_label)
             return "the held TCP client %s sent data" % self.held.peer
-        if outcome in (_FIN, _RST):
-            self.probes[outcome] += 1
-            self.enter_idle(outcome)
-            return ""
+        if data is not None:  # end of file: a probe closed with a FIN
+            return self.enter_idle(_FIN)
         if revents & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
             # An error or hang-up the peek did not report: never spin on it.
             return "the held TCP client reported %s" % _events_text(revents)
@@ -1458,8 +1450,7 @@ class _Waiter:
         if self.state == _HOLDING:
             if self.grace_ms == 0:
                 return "a second TCP client arrived while one was held"
-            self.enter_grace()
-            return ""
+            return self.enter_grace()
         try:
             sock, address = self.probe_listener.sock.accept()  # close-on-exec until handed over (PEP 446)
         except OSError as exc:
@@ -1471,11 +1462,7 @@ class _Waiter:
             if self.debugging:
                 self.log.debug("A TCP client left before it was accepted: %s", exc)
             return ""
-        client = _HeldClient(sock, address, self.probe_listener)
-        self.enter_holding(client)
-        if self.debugging:
-            self.log.debug("Accepted connection on TCP listener: %d (peer %s)", sock.fileno(), client.peer)
-        return ""
+        return self.enter_holding(_HeldClient(sock, address, self.probe_listener))
 
     def listeners_text(self, fds: Iterable[int]) -> str:
         return ", ".join(self.by_fd[fd].spec.shown_as if fd in self.by_fd else "fd %d" % fd for fd in sorted(fds))
@@ -1500,8 +1487,10 @@ class _HandoffError(LoaderError):
 
 
 # A hand-off protocol (_HandoffProtocol: one of the two classes below) tells
-# the program its fds: `scrub` on every exec, `hand_over` on wake; `kept_fds`
-# are those the program will hold once hand_over() has run (0-2 included).
+# the program its fds: `scrubbed_vars` are left out of every exec's
+# environment (_Launch.scrubbed_env), `hand_over` runs on wake. hand_over
+# first checks that the fds the program will hold leave it room to start,
+# before it changes anything: until then the loader can still fail open.
 
 
 class _EnvProtocol:
@@ -1509,32 +1498,25 @@ class _EnvProtocol:
 
     def __init__(self, owned_vars: Iterable[str], client_var: str, *, replaced_vars: Iterable[str] = (),
                  unselected_fds: Iterable[int] = ()) -> None:
-        self.owned_vars = tuple(owned_vars) + ((client_var,) if client_var else ())
+        # A variable inherited from our own parent names an fd nobody handed
+        # the program: dropped on every path, so it is never adopted.
+        self.scrubbed_vars = tuple(owned_vars) + ((client_var,) if client_var else ())
         self.client_var = client_var
         self.replaced_vars = tuple(replaced_vars)  # still true on fail-open, stale once we hand over
         self.unselected_fds = tuple(unselected_fds)  # inherited sockets nobody asked for
 
-    def scrub(self, env: dict[str, str]) -> None:
-        # A variable inherited from our own parent names an fd nobody handed
-        # the program: drop it on every path, so it is never adopted.
-        for name in self.owned_vars:
-            env.pop(name, None)
-
-    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None) -> list[int]:
-        for name in self.replaced_vars:
-            env.pop(name, None)
-        for fd in self.unselected_fds:
-            _close_on_exec_if_open(fd)
+    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
+                  inherited_fds: frozenset[int]) -> list[int]:
         handed = [(lsn.spec.handoff_name, lsn.fd) for lsn in listeners]
         handed += [(self.client_var, client.sock.fileno())] if client is not None and self.client_var else []
-        env.update((name, str(fd)) for name, fd in handed)
-        return [fd for _, fd in handed]
-
-    def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
-                 inherited_fds: frozenset[int]) -> set[int]:
+        fds = [fd for _, fd in handed]
         # The fds stay where they are; those we inherited pass through.
-        client_fds = {client.sock.fileno()} if client is not None and self.client_var else set()
-        return {0, 1, 2} | {lsn.fd for lsn in listeners} | client_fds | (inherited_fds - set(self.unselected_fds))
+        _check_room_to_start({0, 1, 2, *fds} | (inherited_fds - set(self.unselected_fds)))
+        for name in self.replaced_vars:
+            env.pop(name, None)
+        _close_on_exec(self.unselected_fds)
+        env.update((name, str(fd)) for name, fd in handed)
+        return fds
 
 
 class _SystemdProtocol:
@@ -1542,38 +1524,29 @@ class _SystemdProtocol:
 
     def __init__(self, *, inherited_for_us: bool) -> None:
         # LISTEN_* addressed to this very process belong to the program too
-        # when we fail open (same pid after execve): keep them then.
-        self.inherited_for_us = inherited_for_us
+        # when we fail open (same pid after execve): kept then.
+        self.scrubbed_vars = () if inherited_for_us else _SYSTEMD_VARS
 
-    def scrub(self, env: dict[str, str]) -> None:
-        if not self.inherited_for_us:
-            for name in _SYSTEMD_VARS:
-                env.pop(name, None)
-
-    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None) -> list[int]:
+    def hand_over(self, env: dict[str, str], listeners: list[_Listener], client: _HeldClient | None,
+                  inherited_fds: frozenset[int]) -> list[int]:
         # "unknown" is the name systemd reports for a socket it was given no
         # name for; "connection" the one it gives an accepted connection.
         handed = [(lsn.fd, lsn.spec.handoff_name or "unknown") for lsn in listeners]
         handed += [(client.sock.fileno(), "connection")] if client is not None else []
+        # The program holds 0-2 and fds 3, 4, ...; every other fd is closed.
+        _check_room_to_start(set(range(_SD_LISTEN_FDS_START + len(handed))))
         # Only generic mode hands over this way, and it logs to stderr alone:
         # no log file of ours can sit on the fds we fill.
         targets = _move_fds_to([fd for fd, _ in handed], _SD_LISTEN_FDS_START)
-        for fd in _open_fds():
-            if fd > 2 and fd not in targets:
-                # Under systemd's protocol the program gets 0-2 and its
-                # LISTEN_FDS, nothing else (a socket nobody asked for included).
-                _close_on_exec_if_open(fd)
+        # Under systemd's protocol the program gets 0-2 and its LISTEN_FDS,
+        # nothing else (a socket nobody asked for included).
+        _close_on_exec(fd for fd in _open_fds() if fd > 2 and fd not in targets)
         for name in _SYSTEMD_VARS:
             env.pop(name, None)
         env["LISTEN_FDS"] = str(len(targets))
         env["LISTEN_PID"] = str(os.getpid())  # execve keeps our pid for the program
         env["LISTEN_FDNAMES"] = ":".join(name for _, name in handed)
         return targets
-
-    def kept_fds(self, listeners: list[_Listener], client: _HeldClient | None,
-                 inherited_fds: frozenset[int]) -> set[int]:
-        # 0-2 and fds 3, 4, ...; every other fd is closed.
-        return set(range(_SD_LISTEN_FDS_START + len(listeners) + (client is not None)))
 
 
 def _move_fds_to(sources: list[int], start: int) -> list[int]:
@@ -1646,12 +1619,13 @@ def _fd_limit() -> int:
 _FD_SCAN_MAX = 1 << 16
 
 
-def _close_on_exec_if_open(fd: int) -> None:
-    try:
-        os.set_inheritable(fd, False)
-    except OSError as exc:
-        if exc.errno != errno.EBADF:  # already closed: nothing to keep from the program
-            raise
+def _close_on_exec(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.set_inheritable(fd, False)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:  # already closed: nothing to keep from the program
+                raise
 
 
 # ---------------------------------------------------------------------------
@@ -2058,6 +2032,10 @@ class _Launch:
         self.inherited_fds = frozenset(inherited_fds)  # open when we started: not ours to close
         self.ready_fd = ready_fd  # _NO_READY_FD: none, or readiness announced already
 
+    def scrubbed_env(self) -> dict[str, str]:
+        """The environment of any exec: the base one less the variables the protocol scrubs."""
+        return {name: value for name, value in self.env.items() if name not in self.protocol.scrubbed_vars}
+
 
 def _exec_program(launch: _Launch, env: dict[str, str], log: _Log) -> NoReturn:
     log.info("Starting %s...", launch.label)
@@ -2086,12 +2064,8 @@ def _fail_open(launch: _Launch, log: _Log, client: _HeldClient | None = None) ->
     if client is not None:
         _close_with_reset(client.sock)
     _announce_ready(launch, log)
-    for fd in _open_fds():
-        if fd > 2 and fd not in launch.inherited_fds:
-            _close_on_exec_if_open(fd)
-    env = dict(launch.env)
-    launch.protocol.scrub(env)
-    _exec_program(launch, env, log)
+    _close_on_exec(fd for fd in _open_fds() if fd > 2 and fd not in launch.inherited_fds)
+    _exec_program(launch, launch.scrubbed_env(), log)
 
 
 # Free fds a program needs below RLIMIT_NOFILE to start at all: one, for the
@@ -2125,11 +2099,9 @@ def _exec_with_handoff(launch: _Launch, listeners: list[_Listener], client: _Hel
                      client.peer, _oserror_text(exc), launch.label)
             _close_with_reset(client.sock)
         client = None
-    env = dict(launch.env)
-    launch.protocol.scrub(env)
+    env = launch.scrubbed_env()
     try:
-        _check_room_to_start(launch.protocol.kept_fds(listeners, client, launch.inherited_fds))
-        fds = launch.protocol.hand_over(env, listeners, client)
+        fds = launch.protocol.hand_over(env, listeners, client, launch.inherited_fds)
     except _HandoffError as exc:
         log.warn("Failed to hand the sockets over to %s: %s", launch.label, exc)
         _fail_open(launch, log, client)
