@@ -3781,8 +3781,10 @@ def test_run_from_source_the_loader_idles_in_the_memory_of_its_compiled_form(pro
         proc.wait_for("Polling")
         anon[argv[-1]] = proc_status(proc.pid)["RssAnon"]  # what the release before "Polling" left
         proc.stop()
-    # Compiling the source leaves allocator arenas and, for a script, its syntax tree: over 200 kB.
-    assert anon[LOADER] - anon[str(compiled)] < 128, anon
+    # Compiling the source leaves allocator arenas and, for a script, its syntax tree: 4 MB and more
+    # (9740 against 5148 kB on 3.11). The two ways of loading bytecode differ by up to ~150 kB on 3.8,
+    # where the table of interned names grows in steps with the number of names the module holds.
+    assert anon[LOADER] - anon[str(compiled)] < 512, anon
 
 
 # ---------------------------------------------------------------------------
