@@ -819,11 +819,11 @@ class _Config:
         node = self.from_file(key)
         return _ConfigError(message, source=self.source, line=node.line if node else 0, key=key)
 
-    def in_range(self, key: str, default: int, low: int, high: int, unit: str = "ms") -> int:
-        """An integer from `low` to `high` (in `unit`), or an error naming key and value."""
+    def in_range(self, key: str, default: int, high: int, unit: str = "ms") -> int:
+        """An integer from 0 to `high` (in `unit`), or an error naming key and value."""
         value = self.value(key, default, _go_int)
-        if not low <= value <= high:
-            raise self.error(key, "%d %s is out of range (%d-%d)" % (value, unit, low, high))
+        if not 0 <= value <= high:
+            raise self.error(key, "%d %s is out of range (0-%d)" % (value, unit, high))
         return value
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
@@ -894,23 +894,20 @@ class _DropInSettings:
     def __init__(self, config: _Config, environ: Mapping[str, str]) -> None:
         self.apm_enabled = config.boolean("apm_config.enabled", True)
         self.error_tracking = config.boolean("apm_config.error_tracking_standalone.enabled", False)
-        self.socket_activation = config.boolean("apm_config.socket_activation.enabled", False)
-        self.handle_tcp_probe = config.boolean("apm_config.socket_activation.handle_tcp_probe", False)
-        self.probe_grace_ms = config.in_range("apm_config.socket_activation.probe_grace_period",
-                                              _DEFAULT_PROBE_GRACE_MS, 0, _MAX_PROBE_GRACE_MS)
-        self.held_client = config.choice("apm_config.socket_activation.held_client", _HELD_FD, _HELD_CLIENT_WAYS)
+        activation = "apm_config.socket_activation."
+        self.socket_activation = config.boolean(activation + "enabled", False)
+        self.handle_tcp_probe = config.boolean(activation + "handle_tcp_probe", False)
+        self.probe_grace_ms = config.in_range(activation + "probe_grace_period", _DEFAULT_PROBE_GRACE_MS,
+                                              _MAX_PROBE_GRACE_MS)
+        self.held_client = config.choice(activation + "held_client", _HELD_FD, _HELD_CLIENT_WAYS)
         # 0: no limit, as the Go loader, which holds a silent client for ever.
-        self.hold_timeout_ms = config.in_range("apm_config.socket_activation.hold_timeout", 0, 0,
-                                               _MAX_HOLD_TIMEOUT_MS)
-        ready_key = "apm_config.socket_activation.ready_fd"
-        self.ready_fd = config.value(ready_key, _NO_READY_FD, _go_int)
-        if config.has_value(ready_key) and not _MIN_READY_FD <= self.ready_fd <= _MAX_FD:
-            raise config.error(ready_key, "%d is not %s" % (self.ready_fd, _READY_FD))
+        self.hold_timeout_ms = config.in_range(activation + "hold_timeout", 0, _MAX_HOLD_TIMEOUT_MS)
+        self.ready_fd = config.value(activation + "ready_fd", _NO_READY_FD, _go_int)
+        if config.has_value(activation + "ready_fd") and not _MIN_READY_FD <= self.ready_fd <= _MAX_FD:
+            raise config.error(activation + "ready_fd", "%d is not %s" % (self.ready_fd, _READY_FD))
         # 0: never stop the program (README "Back to sleep").
-        self.stop_when_idle = config.in_range("apm_config.socket_activation.stop_when_idle", 0, 0,
-                                              _MAX_STOP_SECONDS, "s")
-        self.stop_timeout = config.in_range("apm_config.socket_activation.stop_timeout", _DEFAULT_STOP_TIMEOUT, 0,
-                                            _MAX_STOP_SECONDS, "s")
+        self.stop_when_idle = config.in_range(activation + "stop_when_idle", 0, _MAX_STOP_SECONDS, "s")
+        self.stop_timeout = config.in_range(activation + "stop_timeout", _DEFAULT_STOP_TIMEOUT, _MAX_STOP_SECONDS, "s")
         self.receiver_port = config.value("apm_config.receiver_port", 8126, _go_int)
         self.receiver_socket = config.string("apm_config.receiver_socket", _DEFAULT_SOCKET)
         # `receiver:` with nothing under it still turns OTLP on, as for the agent.
