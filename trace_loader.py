@@ -3115,17 +3115,14 @@ def adopt(*, names: Iterable[str] | None = None, client_var: str = "",
             if twin:
                 raise LoaderError("%s and %s both name fd %d" % (twin, var, fd))
         client_name, source = client_var, ""
-    socks = _wrap_sockets(found, source=source)
-    listeners: dict[str, socket.socket] = {}
-    client: socket.socket | None = None
-    found_names = [name for _, name in found]
-    for (fd, name), sock in zip(found, socks):
+    socks = dict(zip(found, _wrap_sockets(found, source=source)))
+    for sock in socks.values():
         # Close-on-exec, as sd_listen_fds(3) leaves them: the program's sockets, not its children's.
         sock.set_inheritable(False)
-        if name == client_name and client is None:
-            client = sock
-            continue
-        listeners[name if found_names.count(name) == 1 else "%s@%d" % (name, fd)] = sock
+    client = next((sock for (_, name), sock in socks.items() if name == client_name), None)
+    found_names = [name for _, name in found]
+    listeners = {name if found_names.count(name) == 1 else "%s@%d" % (name, fd): sock
+                 for (fd, name), sock in socks.items() if sock is not client}
     # The held client came from the probe listener: the first TCP one.
     first_tcp = next((key for key, sock in listeners.items()
                       if sock.family in (socket.AF_INET, socket.AF_INET6)), "")
