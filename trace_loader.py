@@ -751,12 +751,19 @@ class _Config:
         self.source = source
         self.log = log
 
-    def from_env(self, key: str) -> tuple[str, str] | None:
+    def lookup(self, key: str) -> tuple[str, str, _Node | None] | None:
+        """Where the key's value is, and its text: (variable, text, None), or (key, text, its node in the file)."""
         for name in _env_names(key):
             value = self.environ.get(name, "")
             if value != "":  # an empty value counts as unset
-                return name, value
-        return None
+                return name, value, None
+        node = self.nodes.get(key) if self.parents_are_mappings(key) else None
+        if node is None or node.kind == _NULL:
+            return None
+        if not node.is_scalar:
+            raise _ConfigError("holds %s; expected a single value" % _describe_node(node), source=self.source,
+                               line=node.line, key=key)
+        return key, node.text, node
 
     def parents_are_mappings(self, key: str) -> bool:
         """False when a parent is absent or empty; an error when it is not a mapping."""
@@ -772,35 +779,28 @@ class _Config:
                 )
         return True
 
-    def from_file(self, key: str) -> _Node | None:
-        node = self.nodes.get(key) if self.parents_are_mappings(key) else None
-        return None if node is None or node.kind == _NULL else node
-
     def key_written(self, key: str) -> bool:
         """The key is written in the file, even with nothing after its colon."""
         return self.parents_are_mappings(key) and key in self.nodes
 
     def has_value(self, key: str) -> bool:
-        return self.from_env(key) is not None or self.from_file(key) is not None
+        return self.lookup(key) is not None
 
     def value(self, key: str, default: _T, convert: Callable[[str, str], _T]) -> _T:
         """`convert(text, name)` of the key's value, from the environment, else the file; else `default`.
 
         Its error names where that value was found: the variable, or the file, line and key.
         """
-        found = self.from_env(key)
+        found = self.lookup(key)
         if found is None:
-            node = self.scalar(key)
-            if node is None:
-                return default
-            found = key, node.text
+            return default
         try:
             return convert(found[1], found[0])
         except _ConfigError as exc:
             raise self.error(key, exc.message) from None
 
     def boolean(self, key: str, default: bool) -> bool:
-        node = None if self.from_env(key) else self.scalar(key)
+        node = (self.lookup(key) or ("", "", None))[2]
         if node is not None and node.kind == _PLAIN and node.text.lower() in _YAML_BOOLS:
             if node.text.lower() not in ("true", "false"):
                 self.log.warn("%s:%d: %s: %s is read as a boolean (YAML 1.1); write true or false",
@@ -813,11 +813,8 @@ class _Config:
 
     def error(self, key: str, message: str) -> _ConfigError:
         """An error about the value `key` has now, naming where that value was found."""
-        found = self.from_env(key)
-        if found is not None:
-            return _ConfigError(message, key=found[0])
-        node = self.from_file(key)
-        return _ConfigError(message, source=self.source, line=node.line if node else 0, key=key)
+        name, _, node = self.lookup(key) or (key, "", None)
+        return _ConfigError(message, source=self.source if node else "", line=node.line if node else 0, key=name)
 
     def in_range(self, key: str, default: int, high: int, unit: str = "ms") -> int:
         """An integer from 0 to `high` (in `unit`), or an error naming key and value."""
@@ -832,12 +829,6 @@ class _Config:
         if text.lower() not in choices:
             raise self.error(key, "%s is not one of %s" % (_quoted(text), ", ".join(choices)))
         return text.lower()
-
-    def scalar(self, key: str) -> _Node | None:
-        node = self.from_file(key)
-        if node is not None and not node.is_scalar:
-            raise self.error(key, "holds %s; expected a single value" % _describe_node(node))
-        return node
 
 
 def _describe_node(node: _Node) -> str:
