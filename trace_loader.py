@@ -885,20 +885,23 @@ class _DropInSettings:
     def __init__(self, config: _Config, environ: Mapping[str, str]) -> None:
         self.apm_enabled = config.boolean("apm_config.enabled", True)
         self.error_tracking = config.boolean("apm_config.error_tracking_standalone.enabled", False)
-        activation = "apm_config.socket_activation."
-        self.socket_activation = config.boolean(activation + "enabled", False)
-        self.handle_tcp_probe = config.boolean(activation + "handle_tcp_probe", False)
-        self.probe_grace_ms = config.in_range(activation + "probe_grace_period", _DEFAULT_PROBE_GRACE_MS,
+        prefix = "apm_config.socket_activation."
+        self.socket_activation = config.boolean(prefix + "enabled", False)
+        self.handle_tcp_probe = config.boolean(prefix + "handle_tcp_probe", False)
+        self.probe_grace_ms = config.in_range(prefix + "probe_grace_period", _DEFAULT_PROBE_GRACE_MS,
                                               _MAX_PROBE_GRACE_MS)
-        self.held_client = config.choice(activation + "held_client", _HELD_FD, _HELD_CLIENT_WAYS)
-        # 0: no limit, as the Go loader, which holds a silent client for ever.
-        self.hold_timeout_ms = config.in_range(activation + "hold_timeout", 0, _MAX_HOLD_TIMEOUT_MS)
-        self.ready_fd = config.value(activation + "ready_fd", _NO_READY_FD, _go_int)
-        if config.has_value(activation + "ready_fd") and not _MIN_READY_FD <= self.ready_fd <= _MAX_FD:
-            raise config.error(activation + "ready_fd", "%d is not %s" % (self.ready_fd, _READY_FD))
-        # 0: never stop the program (README "Back to sleep").
-        self.stop_when_idle = config.in_range(activation + "stop_when_idle", 0, _MAX_STOP_SECONDS, "s")
-        self.stop_timeout = config.in_range(activation + "stop_timeout", _DEFAULT_STOP_TIMEOUT, _MAX_STOP_SECONDS, "s")
+        self.ready_fd = config.value(prefix + "ready_fd", _NO_READY_FD, _go_int)
+        if config.has_value(prefix + "ready_fd") and not _MIN_READY_FD <= self.ready_fd <= _MAX_FD:
+            raise config.error(prefix + "ready_fd", "%d is not %s" % (self.ready_fd, _READY_FD))
+        # The probe check watches the TCP receiver only, never the OTLP port.
+        self.activation = _Activation(
+            probe_check=self.handle_tcp_probe, probe_listener_name=RECEIVER_FD_VAR, grace_ms=self.probe_grace_ms,
+            held_client=config.choice(prefix + "held_client", _HELD_FD, _HELD_CLIENT_WAYS),
+            # 0: no limit, as the Go loader, which holds a silent client for ever.
+            hold_timeout_ms=config.in_range(prefix + "hold_timeout", 0, _MAX_HOLD_TIMEOUT_MS),
+            # 0: never stop the program (README "Back to sleep").
+            stop_when_idle=config.in_range(prefix + "stop_when_idle", 0, _MAX_STOP_SECONDS, "s"),
+            stop_timeout=config.in_range(prefix + "stop_timeout", _DEFAULT_STOP_TIMEOUT, _MAX_STOP_SECONDS, "s"))
         self.receiver_port = config.value("apm_config.receiver_port", 8126, _go_int)
         self.receiver_socket = config.string("apm_config.receiver_socket", _DEFAULT_SOCKET)
         # `receiver:` with nothing under it still turns OTLP on, as for the agent.
@@ -2710,13 +2713,7 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
     if not settings.socket_activation:
         log.info("Socket-activation for the trace-agent is disabled, running the trace-agent directly...")
         _fail_open(launch, log)
-    specs = _drop_in_specs(settings, log)
-    # The probe check watches the TCP receiver only, never the OTLP port.
-    activation = _Activation(probe_check=settings.handle_tcp_probe, probe_listener_name=RECEIVER_FD_VAR,
-                             grace_ms=settings.probe_grace_ms, hold_timeout_ms=settings.hold_timeout_ms,
-                             held_client=settings.held_client, stop_when_idle=settings.stop_when_idle,
-                             stop_timeout=settings.stop_timeout)
-    return _run_activation(launch, specs, activation, log)
+    return _run_activation(launch, _drop_in_specs(settings, log), settings.activation, log)
 
 
 # ---------------------------------------------------------------------------
