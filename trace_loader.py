@@ -752,7 +752,10 @@ class _Config:
         self.log = log
 
     def lookup(self, key: str) -> tuple[str, str, _Node | None] | None:
-        """Where the key's value is, and its text: (variable, text, None), or (key, text, its node in the file)."""
+        """Where the key's value is, and its text: (variable, text, None), or (key, text, its node in the file).
+
+        None when neither sets it; an error when the file holds more than a single value there.
+        """
         for name in _env_names(key):
             value = self.environ.get(name, "")
             if value != "":  # an empty value counts as unset
