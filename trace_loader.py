@@ -2886,10 +2886,7 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
         log.warn("Failed to get listeners for %s: %s", label, exc)
         _fail_open(launch, log)
     launch.protocol = _generic_protocol(args, for_us, unselected)
-    activation = _Activation(probe_check=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
-                             hold_timeout_ms=args.hold_timeout, held_client=args.held_client,
-                             stop_when_idle=args.stop_when_idle, stop_timeout=args.stop_timeout)
-    return _run_activation(launch, specs, activation, log)
+    return _run_activation(launch, specs, args.activation, log)
 
 
 def _generic_protocol(args: argparse.Namespace, for_us: bool, unselected: list[int]) -> _HandoffProtocol:
@@ -2916,7 +2913,10 @@ def _env_handoff_vars(args: argparse.Namespace) -> list[str]:
 
 
 def _check_generic_options(args: argparse.Namespace, unknown: list[str], program: list[str]) -> None:
-    """Convert the options in place and check them together; a ValueError names the first at fault."""
+    """Convert the options in place (those of the wait into args.activation) and check them together.
+
+    A ValueError names the first at fault.
+    """
     # In this order, so that a misspelt option is named as such, and not
     # reported as a missing --listen.
     if unknown:
@@ -2930,12 +2930,13 @@ def _check_generic_options(args: argparse.Namespace, unknown: list[str], program
             raise ValueError("argument --listen: %s: %s" % (_quoted(value), exc)) from None
     protocol = args.protocol = _one_of("--protocol", args.protocol, ("systemd", "env"))
     args.held_client = _one_of("--held-client", args.held_client, _HELD_CLIENT_WAYS[::-1])
-    args.hold_timeout = _number("--hold-timeout", args.hold_timeout, _MAX_HOLD_TIMEOUT_MS, "milliseconds",
-                                " (0: no limit)")
-    args.probe_grace_period = _number("--probe-grace-period", args.probe_grace_period, _MAX_PROBE_GRACE_MS,
-                                      "milliseconds")
-    args.stop_when_idle = _number("--stop-when-idle", args.stop_when_idle, _MAX_STOP_SECONDS, "seconds")
-    args.stop_timeout = _number("--stop-timeout", args.stop_timeout, _MAX_STOP_SECONDS, "seconds")
+    args.activation = _Activation(
+        probe_check=args.handle_tcp_probe, held_client=args.held_client,
+        hold_timeout_ms=_number("--hold-timeout", args.hold_timeout, _MAX_HOLD_TIMEOUT_MS, "milliseconds",
+                                " (0: no limit)"),
+        grace_ms=_number("--probe-grace-period", args.probe_grace_period, _MAX_PROBE_GRACE_MS, "milliseconds"),
+        stop_when_idle=_number("--stop-when-idle", args.stop_when_idle, _MAX_STOP_SECONDS, "seconds"),
+        stop_timeout=_number("--stop-timeout", args.stop_timeout, _MAX_STOP_SECONDS, "seconds"))
     args.log_level = _one_of("--log-level", args.log_level, tuple(_LEVELS))
     args.ready_fd = _NO_READY_FD if args.ready_fd is None else _ready_fd(args.ready_fd)
     if not program:
