@@ -752,12 +752,22 @@ class _Config:
         self.source = source
         self.log = log
 
-    def from_env(self, key: str) -> tuple[str, str] | None:
+    def lookup(self, key: str) -> tuple[str, str, _Node | None] | None:
+        """Where the key's value is, and its text: (variable, text, None), or (key, text, its node in the file).
+
+        None when neither sets it; an error when the file holds more than a single value there.
+        """
         for name in _env_names(key):
             value = self.environ.get(name, "")
             if value != "":  # an empty value counts as unset
-                return name, value
-        return None
+                return name, value, None
+        node = self.nodes.get(key) if self.parents_are_mappings(key) else None
+        if node is None or node.kind == _NULL:
+            return None
+        if not node.is_scalar:
+            raise _ConfigError("holds %s; expected a single value" % _describe_node(node), source=self.source,
+                               line=node.line, key=key)
+        return key, node.text, node
 
     def parents_are_mappings(self, key: str) -> bool:
         """False when a parent is absent or empty; an error when it is not a mapping."""
@@ -773,35 +783,28 @@ class _Config:
                 )
         return True
 
-    def from_file(self, key: str) -> _Node | None:
-        node = self.nodes.get(key) if self.parents_are_mappings(key) else None
-        return None if node is None or node.kind == _NULL else node
-
     def key_written(self, key: str) -> bool:
         """The key is written in the file, even with nothing after its colon."""
         return self.parents_are_mappings(key) and key in self.nodes
 
     def has_value(self, key: str) -> bool:
-        return self.from_env(key) is not None or self.from_file(key) is not None
+        return self.lookup(key) is not None
 
     def value(self, key: str, default: _T, convert: Callable[[str, str], _T]) -> _T:
         """`convert(text, name)` of the key's value, from the environment, else the file; else `default`.
 
         Its error names where that value was found: the variable, or the file, line and key.
         """
-        found = self.from_env(key)
+        found = self.lookup(key)
         if found is None:
-            node = self.scalar(key)
-            if node is None:
-                return default
-            found = key, node.text
+            return default
         try:
             return convert(found[1], found[0])
         except _ConfigError as exc:
             raise self.error(key, exc.message) from None
 
     def boolean(self, key: str, default: bool) -> bool:
-        node = None if self.from_env(key) else self.scalar(key)
+        node = (self.lookup(key) or ("", "", None))[2]
         if node is not None and node.kind == _PLAIN and node.text.lower() in _YAML_BOOLS:
             if node.text.lower() not in ("true", "false"):
                 self.log.warn("%s:%d: %s: %s is read as a boolean (YAML 1.1); write true or false",
@@ -814,17 +817,14 @@ class _Config:
 
     def error(self, key: str, message: str) -> _ConfigError:
         """An error about the value `key` has now, naming where that value was found."""
-        found = self.from_env(key)
-        if found is not None:
-            return _ConfigError(message, key=found[0])
-        node = self.from_file(key)
-        return _ConfigError(message, source=self.source, line=node.line if node else 0, key=key)
+        name, _, node = self.lookup(key) or (key, "", None)
+        return _ConfigError(message, source=self.source if node else "", line=node.line if node else 0, key=name)
 
-    def in_range(self, key: str, default: int, low: int, high: int, unit: str = "ms") -> int:
-        """An integer from `low` to `high` (in `unit`), or an error naming key and value."""
+    def in_range(self, key: str, default: int, high: int, unit: str = "ms") -> int:
+        """An integer from 0 to `high` (in `unit`), or an error naming key and value."""
         value = self.value(key, default, _go_int)
-        if not low <= value <= high:
-            raise self.error(key, "%d %s is out of range (%d-%d)" % (value, unit, low, high))
+        if not 0 <= value <= high:
+            raise self.error(key, "%d %s is out of range (0-%d)" % (value, unit, high))
         return value
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
@@ -833,12 +833,6 @@ class _Config:
         if text.lower() not in choices:
             raise self.error(key, "%s is not one of %s" % (_quoted(text), ", ".join(choices)))
         return text.lower()
-
-    def scalar(self, key: str) -> _Node | None:
-        node = self.from_file(key)
-        if node is not None and not node.is_scalar:
-            raise self.error(key, "holds %s; expected a single value" % _describe_node(node))
-        return node
 
 
 def _describe_node(node: _Node) -> str:
@@ -895,23 +889,23 @@ class _DropInSettings:
     def __init__(self, config: _Config, environ: Mapping[str, str]) -> None:
         self.apm_enabled = config.boolean("apm_config.enabled", True)
         self.error_tracking = config.boolean("apm_config.error_tracking_standalone.enabled", False)
-        self.socket_activation = config.boolean("apm_config.socket_activation.enabled", False)
-        self.handle_tcp_probe = config.boolean("apm_config.socket_activation.handle_tcp_probe", False)
-        self.probe_grace_ms = config.in_range("apm_config.socket_activation.probe_grace_period",
-                                              _DEFAULT_PROBE_GRACE_MS, 0, _MAX_PROBE_GRACE_MS)
-        self.held_client = config.choice("apm_config.socket_activation.held_client", _HELD_FD, _HELD_CLIENT_WAYS)
-        # 0: no limit, as the Go loader, which holds a silent client for ever.
-        self.hold_timeout_ms = config.in_range("apm_config.socket_activation.hold_timeout", 0, 0,
-                                               _MAX_HOLD_TIMEOUT_MS)
-        ready_key = "apm_config.socket_activation.ready_fd"
-        self.ready_fd = config.value(ready_key, _NO_READY_FD, _go_int)
-        if config.has_value(ready_key) and not _MIN_READY_FD <= self.ready_fd <= _MAX_FD:
-            raise config.error(ready_key, "%d is not %s" % (self.ready_fd, _READY_FD))
-        # 0: never stop the program (README "Back to sleep").
-        self.stop_when_idle = config.in_range("apm_config.socket_activation.stop_when_idle", 0, 0,
-                                              _MAX_STOP_SECONDS, "s")
-        self.stop_timeout = config.in_range("apm_config.socket_activation.stop_timeout", _DEFAULT_STOP_TIMEOUT, 0,
-                                            _MAX_STOP_SECONDS, "s")
+        prefix = "apm_config.socket_activation."
+        self.socket_activation = config.boolean(prefix + "enabled", False)
+        self.handle_tcp_probe = config.boolean(prefix + "handle_tcp_probe", False)
+        self.probe_grace_ms = config.in_range(prefix + "probe_grace_period", _DEFAULT_PROBE_GRACE_MS,
+                                              _MAX_PROBE_GRACE_MS)
+        self.ready_fd = config.value(prefix + "ready_fd", _NO_READY_FD, _go_int)
+        if config.has_value(prefix + "ready_fd") and not _MIN_READY_FD <= self.ready_fd <= _MAX_FD:
+            raise config.error(prefix + "ready_fd", "%d is not %s" % (self.ready_fd, _READY_FD))
+        # The probe check watches the TCP receiver only, never the OTLP port.
+        self.activation = _Activation(
+            probe_check=self.handle_tcp_probe, probe_listener_name=RECEIVER_FD_VAR, grace_ms=self.probe_grace_ms,
+            held_client=config.choice(prefix + "held_client", _HELD_FD, _HELD_CLIENT_WAYS),
+            # 0: no limit, as the Go loader, which holds a silent client for ever.
+            hold_timeout_ms=config.in_range(prefix + "hold_timeout", 0, _MAX_HOLD_TIMEOUT_MS),
+            # 0: never stop the program (README "Back to sleep").
+            stop_when_idle=config.in_range(prefix + "stop_when_idle", 0, _MAX_STOP_SECONDS, "s"),
+            stop_timeout=config.in_range(prefix + "stop_timeout", _DEFAULT_STOP_TIMEOUT, _MAX_STOP_SECONDS, "s"))
         self.receiver_port = config.value("apm_config.receiver_port", 8126, _go_int)
         self.receiver_socket = config.string("apm_config.receiver_socket", _DEFAULT_SOCKET)
         # `receiver:` with nothing under it still turns OTLP on, as for the agent.
@@ -2717,13 +2711,7 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
     if not settings.socket_activation:
         log.info("Socket-activation for the trace-agent is disabled, running the trace-agent directly...")
         _fail_open(launch, log)
-    specs = _drop_in_specs(settings, log)
-    # The probe check watches the TCP receiver only, never the OTLP port.
-    activation = _Activation(probe_check=settings.handle_tcp_probe, probe_listener_name=RECEIVER_FD_VAR,
-                             grace_ms=settings.probe_grace_ms, hold_timeout_ms=settings.hold_timeout_ms,
-                             held_client=settings.held_client, stop_when_idle=settings.stop_when_idle,
-                             stop_timeout=settings.stop_timeout)
-    return _run_activation(launch, specs, activation, log)
+    return _run_activation(launch, _drop_in_specs(settings, log), settings.activation, log)
 
 
 # ---------------------------------------------------------------------------
@@ -2893,10 +2881,7 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
         log.warn("Failed to get listeners for %s: %s", label, exc)
         _fail_open(launch, log)
     launch.protocol = _generic_protocol(args, for_us, unselected)
-    activation = _Activation(probe_check=args.handle_tcp_probe, grace_ms=args.probe_grace_period,
-                             hold_timeout_ms=args.hold_timeout, held_client=args.held_client,
-                             stop_when_idle=args.stop_when_idle, stop_timeout=args.stop_timeout)
-    return _run_activation(launch, specs, activation, log)
+    return _run_activation(launch, specs, args.activation, log)
 
 
 def _generic_protocol(args: argparse.Namespace, for_us: bool, unselected: list[int]) -> _HandoffProtocol:
@@ -2923,7 +2908,10 @@ def _env_handoff_vars(args: argparse.Namespace) -> list[str]:
 
 
 def _check_generic_options(args: argparse.Namespace, unknown: list[str], program: list[str]) -> None:
-    """Convert the options in place and check them together; a ValueError names the first at fault."""
+    """Convert the options in place (those of the wait into args.activation) and check them together.
+
+    A ValueError names the first at fault.
+    """
     # In this order, so that a misspelt option is named as such, and not
     # reported as a missing --listen.
     if unknown:
@@ -2937,12 +2925,13 @@ def _check_generic_options(args: argparse.Namespace, unknown: list[str], program
             raise ValueError("argument --listen: %s: %s" % (_quoted(value), exc)) from None
     protocol = args.protocol = _one_of("--protocol", args.protocol, ("systemd", "env"))
     args.held_client = _one_of("--held-client", args.held_client, _HELD_CLIENT_WAYS[::-1])
-    args.hold_timeout = _number("--hold-timeout", args.hold_timeout, _MAX_HOLD_TIMEOUT_MS, "milliseconds",
-                                " (0: no limit)")
-    args.probe_grace_period = _number("--probe-grace-period", args.probe_grace_period, _MAX_PROBE_GRACE_MS,
-                                      "milliseconds")
-    args.stop_when_idle = _number("--stop-when-idle", args.stop_when_idle, _MAX_STOP_SECONDS, "seconds")
-    args.stop_timeout = _number("--stop-timeout", args.stop_timeout, _MAX_STOP_SECONDS, "seconds")
+    args.activation = _Activation(
+        probe_check=args.handle_tcp_probe, held_client=args.held_client,
+        hold_timeout_ms=_number("--hold-timeout", args.hold_timeout, _MAX_HOLD_TIMEOUT_MS, "milliseconds",
+                                " (0: no limit)"),
+        grace_ms=_number("--probe-grace-period", args.probe_grace_period, _MAX_PROBE_GRACE_MS, "milliseconds"),
+        stop_when_idle=_number("--stop-when-idle", args.stop_when_idle, _MAX_STOP_SECONDS, "seconds"),
+        stop_timeout=_number("--stop-timeout", args.stop_timeout, _MAX_STOP_SECONDS, "seconds"))
     args.log_level = _one_of("--log-level", args.log_level, tuple(_LEVELS))
     args.ready_fd = _NO_READY_FD if args.ready_fd is None else _ready_fd(args.ready_fd)
     if not program:
@@ -3113,17 +3102,14 @@ def adopt(*, names: Iterable[str] | None = None, client_var: str = "",
             if twin:
                 raise LoaderError("%s and %s both name fd %d" % (twin, var, fd))
         client_name, source = client_var, ""
-    socks = _wrap_sockets(found, source=source)
-    listeners: dict[str, socket.socket] = {}
-    client: socket.socket | None = None
-    found_names = [name for _, name in found]
-    for (fd, name), sock in zip(found, socks):
+    socks = dict(zip(found, _wrap_sockets(found, source=source)))
+    for sock in socks.values():
         # Close-on-exec, as sd_listen_fds(3) leaves them: the program's sockets, not its children's.
         sock.set_inheritable(False)
-        if name == client_name and client is None:
-            client = sock
-            continue
-        listeners[name if found_names.count(name) == 1 else "%s@%d" % (name, fd)] = sock
+    client = next((sock for (_, name), sock in socks.items() if name == client_name), None)
+    found_names = [name for _, name in found]
+    listeners = {name if found_names.count(name) == 1 else "%s@%d" % (name, fd): sock
+                 for (fd, name), sock in socks.items() if sock is not client}
     # The held client came from the probe listener: the first TCP one.
     first_tcp = next((key for key, sock in listeners.items()
                       if sock.family in (socket.AF_INET, socket.AF_INET6)), "")
