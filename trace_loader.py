@@ -2584,9 +2584,6 @@ def _announce_ready(launch: _Launch, log: _Log) -> None:
             _use_ready_fd(ready_fd, launch)
         except OSError as exc:  # EPIPE (the supervisor is gone), EBADF (opened read-only), anything else alike
             log.warn("Cannot write the readiness newline to fd %d: %s", ready_fd, _oserror_text(exc))
-            if ready_fd in launch.inherited_fds and not stat.S_ISSOCK(os.fstat(ready_fd).st_mode):
-                # The program does not inherit it either (a socket may be a listener it is handed).
-                os.set_inheritable(ready_fd, False)
 
 
 def _use_ready_fd(fd: int, launch: _Launch) -> None:
@@ -2595,6 +2592,9 @@ def _use_ready_fd(fd: int, launch: _Launch) -> None:
     # listener, the log file) or none at all.
     if fd not in launch.inherited_fds:
         raise OSError(errno.EBADF, "not open when the loader started")
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        # First: written or not, the program never inherits it (a socket may be a listener it is handed).
+        os.set_inheritable(fd, False)
     # A zero-timeout poll first: write() to a full pipe that nobody reads would block the loader for ever.
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
