@@ -1879,6 +1879,17 @@ def _realtime_signals() -> list[int]:
     return list(range(low, high + 1)) if low else []
 
 
+def _set_signals(signums: Iterable[int], handler: signal._HANDLER) -> dict[int, signal._HANDLER]:
+    """`handler` for each signal but those the C library reserves; the handlers they had."""
+    previous = {}
+    for signum in signums:
+        try:
+            previous[signum] = signal.signal(signum, handler)
+        except (OSError, ValueError):
+            pass  # a real-time signal the C library reserves for itself: not ours to set
+    return previous
+
+
 def _set_waiting_signal_handlers() -> None:
     # CPython turns SIGINT into KeyboardInterrupt: the default action (or the
     # PID 1 handler) ends the loader at once instead, with no traceback and
@@ -1890,11 +1901,7 @@ def _set_waiting_signal_handlers() -> None:
     for signum in _signals_named(_STOP_SIGNALS):
         if signum not in kept or signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _exit_as_init if as_init else signal.SIG_DFL)
-    for signum in [*_signals_named(_IGNORED_SIGNALS), *_realtime_signals()]:
-        try:
-            signal.signal(signum, _ignore_signal)
-        except (OSError, ValueError):
-            pass  # a real-time signal the C library reserves for itself: not ours to set
+    _set_signals([*_signals_named(_IGNORED_SIGNALS), *_realtime_signals()], _ignore_signal)
     # A signal mask survives execve too: one that blocks SIGTERM would leave
     # the waiting loader unstoppable, and any blocked signal pending for the
     # program. Unblock every signal set above, as a Go program waiting on
@@ -2277,17 +2284,6 @@ def _start_and_supervise(launch: _Launch, listeners: list[_Listener], client: _H
     return -late[0] if status is None and late else status
 
 
-def _set_signals(signums: Iterable[int], handler: signal._HANDLER) -> dict[int, signal._HANDLER]:
-    """`handler` for each signal but those the C library reserves; the handlers they had."""
-    previous = {}
-    for signum in signums:
-        try:
-            previous[signum] = signal.signal(signum, handler)
-        except (OSError, ValueError):
-            pass  # a real-time signal the C library reserves for itself: not ours to set
-    return previous
-
-
 def _restore_signals(previous: dict[int, signal._HANDLER], mask: Iterable[int]) -> None:
     for signum, handler in previous.items():
         signal.signal(signum, handler)
@@ -2502,25 +2498,24 @@ def _u32(value: int) -> bytes:
     return value.to_bytes(4, sys.byteorder)
 
 
-def _sock_diag(request: bytes) -> list[bytes]:
+def _sock_diag(request: bytes) -> Iterator[bytes]:
     """The messages a NETLINK_SOCK_DIAG dump answers to `request`."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as sock:
         # nlmsghdr: length, type, flags, sequence, port id (0: the kernel)
         header = _u32(16 + len(request)) + _SOCK_DIAG_BY_FAMILY.to_bytes(2, sys.byteorder) \
             + _NLM_F_DUMP_REQUEST.to_bytes(2, sys.byteorder) + _u32(1) + _u32(0)
         sock.send(header + request)
-        messages: list[bytes] = []
         while True:
             data, pos = sock.recv(65536), 0  # the kernel fills at most 32 KB per read
             while pos < len(data):
                 length = int.from_bytes(data[pos:pos + 4], sys.byteorder)
                 kind = int.from_bytes(data[pos + 4:pos + 6], sys.byteorder)
                 if kind == _NLMSG_DONE:
-                    return messages
+                    return
                 if kind == _NLMSG_ERROR:  # nlmsgerr: a negative errno
                     code = -int.from_bytes(data[pos + 16:pos + 20], sys.byteorder, signed=True)
                     raise OSError(code, os.strerror(code))
-                messages.append(data[pos + 16:pos + length])
+                yield data[pos + 16:pos + length]
                 pos += (length + 3) & ~3  # NLMSG_ALIGN
 
 
