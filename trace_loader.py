@@ -1391,31 +1391,26 @@ class _Waiter:
         return "the held TCP client %s sent nothing for %d ms" % (self.held.peer, self.hold_timeout_ms)
 
     def on_events(self, ready: list[tuple[int, int]]) -> str:
-        """Handle one poll() result; a non-empty reason ends the wait."""
+        """Handle one poll() result; a non-empty reason ends the wait.
+
+        Several sockets ready at once: at most the held client and the probe
+        listener keep the wait, the held client first.
+        """
         if self.debugging:
             for fd, revents in ready:
                 self.log.debug("Socket %d has events %s", fd, _events_text(revents))
-        if len(ready) > 1:
-            return self.on_several(dict(ready))
-        fd, revents = ready[0]
-        if self.held is not None and fd == self.held.sock.fileno():
-            return self.on_held_client(revents)
-        if fd == self.probe_fd:
-            return self.on_probe_listener()
-        return "traffic on %s" % self.listeners_text([fd])
-
-    def on_several(self, ready: dict[int, int]) -> str:
-        """Several sockets ready at once: at most the held client and the probe listener keep the wait."""
+        events = dict(ready)
         held_fd = self.held.sock.fileno() if self.held is not None else -1
-        others = [fd for fd in ready if fd not in (held_fd, self.probe_fd)]
+        others = events.keys() - {held_fd, self.probe_fd}
         if others:
             return "traffic on %s" % self.listeners_text(others)
-        if self.grace_ms == 0:
+        if len(events) > 1 and self.grace_ms == 0:
             return "events on several sockets at once"
-        reason = self.on_held_client(ready[held_fd])  # first: it may turn out to be a probe, now closed
-        if reason or self.held is None:
-            return reason
-        return self.on_probe_listener()
+        if held_fd in events:
+            reason = self.on_held_client(events[held_fd])  # first: it may turn out to be a probe, now closed
+            if reason or self.held is None:
+                return reason
+        return self.on_probe_listener() if self.probe_fd in events else ""
 
     def on_held_client(self, revents: int) -> str:
         assert self.held is not None
