@@ -84,6 +84,10 @@ def _exec_as_bytecode(code: types.CodeType) -> None:
     try:
         with open("/proc/self/cmdline", "rb") as f:
             command_line = f.read().split(b"\0")[:-1]  # the interpreter, its options, then our argv
+        # sys.executable is worked out from argv[0] and PATH: `exec -a`, or a PATH that differs from the
+        # one that found us, can name another interpreter, for which our bytecode is garbage.
+        if not os.path.samefile(sys.executable, "/proc/self/exe"):
+            return
     except OSError:
         return
     head = len(command_line) - len(sys.argv)
@@ -92,13 +96,6 @@ def _exec_as_bytecode(code: types.CodeType) -> None:
     options = command_line[1:head]
     if options[-1:] == [b"--"]:
         options.pop()  # `python3 -- trace_loader.py`: -S and -c must come before it
-    try:
-        # sys.executable is worked out from argv[0] and PATH: `exec -a`, or a PATH that differs from the
-        # one that found us, can name another interpreter, for which our bytecode is garbage.
-        if not os.path.samefile(sys.executable, "/proc/self/exe"):
-            return
-    except OSError:
-        return
     import marshal
 
     try:
@@ -1724,12 +1721,10 @@ def _middle_child(read_end: int, write_end: int, client: socket.socket, upstream
 
 def _relay_helper(client: socket.socket, upstream: socket.socket) -> None:
     """The helper's whole life: its two sockets, stop signals ignored, bytes both ways."""
-    keep = {client.fileno(), upstream.fileno()}
-    for fd in _open_fds():
-        if fd not in keep:
-            # No fd but its two sockets: never a listener (the port must free
-            # when the program exits), never the loader's stderr pipe.
-            os.close(fd)
+    for fd in set(_open_fds()) - {client.fileno(), upstream.fileno()}:
+        # No fd but its two sockets: never a listener (the port must free
+        # when the program exits), never the loader's stderr pipe.
+        os.close(fd)
     # A stop signal sent to the whole process group (systemd's
     # KillMode=control-group, Ctrl-C) must not cut the relayed request: the
     # helper ends when its connection ends, so a program that finishes its
