@@ -2214,6 +2214,7 @@ _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _UDIAG_SHOW_NAME = 1  # linux/unix_diag.h; the name comes back as attribute UNIX_DIAG_NAME (0)
 _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 _MAX_SAMPLE_INTERVAL = 5.0
+_NEVER = float("inf")  # an idle time or a stop that has not begun
 
 
 def _start_and_supervise(launch: _Launch, listeners: list[_Listener], client: _HeldClient | None,
@@ -2295,7 +2296,12 @@ def _become_subreaper(log: _Log) -> None:
 
 def _supervise(pid: int, signals: int, listeners: list[_Listener], activation: _Activation, label: str,
                log: _Log, siblings: set[int]) -> int | None:
-    """The loop: forward signals, reap, sample idleness, stop. As _start_and_supervise returns."""
+    """The loop: forward signals, reap, sample idleness, stop. As _start_and_supervise returns.
+
+    A stop sends SIGTERM, then SIGKILL after the stop timeout: to the
+    program, then, once it is reaped, to what it left running, until
+    nothing is left.
+    """
     idle_for, usage = activation.stop_when_idle, _Usage(listeners)
     # Idleness begins at most one interval before the first idle sample, so SIGTERM comes at most that late.
     interval = min(_MAX_SAMPLE_INTERVAL, idle_for * 0.1)
@@ -2303,11 +2309,10 @@ def _supervise(pid: int, signals: int, listeners: list[_Listener], activation: _
     poller.register(signals, select.POLLIN)
     started = time.monotonic()
     next_step: float | None = started + interval  # the next sample, or the SIGKILL once stopping
-    idle_since: float | None = None
-    stopping_since: float | None = None
-    stop_signal = 0
+    idle_since = stopping_since = _NEVER
+    stop_signal, stop_with = 0, signal.SIGTERM
     status: int | None = None  # the program's end, once reaped during an idle stop
-    signalled: set[int] = set()  # what it left running, signalled since
+    signalled: set[int] = set()  # what got `stop_with` already
     while True:
         poller.poll(_ms_until(next_step))
         for signum in _read_signals(signals):
@@ -2315,48 +2320,41 @@ def _supervise(pid: int, signals: int, listeners: list[_Listener], activation: _
                 os.kill(pid, signum)  # never fails: the program is our child, a zombie at worst
             # Not lost: after an idle stop the loader ends instead of waiting again. SIGHUP
             # only during the stop: while the program runs, many take it to reload.
-            if signum in (signal.SIGTERM, signal.SIGINT) or (stopping_since is not None and signum == signal.SIGHUP):
+            if signum in (signal.SIGTERM, signal.SIGINT) or (stopping_since < _NEVER and signum == signal.SIGHUP):
                 stop_signal = signum
-        ended = _reap_children(pid)
-        if ended is not None and stopping_since is None:
+        ended, now = _reap_children(pid), time.monotonic()
+        if ended is not None and stopping_since == _NEVER:
             log.info("%s ended (%s); the loader ends the same way", label, _status_text(ended))
             return ended
-        if ended is not None and stopping_since is not None:
+        if ended is not None:
             status = ended
-            log.info("Stopped %s in %.1f s (%s)", label, time.monotonic() - stopping_since, _status_text(status))
-        if status is not None:
+            log.info("Stopped %s in %.1f s (%s)", label, now - stopping_since, _status_text(status))
+        if stopping_since == _NEVER and next_step is not None and now >= next_step:
+            busy = usage.count()
+            if busy is None and not usage.failed:  # never stopped on a count we could not make
+                log.warn("Cannot count the connections of %s (no socket diagnostics, no /proc/net, or no fd "
+                         "left); it is not stopped while they cannot be counted", label)
+            usage.failed = usage.failed or busy is None
+            log.debug("Sockets of %s in use: %s (connections and waiting clients)", label, busy)
+            idle_since = min(idle_since, now) if busy == 0 else _NEVER
+            next_step = min(now + interval, idle_since + idle_for)
+            if now >= idle_since + idle_for:
+                log.info("Stopping %s: its sockets were idle for %d s (it ran %d s)", label, idle_for, now - started)
+                stopping_since, next_step = now, now + activation.stop_timeout
+        elif next_step is not None and now >= next_step:
+            log.warn("%s still runs %d s after SIGTERM: SIGKILL", label if status is None else "What %s left" % label,
+                     activation.stop_timeout)
+            # From now on, what dies wakes us (SIGCHLD), and what the program left is ours by then.
+            stop_with, signalled, next_step = signal.SIGKILL, set(), None
+        if stopping_since < _NEVER:
             # What it started and left to us (a wrapper's server, a worker) would keep serving on the
             # listeners: stopped too, the same way. Checked on every turn: orphans keep coming to us.
-            left = _children() - siblings
-            if not left:
+            targets = {pid} if status is None else _children() - siblings
+            if not targets:
                 return -stop_signal if stop_signal else None
-            for child in left - signalled:
-                os.kill(child, signal.SIGKILL if next_step is None else signal.SIGTERM)  # ours, a zombie at worst
-            signalled |= left
-        now = time.monotonic()
-        if next_step is not None and now < next_step:
-            continue
-        if stopping_since is not None:
-            if next_step is not None:
-                log.warn("%s still runs %d s after SIGTERM: SIGKILL", label if status is None
-                         else "What %s left" % label, activation.stop_timeout)
-                for child in [pid] if status is None else _children() - siblings:
-                    os.kill(child, signal.SIGKILL)
-            next_step = None  # from now on, what dies wakes us (SIGCHLD), and what it left is ours by then
-            continue
-        busy = usage.count()
-        if busy is None and not usage.failed:  # never stopped on a count we could not make
-            log.warn("Cannot count the connections of %s (no socket diagnostics, no /proc/net, or no fd "
-                     "left); it is not stopped while they cannot be counted", label)
-        usage.failed = usage.failed or busy is None
-        log.debug("Sockets of %s in use: %s (connections and waiting clients)", label, busy)
-        idle_since = None if busy != 0 else (now if idle_since is None else idle_since)
-        if idle_since is not None and now >= idle_since + idle_for:
-            log.info("Stopping %s: its sockets were idle for %d s (it ran %d s)", label, idle_for, now - started)
-            os.kill(pid, signal.SIGTERM)
-            stopping_since, next_step = now, now + activation.stop_timeout
-        else:
-            next_step = now + interval if idle_since is None else min(now + interval, idle_since + idle_for)
+            for child in targets - signalled:
+                os.kill(child, stop_with)  # never fails: our child, a zombie at worst
+            signalled |= targets
 
 
 def _children() -> set[int]:
