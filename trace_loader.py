@@ -1629,15 +1629,6 @@ _RELAY_STACK = 256 * 1024
 _SIOCATMARK = 0x40047307 if sys.platform == "darwin" else 0x8905  # <sys/sockio.h>, <asm/sockios.h>
 
 
-def _relay_targets(listener: socket.socket) -> list[tuple[socket.AddressFamily, tuple[object, ...]]]:
-    """Where to connect to reach `listener`: its address, with a wildcard made loopback."""
-    host, port, *rest = listener.getsockname()  # IPv6 adds the flow info and the scope id
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    # A dual-stack wildcard where ::1 is missing (IPv6 disabled on lo) still takes IPv4 loopback.
-    fallback = [(socket.AF_INET, ("127.0.0.1", port))] if host == "::1" else []
-    return [(listener.family, (host, port, *rest)), *fallback]
-
-
 def _connect_to_own_listener(listener: socket.socket) -> tuple[socket.socket, str]:
     """Start a connect to `listener`, without waiting for it: the socket, and where it goes.
 
@@ -1646,7 +1637,12 @@ def _connect_to_own_listener(listener: socket.socket) -> tuple[socket.socket, st
     retries it, and it completes once the program accepts. The helper waits
     for that (_finish_connect), so the loader's exec is never delayed.
     """
-    for target_family, target in _relay_targets(listener):
+    # Its address, with a wildcard made loopback; IPv6 adds the flow info and the scope id.
+    host, port, *rest = listener.getsockname()
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    # A dual-stack wildcard where ::1 is missing (IPv6 disabled on lo) still takes IPv4 loopback.
+    fallback = [(socket.AF_INET, ("127.0.0.1", port))] if host == "::1" else []
+    for target_family, target in [(listener.family, (host, port, *rest)), *fallback]:
         sock = socket.socket(target_family, socket.SOCK_STREAM)  # close-on-exec (PEP 446)
         sock.setblocking(False)
         code = sock.connect_ex(target)  # an immediate failure (no route, refused) shows here
