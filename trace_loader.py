@@ -1800,15 +1800,19 @@ def _copy(source: socket.socket, sink: socket.socket, failed: list[bool]) -> Non
     while True:
         ready = poller.poll()[0][1]
         try:
-            # Data, end of stream or an error: recv() says which.
-            urgent = bool(ready & select.POLLPRI) and _at_urgent_mark(source)
+            # Data, end of stream or an error: recv() says which. Urgent: the next byte to read is the
+            # urgent one (sockatmark(3)).
+            urgent = bool(ready & select.POLLPRI) and fcntl.ioctl(source.fileno(), _SIOCATMARK, bytes(4)) != bytes(4)
             size = source.recv_into(buffer, 1 if urgent else 0)
         except OSError:
             # Nothing more comes from the source, and nothing can reach it:
             # the other direction, reading our sink, has nothing left to do.
             # shutdown(SHUT_RD) wakes it (what is queued stays readable on Linux).
             failed.append(True)
-            _shutdown_quietly(sink, socket.SHUT_RD)
+            try:
+                sink.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass  # ENOTCONN: already reset, its reader has woken up by itself
             return
         try:
             if size == 0:
@@ -1821,19 +1825,6 @@ def _copy(source: socket.socket, sink: socket.socket, failed: list[bool]) -> Non
         except OSError:
             failed.append(True)  # the other direction, reading the sink, meets its reset itself
             return
-
-
-def _at_urgent_mark(sock: socket.socket) -> bool:
-    """The next byte to read is the urgent one (sockatmark(3))."""
-    return fcntl.ioctl(sock.fileno(), _SIOCATMARK, bytes(4)) != bytes(4)
-
-
-def _shutdown_quietly(sock: socket.socket, how: int) -> None:
-    try:
-        sock.shutdown(how)
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:  # already reset: its reader has woken up by itself
-            raise
 
 
 # ---------------------------------------------------------------------------
