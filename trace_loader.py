@@ -3157,15 +3157,6 @@ def _say(stream: object, text: str) -> None:
         pass  # None (closed at start-up), ENOSPC, EPIPE, EBADF: nowhere to say it
 
 
-def _split_command_line(args: list[str]) -> tuple[bool, list[str], list[str]]:
-    """(generic?, the loader's own arguments, the program's argv), split once for every later use."""
-    if args[0].startswith("-"):
-        if "--" in args:
-            return True, args[: args.index("--")], args[args.index("--") + 1:]
-        return True, args, []
-    return False, args[:1], args[1:]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the loader with `argv` (default: sys.argv[1:]); the exit status, if it does not exec.
 
@@ -3176,9 +3167,12 @@ def main(argv: list[str] | None = None) -> int:
     if args == ["--version"]:
         _say(sys.stdout, "trace-loader %s\n" % __version__)
         return 0
-    if not args or (len(args) < 2 and not args[0].startswith("-")):
+    generic = bool(args) and args[0].startswith("-")
+    if not generic and len(args) < 2:
         _generic_parser().error("expected CONFIG_FILE AGENT, or options and '-- PROGRAM'")
-    generic, own_args, program = _split_command_line(args)
+    # The loader's own arguments, then the program's argv: OPTIONS [-- PROGRAM...] or CONFIG_FILE AGENT [ARGS...].
+    end = args.index("--") if "--" in args else len(args)
+    own_args, program = (args[:end], args[end + 1:]) if generic else (args[:1], args[1:])
     if not generic and program[0].startswith("-"):
         _generic_parser().error("AGENT %s looks like an option; the loader's own options come first, before '--'"
                                 % _quoted(program[0]))
