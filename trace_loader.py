@@ -2887,12 +2887,12 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
 def _generic_protocol(args: argparse.Namespace, for_us: bool, unselected: list[int]) -> _HandoffProtocol:
     if args.protocol == "systemd":
         return _SystemdProtocol(inherited_for_us=for_us)
-    client_var = args.client_fd_var if args.held_client == _HELD_FD else ""
     # LISTEN_* meant for another process are stale here: always dropped. Ours
     # stay true until the hand-off describes the same sockets by NAME instead.
     # Each --listen NAME is dropped on every path, fail open included: one
     # inherited from our parent would name an fd nobody handed the program.
-    return _EnvProtocol(_env_handoff_vars(args) + ([] if for_us else list(_SYSTEMD_VARS)), client_var,
+    # A --client-fd-var is set only with --held-client fd (_check_generic_options).
+    return _EnvProtocol(_env_handoff_vars(args) + ([] if for_us else list(_SYSTEMD_VARS)), args.client_fd_var,
                         replaced_vars=_SYSTEMD_VARS if for_us else (), unselected_fds=unselected)
 
 
