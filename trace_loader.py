@@ -2693,11 +2693,10 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
     except LoaderError as exc:
         log.critical("Cannot start the trace-agent: %s", exc)
         return 1
-    protocol = _EnvProtocol(_DROP_IN_FD_VARS, CLIENT_FD_VAR)
     # Until the configuration is read, the ready fd is what its variable says, if anything.
     ready_fd = _decimal(environ.get("DD_APM_SOCKET_ACTIVATION_READY_FD", ""), _MAX_FD) or _NO_READY_FD
-    launch = _Launch(path, program, dict(environ), "the trace-agent", protocol, inherited_fds=inherited_fds,
-                     ready_fd=ready_fd if ready_fd >= _MIN_READY_FD else _NO_READY_FD)
+    launch = _Launch(path, program, dict(environ), "the trace-agent", _EnvProtocol(_DROP_IN_FD_VARS, CLIENT_FD_VAR),
+                     inherited_fds=inherited_fds, ready_fd=ready_fd if ready_fd >= _MIN_READY_FD else _NO_READY_FD)
     try:
         settings = _load_drop_in_settings(config_path, environ, log)
     except _ConfigError as exc:
