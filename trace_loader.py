@@ -2663,11 +2663,10 @@ def _run_drop_in(config_path: str, program: list[str], environ: Mapping[str, str
     except LoaderError as exc:
         log.critical("Cannot start the trace-agent: %s", exc)
         return 1
-    protocol = _EnvProtocol(_DROP_IN_FD_VARS, CLIENT_FD_VAR)
     # Until the configuration is read, the ready fd is what its variable says, if anything.
     ready_fd = _decimal(environ.get("DD_APM_SOCKET_ACTIVATION_READY_FD", ""), _MAX_FD) or _NO_READY_FD
-    launch = _Launch(path, program, dict(environ), "the trace-agent", protocol, inherited_fds=inherited_fds,
-                     ready_fd=ready_fd if ready_fd >= _MIN_READY_FD else _NO_READY_FD)
+    launch = _Launch(path, program, dict(environ), "the trace-agent", _EnvProtocol(_DROP_IN_FD_VARS, CLIENT_FD_VAR),
+                     inherited_fds=inherited_fds, ready_fd=ready_fd if ready_fd >= _MIN_READY_FD else _NO_READY_FD)
     try:
         settings = _load_drop_in_settings(config_path, environ, log)
     except _ConfigError as exc:
@@ -2857,12 +2856,12 @@ def _run_generic(options: list[str], program: list[str], environ: Mapping[str, s
 def _generic_protocol(args: argparse.Namespace, for_us: bool, unselected: list[int]) -> _HandoffProtocol:
     if args.protocol == "systemd":
         return _SystemdProtocol(inherited_for_us=for_us)
-    client_var = args.client_fd_var if args.held_client == _HELD_FD else ""
     # LISTEN_* meant for another process are stale here: always dropped. Ours
     # stay true until the hand-off describes the same sockets by NAME instead.
     # Each --listen NAME is dropped on every path, fail open included: one
     # inherited from our parent would name an fd nobody handed the program.
-    return _EnvProtocol(_env_handoff_vars(args) + ([] if for_us else list(_SYSTEMD_VARS)), client_var,
+    # A --client-fd-var is set only with --held-client fd (_check_generic_options).
+    return _EnvProtocol(_env_handoff_vars(args) + ([] if for_us else list(_SYSTEMD_VARS)), args.client_fd_var,
                         replaced_vars=_SYSTEMD_VARS if for_us else (), unselected_fds=unselected)
 
 
@@ -3127,15 +3126,6 @@ def _say(stream: object, text: str) -> None:
         pass  # None (closed at start-up), ENOSPC, EPIPE, EBADF: nowhere to say it
 
 
-def _split_command_line(args: list[str]) -> tuple[bool, list[str], list[str]]:
-    """(generic?, the loader's own arguments, the program's argv), split once for every later use."""
-    if args[0].startswith("-"):
-        if "--" in args:
-            return True, args[: args.index("--")], args[args.index("--") + 1:]
-        return True, args, []
-    return False, args[:1], args[1:]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the loader with `argv` (default: sys.argv[1:]); the exit status, if it does not exec.
 
@@ -3146,9 +3136,12 @@ def main(argv: list[str] | None = None) -> int:
     if args == ["--version"]:
         _say(sys.stdout, "trace-loader %s\n" % __version__)
         return 0
-    if not args or (len(args) < 2 and not args[0].startswith("-")):
+    generic = bool(args) and args[0].startswith("-")
+    if not generic and len(args) < 2:
         _generic_parser().error("expected CONFIG_FILE AGENT, or options and '-- PROGRAM'")
-    generic, own_args, program = _split_command_line(args)
+    # The loader's own arguments, then the program's argv: OPTIONS [-- PROGRAM...] or CONFIG_FILE AGENT [ARGS...].
+    end = args.index("--") if "--" in args else len(args)
+    own_args, program = (args[:end], args[end + 1:]) if generic else (args[:1], args[1:])
     if not generic and program[0].startswith("-"):
         _generic_parser().error("AGENT %s looks like an option; the loader's own options come first, before '--'"
                                 % _quoted(program[0]))
