@@ -1162,20 +1162,16 @@ def _closed_std_fds() -> list[int]:
 
 
 def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
-    """Open every spec in order; on failure close what was opened and raise."""
+    """Open every spec in order; raise at the first failure.
+
+    What was opened stays open: the caller fails open, and that exec closes
+    every fd of ours (systemd's stay for the program).
+    """
     opened: list[_Listener] = []
-    try:
-        for spec in specs:
-            sock = _open_listener(spec, log)
-            if sock is not None:
-                opened.append(_Listener(spec, sock))
-    except (LoaderError, OSError) as exc:
-        for listener in opened:
-            if listener.spec.kind != _INHERITED:  # systemd's fds stay for the fail-open exec
-                listener.sock.close()
-        if isinstance(exc, OSError):
-            raise _ListenerError(_oserror_text(exc)) from None
-        raise
+    for spec in specs:
+        sock = _open_listener(spec, log)
+        if sock is not None:
+            opened.append(_Listener(spec, sock))
     return opened
 
 
@@ -2579,8 +2575,8 @@ def _run_activation(launch: _Launch, specs: list[_ListenerSpec], activation: _Ac
     try:
         _refuse_closed_std_fds()
         listeners = _open_listeners(specs, log)
-    except LoaderError as exc:
-        log.warn("Failed to get listeners for %s: %s", launch.label, exc)
+    except (LoaderError, OSError) as exc:  # OSError: EMFILE or ENOBUFS at socket(), say
+        log.warn("Failed to get listeners for %s: %s", launch.label, _oserror_text(exc))
         _fail_open(launch, log)
     if not listeners:
         log.info("All %s inputs are disabled, stopping...", launch.label)
