@@ -1539,9 +1539,10 @@ def _move_fds_to(sources: list[int], start: int) -> list[int]:
     low RLIMIT_NOFILE. Only a source inside the range but out of place could
     be overwritten before its turn; those are copied above the range first,
     and only then, when nothing can fail any more (dup2 allocates no fd),
-    everything is put into place. A failure while copying (EMFILE) closes
-    the copies and leaves every fd as it was, so the caller can still fail
-    open cleanly. The originals left behind are the caller's to close.
+    everything is put into place. A failure while copying (EMFILE) leaves
+    every fd as it was, so the caller can still fail open cleanly. The
+    copies are close-on-exec: the exec that follows (the program's, or the
+    fail-open one) closes them; the originals left behind are the caller's.
     """
     end = start + len(sources)
     targets = list(range(start, end))
@@ -1554,14 +1555,10 @@ def _move_fds_to(sources: list[int], start: int) -> list[int]:
                 # would deny us here.
                 copies[fd] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, end)
     except OSError as exc:
-        for copy in copies.values():
-            os.close(copy)
         raise _HandoffError("cannot copy the sockets into place: %s" % _oserror_text(exc)) from None
     for fd, target in zip(sources, targets):
         if fd != target:
             os.dup2(copies.get(fd, fd), target, inheritable=True)
-    for copy in copies.values():
-        os.close(copy)
     return targets
 
 
@@ -1649,14 +1646,14 @@ def _connect_to_own_listener(listener: socket.socket) -> tuple[socket.socket, st
 
 
 def _start_relay(client: _HeldClient, log: _Log) -> None:
-    """Start the connect to the program's listener and fork the helper that relays; OSError if it cannot."""
+    """Start the connect to the program's listener and fork the helper that relays; OSError if it cannot.
+
+    The helper has its own copies of both sockets; ours are close-on-exec
+    (PEP 446), so the program, which execs next, never holds either.
+    """
     upstream, target = _connect_to_own_listener(client.listener.sock)
-    try:
-        helper = _fork_relay_helper(client.sock, upstream)
-    finally:
-        upstream.close()  # the helper has its own copy; the program must not inherit ours
+    helper = _fork_relay_helper(client.sock, upstream)
     log.info("Relaying the held TCP client %s to %s through helper pid %d", client.peer, target, helper)
-    client.sock.close()
 
 
 def _fork_relay_helper(client: socket.socket, upstream: socket.socket) -> int:
