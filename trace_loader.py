@@ -1728,7 +1728,6 @@ def _relay_helper(client: socket.socket, upstream: socket.socket) -> None:
         # The program never took the connection (it exited, or the kernel
         # gave up retrying): the client sees a reset, never a hang.
         _close_with_reset(client)
-        upstream.close()
         return
     _relay_bytes(client, upstream)
 
@@ -1749,7 +1748,7 @@ def _finish_connect(upstream: socket.socket) -> None:
 
 
 def _relay_bytes(client: socket.socket, upstream: socket.socket) -> None:
-    """Both directions at once, a thread each; then both sockets closed, with a reset if either failed.
+    """Both directions at once, a thread each; then a reset on both sockets if either direction failed.
 
     A thread per direction, each blocked in its own calls, adds less to a
     round trip than one poll() loop serving both; the GIL is released in
@@ -1768,11 +1767,11 @@ def _relay_bytes(client: socket.socket, upstream: socket.socket) -> None:
     back.start()
     _copy(client, upstream, failed)
     back.join()
-    for sock in (client, upstream):
-        if failed:
-            _close_with_reset(sock)  # the reset is passed on, after all that could be delivered was
-        else:
-            sock.close()
+    # The helper's end closes both sockets; if either direction failed, with a reset, passed on
+    # after all that could be delivered was.
+    if failed:
+        for sock in (client, upstream):
+            _close_with_reset(sock)
 
 
 def _copy(source: socket.socket, sink: socket.socket, failed: list[bool]) -> None:
