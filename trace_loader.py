@@ -432,8 +432,10 @@ class _YamlReader:
         for lineno, line in enumerate(_lines(text), 1):
             body = line.lstrip(" ")
             indent = len(line) - len(body)
-            if indent > self.skip_above:
-                continue  # inside a value the loader does not need: most lines of a real file
+            # Inside a value the loader does not need (most lines of a real file), or an
+            # item of a list written at that value's key's indentation: skipped.
+            if indent > self.skip_above or (indent == self.skip_dashes_at and _is_dash_item(body)):
+                continue
             content = body.lstrip(" \t")
             if not content or content[0] == "#":
                 continue  # blank lines and comments never change the structure
@@ -448,8 +450,6 @@ class _YamlReader:
         return self.nodes
 
     def read_line(self, lineno: int, indent: int, body: str) -> None:
-        if indent == self.skip_dashes_at and _is_dash_item(body):
-            return  # an item of a list written at its key's indentation
         self.skip_above, self.skip_dashes_at = _NO_SKIP, -1
         if body[0] == "\t":
             raise self.error(lineno, "a tab in the indentation (YAML allows spaces only)")
