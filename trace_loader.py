@@ -471,18 +471,16 @@ class _YamlReader:
         self.last = None
         node = self.nodes[path]
         empty = node.kind == _NULL and not node.text  # nothing after the colon: what comes below says
-        if empty and _is_dash_item(body) and indent >= key_indent:
-            self.nodes[path] = _Node(_LIST, "", node.line)
-            self.skip(key_indent, dashes=indent == key_indent)
-            return True
-        if indent <= key_indent:
+        list_item = empty and _is_dash_item(body)  # a list may start at its key's indentation
+        if indent < key_indent or (indent == key_indent and not list_item):
             return False
-        if empty:
+        if empty and not list_item:
             self.nodes[path] = _Node(_MAPPING, "", node.line)
             self.stack.append((indent, path))
             return False
-        self.nodes[path] = _Node(_CONTINUED, "", node.line)
-        self.skip(key_indent)
+        # A list, or a plain value continued on the next line: either way skipped, as a whole.
+        self.nodes[path] = _Node(_LIST if list_item else _CONTINUED, "", node.line)
+        self.skip(key_indent, dashes=list_item and indent == key_indent)
         return True
 
     def skip(self, indent: int, *, dashes: bool = False) -> None:
