@@ -552,12 +552,8 @@ def _is_dash_item(body: str) -> bool:
 
 def _strip_comment(text: str) -> str:
     """`text` up to a comment: a '#' that starts it or follows a space or tab (one inside a word stays)."""
-    text = " " + text
-    for marker in (" #", "\t#"):
-        cut = text.find(marker)
-        if cut >= 0:
-            text = text[:cut]
-    return text.strip()
+    text = " " + text.replace("\t#", " #")  # the space: a '#' at the start begins a comment too
+    return text.partition(" #")[0].strip()
 
 
 def _split_key(body: str) -> tuple[str, str] | None:
