@@ -565,9 +565,7 @@ def _split_key(body: str) -> tuple[str, str] | None:
             return None
         rest = rest[1:]
     else:
-        colon = body.find(":")
-        while colon >= 0 and body[colon + 1: colon + 2] not in ("", " ", "\t"):
-            colon = body.find(":", colon + 1)
+        colon = (body.replace(":\t", ": ") + " ").find(": ")  # the first ':' before a space, a tab or the end
         key, rest = body[:colon].rstrip(), body[colon + 1:]
         if colon < 0 or not key or " #" in key:
             return None
