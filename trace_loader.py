@@ -490,14 +490,10 @@ class _YamlReader:
     def read_entry(self, lineno: int, indent: int, body: str, parent: str) -> None:
         descending = parent == "" or parent in self.prefixes
         parsed = None if _is_dash_item(body) or body.startswith(_NOT_A_KEY) else _split_key(body)
-        if parsed is None:
-            if descending:
-                where = "" if parent else " at the top level"
-                raise self.error(lineno, "expected 'key: value'%s, found %s" % (where, _quoted(body.strip(), 24)),
-                                 parent)
-            self.skip(indent, dashes=True)
-            return
-        key, rest = parsed
+        if parsed is None and descending:
+            where = "" if parent else " at the top level"
+            raise self.error(lineno, "expected 'key: value'%s, found %s" % (where, _quoted(body.strip(), 24)), parent)
+        key, rest = parsed or ("", "")  # no key, where the loader needs none: skipped below, as an unneeded key
         path = (parent + "." if parent else "") + key.lower()  # keys are case-insensitive, as in viper
         if key == "<<" and descending:
             raise self.error(lineno, "merge keys (<<) are not supported where the loader reads its settings",
