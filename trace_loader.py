@@ -418,8 +418,9 @@ class _YamlReader:
         self.paths = wanted | self.prefixes  # the paths this reader reads: the wanted ones and their parents
         self.nodes: dict[str, _Node] = {}
         self.anchors: dict[str, _Node] = {}
-        # Open block mappings we descend into: (indent of their keys, path).
-        self.stack: list[tuple[int, str]] = [(-1, "")]
+        # Open block mappings we descend into: (indent of their keys, path), from the
+        # top level's, which the first line of content sets (none before it).
+        self.stack: list[tuple[int, str]] = []
         self.last: tuple[int, str] | None = None  # the last wanted key, whose value the next line may go on with
         self.skip_above = _NO_SKIP  # skip lines indented deeper than this,
         self.skip_dashes_at = -1  # and "- " items at this indent
@@ -428,7 +429,6 @@ class _YamlReader:
         return _ConfigError(message, source=self.source, line=line, key=key)
 
     def read(self, text: str) -> dict[str, _Node]:
-        started = False
         for lineno, line in enumerate(_lines(text), 1):
             body = line.lstrip(" ")
             indent = len(line) - len(body)
@@ -440,12 +440,13 @@ class _YamlReader:
             if not content or content[0] == "#":
                 continue  # blank lines and comments never change the structure
             if line.startswith(("---", "...")) and line[3:4] in ("", " ", "\t"):
-                if started or line[0] == ".":
+                if self.stack or line[0] == ".":
                     break  # only the first document counts, as for the agent
                 if _strip_comment(line[3:]):
                     raise self.error(lineno, "content on the '---' line is not supported")
-            elif started or line[0] != "%":  # '%' before any content: a %YAML or %TAG directive
-                started = True
+            elif self.stack or line[0] != "%":  # '%' before any content: a %YAML or %TAG directive
+                if not self.stack:
+                    self.stack.append((indent, ""))
                 self.read_line(lineno, indent, body)
         return self.nodes
 
@@ -458,9 +459,7 @@ class _YamlReader:
         while len(self.stack) > 1 and self.stack[-1][0] > indent:
             self.stack.pop()
         top_indent, parent = self.stack[-1]
-        if top_indent == -1:  # the first key sets the top level's indentation
-            self.stack[0] = (indent, "")
-        elif top_indent != indent:
+        if top_indent != indent:
             raise self.error(lineno, "indentation of %d spaces matches no enclosing key" % indent)
         self.read_entry(lineno, indent, body, parent)
 
