@@ -774,9 +774,6 @@ class _Config:
         """The key is written in the file, even with nothing after its colon."""
         return self.parents_are_mappings(key) and key in self.nodes
 
-    def has_value(self, key: str) -> bool:
-        return self.lookup(key) is not None
-
     def value(self, key: str, default: _T, convert: Callable[[str, str], _T]) -> _T:
         """`convert(text, name)` of the key's value, from the environment, else the file; else `default`.
 
@@ -882,7 +879,7 @@ class _DropInSettings:
         self.probe_grace_ms = config.in_range(prefix + "probe_grace_period", _DEFAULT_PROBE_GRACE_MS,
                                               _MAX_PROBE_GRACE_MS)
         self.ready_fd = config.value(prefix + "ready_fd", _NO_READY_FD, _go_int)
-        if config.has_value(prefix + "ready_fd") and not _MIN_READY_FD <= self.ready_fd <= _MAX_FD:
+        if config.lookup(prefix + "ready_fd") is not None and not _MIN_READY_FD <= self.ready_fd <= _MAX_FD:
             raise config.error(prefix + "ready_fd", "%d is not %s" % (self.ready_fd, _READY_FD))
         # The probe check watches the TCP receiver only, never the OTLP port.
         self.activation = _Activation(
@@ -925,7 +922,7 @@ def _bind_host(config: _Config, environ: Mapping[str, str]) -> tuple[str, str]:
     """The receiver's host, and why (the agent's own rule, README "Configuration")."""
     if config.boolean("apm_config.apm_non_local_traffic", False):
         return "0.0.0.0", "apm_non_local_traffic is true"
-    if config.has_value("bind_host") or config.has_value("apm_config.apm_non_local_traffic"):
+    if config.lookup("bind_host") is not None or config.lookup("apm_config.apm_non_local_traffic") is not None:
         return config.string("bind_host", "localhost"), "bind_host"
     if environ.get("DOCKER_DD_AGENT", ""):
         return "0.0.0.0", "containerized (DOCKER_DD_AGENT is set)"
