@@ -477,14 +477,11 @@ class _YamlReader:
             self.nodes[path] = _Node(_MAPPING, "", node.line)
             self.stack.append((indent, path))
             return False
-        # A list, or a plain value continued on the next line: either way skipped, as a whole.
+        # A list, or a plain value continued on the next line: skipped as a whole, the lines deeper
+        # than the key and the items at this line's indentation (a list may be written at its key's).
         self.nodes[path] = _Node(_LIST if list_item else _CONTINUED, "", node.line)
-        self.skip(key_indent, dashes=list_item and indent == key_indent)
+        self.skip_above, self.skip_dashes_at = key_indent, indent
         return True
-
-    def skip(self, indent: int, *, dashes: bool = False) -> None:
-        self.skip_above = indent
-        self.skip_dashes_at = indent if dashes else -1
 
     def read_entry(self, lineno: int, indent: int, body: str, parent: str) -> None:
         descending = parent == "" or parent in self.prefixes
@@ -500,7 +497,7 @@ class _YamlReader:
         if path not in self.paths:
             if rest.startswith("&"):
                 self.value(rest, lineno)  # for the anchor, wherever we pass it
-            self.skip(indent, dashes=True)
+            self.skip_above, self.skip_dashes_at = indent, indent  # its value, even a list at its indentation
             return
         for known in [k for k in self.nodes if k == path or k.startswith(path + ".")]:
             del self.nodes[known]  # a duplicate key: the last one wins, as for the agent
@@ -508,7 +505,7 @@ class _YamlReader:
         if node.is_scalar or node.kind == _NULL:
             self.last = (indent, path)
         else:
-            self.skip(indent)
+            self.skip_above, self.skip_dashes_at = indent, -1
 
     def value(self, rest: str, line: int) -> _Node:
         """What `key: rest` holds; `&name` before a scalar keeps it for later `*name` aliases."""
