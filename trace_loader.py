@@ -415,8 +415,9 @@ class _YamlReader:
         self.paths = wanted | self.prefixes  # the paths this reader reads: the wanted ones and their parents
         self.nodes: dict[str, _Node] = {}
         self.anchors: dict[str, _Node] = {}
-        # Open block mappings we descend into: (indent of their keys, path).
-        self.stack: list[tuple[int, str]] = [(-1, "")]
+        # Open block mappings we descend into: (indent of their keys, path), from the
+        # top level's, which the first line of content sets (none before it).
+        self.stack: list[tuple[int, str]] = []
         self.last: tuple[int, str] | None = None  # the last wanted key, whose value the next line may go on with
         self.skip_above = _NO_SKIP  # skip lines indented deeper than this,
         self.skip_dashes_at = -1  # and "- " items at this indent
@@ -425,28 +426,28 @@ class _YamlReader:
         return _ConfigError(message, source=self.source, line=line, key=key)
 
     def read(self, text: str) -> dict[str, _Node]:
-        started = False
         for lineno, line in enumerate(_lines(text), 1):
             body = line.lstrip(" ")
             indent = len(line) - len(body)
-            if indent > self.skip_above:
-                continue  # inside a value the loader does not need: most lines of a real file
+            # Inside a value the loader does not need (most lines of a real file), or an
+            # item of a list written at that value's key's indentation: skipped.
+            if indent > self.skip_above or (indent == self.skip_dashes_at and _is_dash_item(body)):
+                continue
             content = body.lstrip(" \t")
             if not content or content[0] == "#":
                 continue  # blank lines and comments never change the structure
             if line.startswith(("---", "...")) and line[3:4] in ("", " ", "\t"):
-                if started or line[0] == ".":
+                if self.stack or line[0] == ".":
                     break  # only the first document counts, as for the agent
                 if _strip_comment(line[3:]):
                     raise self.error(lineno, "content on the '---' line is not supported")
-            elif started or line[0] != "%":  # '%' before any content: a %YAML or %TAG directive
-                started = True
+            elif self.stack or line[0] != "%":  # '%' before any content: a %YAML or %TAG directive
+                if not self.stack:
+                    self.stack.append((indent, ""))
                 self.read_line(lineno, indent, body)
         return self.nodes
 
     def read_line(self, lineno: int, indent: int, body: str) -> None:
-        if indent == self.skip_dashes_at and _is_dash_item(body):
-            return  # an item of a list written at its key's indentation
         self.skip_above, self.skip_dashes_at = _NO_SKIP, -1
         if body[0] == "\t":
             raise self.error(lineno, "a tab in the indentation (YAML allows spaces only)")
@@ -455,9 +456,7 @@ class _YamlReader:
         while len(self.stack) > 1 and self.stack[-1][0] > indent:
             self.stack.pop()
         top_indent, parent = self.stack[-1]
-        if top_indent == -1:  # the first key sets the top level's indentation
-            self.stack[0] = (indent, "")
-        elif top_indent != indent:
+        if top_indent != indent:
             raise self.error(lineno, "indentation of %d spaces matches no enclosing key" % indent)
         self.read_entry(lineno, indent, body, parent)
 
@@ -468,35 +467,26 @@ class _YamlReader:
         self.last = None
         node = self.nodes[path]
         empty = node.kind == _NULL and not node.text  # nothing after the colon: what comes below says
-        if empty and _is_dash_item(body) and indent >= key_indent:
-            self.nodes[path] = _Node(_LIST, "", node.line)
-            self.skip(key_indent, dashes=indent == key_indent)
-            return True
-        if indent <= key_indent:
+        list_item = empty and _is_dash_item(body)  # a list may start at its key's indentation
+        if indent < key_indent or (indent == key_indent and not list_item):
             return False
-        if empty:
+        if empty and not list_item:
             self.nodes[path] = _Node(_MAPPING, "", node.line)
             self.stack.append((indent, path))
             return False
-        self.nodes[path] = _Node(_CONTINUED, "", node.line)
-        self.skip(key_indent)
+        # A list, or a plain value continued on the next line: skipped as a whole, the lines deeper
+        # than the key and the items at this line's indentation (a list may be written at its key's).
+        self.nodes[path] = _Node(_LIST if list_item else _CONTINUED, "", node.line)
+        self.skip_above, self.skip_dashes_at = key_indent, indent
         return True
-
-    def skip(self, indent: int, *, dashes: bool = False) -> None:
-        self.skip_above = indent
-        self.skip_dashes_at = indent if dashes else -1
 
     def read_entry(self, lineno: int, indent: int, body: str, parent: str) -> None:
         descending = parent == "" or parent in self.prefixes
         parsed = None if _is_dash_item(body) or body.startswith(_NOT_A_KEY) else _split_key(body)
-        if parsed is None:
-            if descending:
-                where = "" if parent else " at the top level"
-                raise self.error(lineno, "expected 'key: value'%s, found %s" % (where, _quoted(body.strip(), 24)),
-                                 parent)
-            self.skip(indent, dashes=True)
-            return
-        key, rest = parsed
+        if parsed is None and descending:
+            where = "" if parent else " at the top level"
+            raise self.error(lineno, "expected 'key: value'%s, found %s" % (where, _quoted(body.strip(), 24)), parent)
+        key, rest = parsed or ("", "")  # no key, where the loader needs none: skipped below, as an unneeded key
         path = (parent + "." if parent else "") + key.lower()  # keys are case-insensitive, as in viper
         if key == "<<" and descending:
             raise self.error(lineno, "merge keys (<<) are not supported where the loader reads its settings",
@@ -504,7 +494,7 @@ class _YamlReader:
         if path not in self.paths:
             if rest.startswith("&"):
                 self.value(rest, lineno)  # for the anchor, wherever we pass it
-            self.skip(indent, dashes=True)
+            self.skip_above, self.skip_dashes_at = indent, indent  # its value, even a list at its indentation
             return
         for known in [k for k in self.nodes if k == path or k.startswith(path + ".")]:
             del self.nodes[known]  # a duplicate key: the last one wins, as for the agent
@@ -512,7 +502,7 @@ class _YamlReader:
         if node.is_scalar or node.kind == _NULL:
             self.last = (indent, path)
         else:
-            self.skip(indent)
+            self.skip_above, self.skip_dashes_at = indent, -1
 
     def value(self, rest: str, line: int) -> _Node:
         """What `key: rest` holds; `&name` before a scalar keeps it for later `*name` aliases."""
@@ -551,12 +541,8 @@ def _is_dash_item(body: str) -> bool:
 
 def _strip_comment(text: str) -> str:
     """`text` up to a comment: a '#' that starts it or follows a space or tab (one inside a word stays)."""
-    text = " " + text
-    for marker in (" #", "\t#"):
-        cut = text.find(marker)
-        if cut >= 0:
-            text = text[:cut]
-    return text.strip()
+    text = " " + text.replace("\t#", " #")  # the space: a '#' at the start begins a comment too
+    return text.partition(" #")[0].strip()
 
 
 def _split_key(body: str) -> tuple[str, str] | None:
@@ -568,9 +554,7 @@ def _split_key(body: str) -> tuple[str, str] | None:
             return None
         rest = rest[1:]
     else:
-        colon = body.find(":")
-        while colon >= 0 and body[colon + 1: colon + 2] not in ("", " ", "\t"):
-            colon = body.find(":", colon + 1)
+        colon = (body.replace(":\t", ": ") + " ").find(": ")  # the first ':' before a space, a tab or the end
         key, rest = body[:colon].rstrip(), body[colon + 1:]
         if colon < 0 or not key or " #" in key:
             return None
@@ -784,9 +768,6 @@ class _Config:
         """The key is written in the file, even with nothing after its colon."""
         return self.parents_are_mappings(key) and key in self.nodes
 
-    def has_value(self, key: str) -> bool:
-        return self.lookup(key) is not None
-
     def value(self, key: str, default: _T, convert: Callable[[str, str], _T]) -> _T:
         """`convert(text, name)` of the key's value, from the environment, else the file; else `default`.
 
@@ -892,7 +873,7 @@ class _DropInSettings:
         self.probe_grace_ms = config.in_range(prefix + "probe_grace_period", _DEFAULT_PROBE_GRACE_MS,
                                               _MAX_PROBE_GRACE_MS)
         self.ready_fd = config.value(prefix + "ready_fd", _NO_READY_FD, _go_int)
-        if config.has_value(prefix + "ready_fd") and not _MIN_READY_FD <= self.ready_fd <= _MAX_FD:
+        if config.lookup(prefix + "ready_fd") is not None and not _MIN_READY_FD <= self.ready_fd <= _MAX_FD:
             raise config.error(prefix + "ready_fd", "%d is not %s" % (self.ready_fd, _READY_FD))
         # The probe check watches the TCP receiver only, never the OTLP port.
         self.activation = _Activation(
@@ -935,7 +916,7 @@ def _bind_host(config: _Config, environ: Mapping[str, str]) -> tuple[str, str]:
     """The receiver's host, and why (the agent's own rule, README "Configuration")."""
     if config.boolean("apm_config.apm_non_local_traffic", False):
         return "0.0.0.0", "apm_non_local_traffic is true"
-    if config.has_value("bind_host") or config.has_value("apm_config.apm_non_local_traffic"):
+    if config.lookup("bind_host") is not None or config.lookup("apm_config.apm_non_local_traffic") is not None:
         return config.string("bind_host", "localhost"), "bind_host"
     if environ.get("DOCKER_DD_AGENT", ""):
         return "0.0.0.0", "containerized (DOCKER_DD_AGENT is set)"
