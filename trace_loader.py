@@ -451,7 +451,7 @@ class _YamlReader:
         self.skip_above, self.skip_dashes_at = _NO_SKIP, -1
         if body[0] == "\t":
             raise self.error(lineno, "a tab in the indentation (YAML allows spaces only)")
-        if self.last is not None and self.continues_last(indent, body):
+        if self.last is not None and self.continues_last(*self.last, indent, body):
             return
         while len(self.stack) > 1 and self.stack[-1][0] > indent:
             self.stack.pop()
@@ -460,10 +460,8 @@ class _YamlReader:
             raise self.error(lineno, "indentation of %d spaces matches no enclosing key" % indent)
         self.read_entry(lineno, indent, body, parent)
 
-    def continues_last(self, indent: int, body: str) -> bool:
-        """Whether this line goes on with the last wanted key's value; what that value then is."""
-        assert self.last is not None
-        key_indent, path = self.last
+    def continues_last(self, key_indent: int, path: str, indent: int, body: str) -> bool:
+        """Whether this line goes on with the value of the last wanted key, `path`; what that value then is."""
         self.last = None
         node = self.nodes[path]
         empty = node.kind == _NULL and not node.text  # nothing after the colon: what comes below says
@@ -1649,15 +1647,15 @@ def _fork_relay_helper(client: socket.socket, upstream: socket.socket) -> int:
     with SIGCHLD ignored (by our parent, inherited) the kernel reaps it
     itself and waitpid() fails with ECHILD, while the helper runs fine.
     """
-    read_end, write_end = os.pipe()  # close-on-exec (PEP 446); carries the helper's pid
-    with open(read_end, "rb"):  # closes read_end, fork or not
-        try:
-            middle = os.fork()
-            if middle == 0:
-                _in_child(lambda: _middle_child(read_end, write_end, client, upstream))
-        finally:
-            os.close(write_end)
-        text = os.read(read_end, 32)  # EOF once the middle child has exited, pid or not
+    # Carries the helper's pid. Close-on-exec (PEP 446): the exec that follows closes the read end.
+    read_end, write_end = os.pipe()
+    try:
+        middle = os.fork()
+        if middle == 0:
+            _in_child(lambda: _middle_child(write_end, client, upstream))
+    finally:
+        os.close(write_end)
+    text = os.read(read_end, 32)  # EOF once the middle child has exited, pid or not
     try:
         os.waitpid(middle, 0)  # no zombie left for the program to inherit
     except ChildProcessError:
@@ -1681,8 +1679,7 @@ def _in_child(body: Callable[[], None]) -> NoReturn:
     os._exit(status)
 
 
-def _middle_child(read_end: int, write_end: int, client: socket.socket, upstream: socket.socket) -> None:
-    os.close(read_end)
+def _middle_child(write_end: int, client: socket.socket, upstream: socket.socket) -> None:
     helper = os.fork()
     if helper == 0:
         _in_child(lambda: _relay_helper(client, upstream))
