@@ -1045,6 +1045,26 @@ def test_failing_open_announces_readiness_before_the_program_starts(procs, socke
     assert data["pid"] == proc.pid and data["fds"] == [0, 1, 2] and "NOTIFY_SOCKET" not in data["env"], data
 
 
+@pytest.mark.skipif(not LINUX, reason="RLIMIT_NOFILE arithmetic below is for Linux")
+def test_listeners_opened_before_an_emfile_are_closed_before_readiness_is_announced(procs, sockets, tmp_path):
+    import resource
+
+    # A soft limit of 5: 0-2 and two listeners, and the third fails with EMFILE. The two are closed before
+    # the loader fails open, or READY=1 finds no fd for its socket and the unit is never ready.
+    notify = sockets.keep(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(TIMEOUT)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    report = tmp_path / "report.json"
+    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0"] * 3, systemd_agent(report),
+                         base_env(NOTIFY_SOCKET=str(tmp_path / "notify")),
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (5, hard)))
+    assert notify.recv(4096) == b"READY=1"
+    assert read_report(report)["pid"] == proc.pid  # failed open: the program started in its place
+    assert proc.count(r"Failed to get listeners for .*: Too many open files \(EMFILE\)") == 1
+    assert proc.count("Cannot send READY=1") == 0
+
+
 # ---------------------------------------------------------------------------
 # 4. The wait: the probe check and the hold timeout
 # ---------------------------------------------------------------------------

@@ -1141,16 +1141,20 @@ def _closed_std_fds() -> list[int]:
 
 
 def _open_listeners(specs: list[_ListenerSpec], log: _Log) -> list[_Listener]:
-    """Open every spec in order; raise at the first failure.
-
-    What was opened stays open: the caller fails open, and that exec closes
-    every fd of ours (systemd's stay for the program).
-    """
+    """Open every spec in order; on failure close what was opened and raise."""
     opened: list[_Listener] = []
-    for spec in specs:
-        sock = _open_listener(spec, log)
-        if sock is not None:
-            opened.append(_Listener(spec, sock))
+    try:
+        for spec in specs:
+            sock = _open_listener(spec, log)
+            if sock is not None:
+                opened.append(_Listener(spec, sock))
+    except (LoaderError, OSError):
+        # Now, not at the fail-open exec that follows: what it does first (readiness) may need the
+        # fds (EMFILE). systemd's stay for the program.
+        for listener in opened:
+            if listener.spec.kind != _INHERITED:
+                listener.sock.close()
+        raise
     return opened
 
 
