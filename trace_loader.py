@@ -130,16 +130,7 @@ import time  # noqa: E402
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "CLIENT_FD_VAR",
-    "OTLP_FD_VAR",
-    "RECEIVER_FD_VAR",
-    "UNIX_FD_VAR",
-    "Handoff",
-    "LoaderError",
-    "adopt",
-    "main",
-]
+__all__ = ["CLIENT_FD_VAR", "OTLP_FD_VAR", "RECEIVER_FD_VAR", "UNIX_FD_VAR", "Handoff", "LoaderError", "adopt", "main"]
 
 
 # ---------------------------------------------------------------------------
