@@ -19,19 +19,12 @@ INTEROP_PACKAGES = gunicorn==27.0.1 uvicorn==0.54.0 hypercorn==0.18.0 twisted==2
 test:
 	$(PYTEST) $(PYTEST_FLAGS) test_trace_loader.py
 
-## test-all: the suite on every CPython >= 3.8 on this machine (.ci/find-pythons);
+## test-all: the suite on every CPython >= 3.8 on this machine (.ci/find-pythons), TEST_ALL_JOBS at once;
 ## TEST_ALL_SKIP: an interpreter's real path to leave out (.ci/run: the one `make test` just used)
 TEST_ALL_SKIP ?=
+TEST_ALL_JOBS ?= 3
 test-all:
-	@status=0; count=0; \
-	for py in $$(.ci/find-pythons | sort -V); do \
-	  count=$$((count + 1)); \
-	  if [ "$$py" = "$(TEST_ALL_SKIP)" ]; then echo "== $$py: done by make test"; continue; fi; \
-	  echo "== $$py ($$($$py -c 'import platform; print(platform.python_version())'))"; \
-	  .ci/pytest $$py $(TEST_VENV) $(PYTEST_FLAGS) -p no:cacheprovider test_trace_loader.py || status=1; \
-	done; \
-	[ $$count -gt 0 ] || { echo "no CPython >= 3.8 found"; exit 1; }; \
-	exit $$status
+	.ci/test-all $(TEST_ALL_JOBS) "$(TEST_ALL_SKIP)" $(TEST_VENV) $(PYTEST_FLAGS) -p no:cacheprovider test_trace_loader.py
 
 ## lint: ruff and mypy --strict
 lint:

@@ -49,6 +49,18 @@ def connect(port: int, host: str = "127.0.0.1") -> socket.socket:
     return socket.create_connection((host, port), timeout=TIMEOUT)
 
 
+def wake(port: int) -> None:
+    """Connect and close: a client that wakes the program.
+
+    A reset is no failure: on a loaded machine, a program that ends at once
+    can close its listener before this connect() is scheduled to return.
+    """
+    try:
+        connect(port).close()
+    except ConnectionResetError:
+        pass
+
+
 def kubelet_probe(port: int) -> None:
     """What kubelet's tcpSocket probe does: connect, SO_LINGER 1 s, close (a FIN)."""
     with connect(port) as s:

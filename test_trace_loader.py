@@ -54,7 +54,7 @@ import pytest
 
 import conftest
 import trace_loader as tl  # the one import: the suite runs against a renamed copy too
-from conftest import LINUX, TIMEOUT, bound_port, connect, kubelet_probe, read_answer, rst_probe, wait_until
+from conftest import LINUX, TIMEOUT, bound_port, connect, kubelet_probe, read_answer, rst_probe, wait_until, wake
 
 LOADER = os.path.abspath(tl.__file__)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -861,7 +861,7 @@ def test_unix_socket_gets_its_mode_without_a_chmod_window(procs, tmp_path):
     proc = procs(["strace", "-f", "-qq", "-e", "trace=umask,bind,chmod,fchmod,fchmodat", "-o", str(trace),
                   sys.executable, LOADER, config, "/bin/true"], base_env())
     proc.wait_for("Polling")
-    connect(port).close()  # wakes the loader, which execs /bin/true and ends
+    wake(port)  # the loader execs /bin/true, which ends
     assert proc.wait_exit() == 0
     calls = trace.read_text()
     assert re.search(r"umask\(0?55\)", calls), calls
@@ -2546,7 +2546,7 @@ def test_a_long_program_name_is_cut_whole_in_the_log(procs, tmp_path):
     proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0"], [str(program)])
     port = bound_port(proc)
     proc.wait_for("Polling")
-    connect(port).close()
+    wake(port)
     assert proc.wait_exit() == 0
     assert re.search(r"INFO .* Starting x{64}\.\.\. \(100 characters\)\.\.\.$", proc.text(), re.M), proc.text()
 
@@ -2622,7 +2622,7 @@ def test_trace_level_masks_credentials_in_any_value_in_linear_time(procs, tmp_pa
     proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--log-level", "trace"], SAYS_ITS_PID, env)
     port = bound_port(proc)
     proc.wait_for("Polling")
-    connect(port).close()
+    wake(port)
     line = proc.wait_for("with env")[0]
     proc.wait_for("started as %d" % proc.pid)
     for name, (_, shown) in HIDDEN_CREDENTIALS.items():
