@@ -1358,26 +1358,31 @@ class _Waiter:
         return "the held TCP client %s sent nothing for %d ms" % (self.held.peer, self.hold_timeout_ms)
 
     def on_events(self, ready: list[tuple[int, int]]) -> str:
-        """Handle one poll() result; a non-empty reason ends the wait.
-
-        Several sockets ready at once: at most the held client and the probe
-        listener keep the wait, the held client first.
-        """
+        """Handle one poll() result; a non-empty reason ends the wait."""
         if self.debugging:
             for fd, revents in ready:
                 self.log.debug("Socket %d has events %s", fd, _events_text(revents))
-        events = dict(ready)
+        if len(ready) > 1:
+            return self.on_several(dict(ready))
+        fd, revents = ready[0]
+        if self.held is not None and fd == self.held.sock.fileno():
+            return self.on_held_client(revents)
+        if fd == self.probe_fd:
+            return self.on_probe_listener()
+        return "traffic on %s" % self.listeners_text([fd])
+
+    def on_several(self, ready: dict[int, int]) -> str:
+        """Several sockets ready at once: at most the held client and the probe listener keep the wait."""
         held_fd = self.held.sock.fileno() if self.held is not None else -1
-        others = events.keys() - {held_fd, self.probe_fd}
+        others = [fd for fd in ready if fd not in (held_fd, self.probe_fd)]
         if others:
             return "traffic on %s" % self.listeners_text(others)
-        if len(events) > 1 and self.grace_ms == 0:
+        if self.grace_ms == 0:
             return "events on several sockets at once"
-        if held_fd in events:
-            reason = self.on_held_client(events[held_fd])  # first: it may turn out to be a probe, now closed
-            if reason or self.held is None:
-                return reason
-        return self.on_probe_listener() if self.probe_fd in events else ""
+        reason = self.on_held_client(ready[held_fd])  # first: it may turn out to be a probe, now closed
+        if reason or self.held is None:
+            return reason
+        return self.on_probe_listener()
 
     def on_held_client(self, revents: int) -> str:
         assert self.held is not None
@@ -2421,17 +2426,15 @@ class _Usage:
 
     def count_in_proc_net(self) -> int:
         """/proc/net/tcp, tcp6 and unix: slower with many sockets, same answer."""
-        count = 0
-        for family, ports in self.ports.items():
-            # sl local_address rem_address st ...: "0100007F:1F90", the port and the state in hex.
-            for row in _proc_net_rows("tcp6" if family == socket.AF_INET6 else "tcp", 4):
-                count += int(row[3], 16) in _HELD_TCP_STATES and int(row[1].rpartition(b":")[2], 16) in ports
+        # sl local_address rem_address st ...: "0100007F:1F90", the port and the state in hex.
+        count = sum(int(row[3], 16) in _HELD_TCP_STATES and int(row[1].rpartition(b":")[2], 16) in ports
+                    for family, ports in self.ports.items()
+                    for row in _proc_net_rows("tcp6" if family == socket.AF_INET6 else "tcp", 4))
         # Num RefCount Protocol Flags Type St Inode Path: St 03 is connected; an abstract
         # name is shown with '@' for each NUL.
         shown = {name.replace(b"\0", b"@") for name in self.names}
-        for row in (_proc_net_rows("unix", 7) if shown else ()):
-            count += len(row) == 8 and row[5] == b"03" and row[7] in shown
-        return count
+        rows = _proc_net_rows("unix", 7) if shown else iter(())
+        return count + sum(len(row) == 8 and row[5] == b"03" and row[7] in shown for row in rows)
 
 
 def _u32(value: int) -> bytes:
