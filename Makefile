@@ -22,7 +22,7 @@ test:
 ## test-all: the suite on every CPython >= 3.8 on this machine (.ci/find-pythons), TEST_ALL_JOBS at once;
 ## TEST_ALL_SKIP: an interpreter's real path to leave out (.ci/run: the one `make test` just used)
 TEST_ALL_SKIP ?=
-TEST_ALL_JOBS ?= 3
+TEST_ALL_JOBS ?= 2
 test-all:
 	.ci/test-all $(TEST_ALL_JOBS) "$(TEST_ALL_SKIP)" $(TEST_VENV) $(PYTEST_FLAGS) -p no:cacheprovider test_trace_loader.py
 

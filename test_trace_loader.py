@@ -2907,8 +2907,7 @@ def test_trace_level_at_the_fd_limit_still_starts_the_program(procs, tmp_path):
                  preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (5, hard)))
     proc.wait_for("Polling")
     with socket.socket(socket.AF_UNIX) as c:
-        c.connect(str(tmp_path / "apm.sock"))
-        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        c.connect(str(tmp_path / "apm.sock"))  # wakes it: no probe check on a unix socket
         proc.wait_for("started as %d" % proc.pid)
     proc.wait_for("Starting the trace-agent with env")
     assert "Internal error" not in proc.text()
@@ -3467,8 +3466,7 @@ os.kill(os.getpid(), 32)
 def test_a_program_killed_by_a_signal_the_c_library_reserves_is_not_started_twice(procs):
     proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--stop-when-idle", "60"],
                          [sys.executable, "-c", DIES_OF_SIGNAL_32])
-    with connect(bound_port(proc)) as c:
-        c.sendall(b"x")
+    wake(bound_port(proc))
     assert proc.wait_exit() == 128 + 32
     assert proc.count("Starting python") == 1 and proc.count("Internal error") == 0, proc.text()
 
@@ -3537,8 +3535,8 @@ def test_a_program_that_ignores_sigterm_is_killed_after_the_stop_timeout(procs):
 def test_a_program_ending_on_its_own_ends_the_loader_the_same_way(procs, code, status):
     program = [sys.executable, "-c", "import os, signal, sys; sys.stderr.write('up\\n'); sys.stderr.flush(); " + code]
     proc, port = sleepy_loader(procs, program=program)
-    with connect(port):
-        assert proc.wait_exit() == status
+    wake(port)
+    assert proc.wait_exit() == status
     shown = "exit status %d" % status if status >= 0 else "killed by signal %d" % -status
     assert proc.count(r"ended \(%s\); the loader ends the same way" % shown) == 1
 
@@ -3560,10 +3558,10 @@ def test_no_fd_left_at_the_wake_starts_the_program_once_in_place(procs):
     proc, port = sleepy_loader(procs)
     hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)[1]
     resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (len(open_fds_of(proc.pid)), hard))
-    with connect(port):
-        proc.wait_for(r"\| WARN \|.*Cannot fork \(Too many open files.*\); starting \S+ in place")
-        proc.wait_for(r"Starting \S+\.\.\.")
-        assert proc.wait_exit() != 0  # the program, in the loader's pid, cannot start with no fd free
+    wake(port)
+    proc.wait_for(r"\| WARN \|.*Cannot fork \(Too many open files.*\); starting \S+ in place")
+    proc.wait_for(r"Starting \S+\.\.\.")
+    assert proc.wait_exit() != 0  # the program, in the loader's pid, cannot start with no fd free
     assert proc.count(r"Starting \S+\.\.\.") == 1 and proc.count("CRITICAL") == 0
 
 
@@ -3594,8 +3592,8 @@ def test_a_program_that_dumped_core_does_not_have_the_loader_dump_its_own(procs,
     hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
     cores = lambda: resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))  # noqa: E731
     proc, port = sleepy_loader(procs, program=program, preexec_fn=cores, cwd=str(tmp_path))
-    with connect(port):
-        assert proc.wait_exit() == -signal.SIGABRT  # killed by the same signal
+    wake(port)
+    assert proc.wait_exit() == -signal.SIGABRT  # killed by the same signal
     assert (tmp_path / "program" / "core").exists() and not (tmp_path / "core").exists()
 
 
