@@ -73,11 +73,17 @@ def rst_probe(port: int) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def read_answer(sock: socket.socket) -> bytes:
+def read_answer(sock: socket.socket, *, reset_ends: bool = False) -> bytes:
+    """What arrives before the end of stream; with `reset_ends`, before a reset too."""
     sock.settimeout(TIMEOUT)
     data = b""
     while True:
-        chunk = sock.recv(65536)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            if not reset_ends:
+                raise
+            return data
         if not chunk:
             return data
         data += chunk

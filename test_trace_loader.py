@@ -321,11 +321,15 @@ def launch_with_fds(socks: list[socket.socket], names: str | None, argv: list[st
     return [sys.executable, "-c", code] + argv
 
 
-def start_relaying(procs, tmp_path, *options: str, agent_options: tuple[str, ...] = ()) -> tuple[Proc, int, object]:
-    """A generic loader on a port of its own with the probe check (and by default the relay), waiting."""
+def start_relaying(procs, tmp_path, *options: str, agent_options: tuple[str, ...] = (),
+                   program: list[str] | None = None, **popen: object) -> tuple[Proc, int, object]:
+    """A generic loader on a port of its own with the probe check (and by default the relay), waiting.
+
+    The program is the stand-in agent reporting to tmp_path/report.json, unless `program` is given.
+    """
     report = tmp_path / "report.json"
     proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--log-level", "debug",
-                                 *options], systemd_agent(report) + list(agent_options))
+                                 *options], program or systemd_agent(report) + list(agent_options), **popen)
     port = bound_port(proc)
     proc.wait_for("Polling")
     return proc, port, report
@@ -1484,20 +1488,6 @@ ANSWERS_413_EARLY = (
 )
 
 
-def read_until_reset(sock: socket.socket) -> bytes:
-    """What arrives before the end of stream or a reset."""
-    sock.settimeout(TIMEOUT)
-    data = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return data
-            data += chunk
-    except ConnectionResetError:
-        return data
-
-
 def test_relay_delivers_an_answer_sent_before_a_reset(procs, tmp_path):
     size = 32 << 20  # far more than the socket buffers on the way hold
     for attempt in range(5):
@@ -1509,7 +1499,7 @@ def test_relay_delivers_an_answer_sent_before_a_reset(procs, tmp_path):
                 c.sendall(b"POST /upload HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (size, b"x" * size))
             except (ConnectionResetError, BrokenPipeError):
                 pass  # the program reset the connection: the answer it sent first must still be there
-            answer = read_until_reset(c)
+            answer = read_answer(c, reset_ends=True)
         assert answer.startswith(b"HTTP/1.1 413 Payload Too Large\r\n"), (attempt, answer)
         relay_helper_pid(proc)
         proc.stop()
@@ -1535,9 +1525,7 @@ ANSWERS_URGENT = (
 
 
 def test_relay_passes_urgent_bytes_on_both_ways(procs, tmp_path):
-    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--log-level", "debug"],
-                         [sys.executable, "-c", ANSWERS_URGENT])
-    port = bound_port(proc)
+    proc, port, _ = start_relaying(procs, tmp_path, program=[sys.executable, "-c", ANSWERS_URGENT])
     with connect(port) as c:
         c.sendall(b"hello")
         c.send(b"!", socket.MSG_OOB)  # held with the client until the relay starts
@@ -1601,9 +1589,7 @@ FINISHES_ON_SIGTERM = (
 
 @needs_proc
 def test_relay_outlives_a_stop_signal_sent_to_the_process_group(procs, tmp_path):
-    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--log-level", "debug"],
-                         [sys.executable, "-c", FINISHES_ON_SIGTERM])
-    port = bound_port(proc)
+    proc, port, _ = start_relaying(procs, tmp_path, program=[sys.executable, "-c", FINISHES_ON_SIGTERM])
     with connect(port) as c:
         c.sendall(b"GET /slow HTTP/1.0\r\n\r\n")
         helper = relay_helper_pid(proc)
@@ -1646,10 +1632,8 @@ def test_relay_that_cannot_start_costs_only_that_client(procs, tmp_path):
     # 0-2, the listener (3), the held client (4): with a soft limit of 5 the
     # relay's socket() gets EMFILE. The program starts all the same.
     agent = ["/bin/sh", "-c", 'ulimit -S -n 1024 && exec "$0" "$@"'] + systemd_agent(report)
-    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--log-level", "debug"],
-                         agent, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (5, hard)))
-    port = bound_port(proc)
-    proc.wait_for("Polling")
+    proc, port, _ = start_relaying(procs, tmp_path, program=agent,
+                                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (5, hard)))
     with connect(port) as lost:
         lost.sendall(b"POST /lost HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
         proc.wait_for(r"WARN .* Cannot relay the held TCP client \S+ \(Too many open files \(EMFILE\)\); "
@@ -1666,11 +1650,7 @@ def test_relay_that_cannot_start_costs_only_that_client(procs, tmp_path):
 def test_relay_starts_when_the_parent_ignored_sigchld(procs, tmp_path):
     # An ignored SIGCHLD survives execve: the kernel reaps the loader's children itself and waitpid() fails
     # with ECHILD. The helper's pid, written through the pipe, is what says it started.
-    report = tmp_path / "report.json"
-    proc = start_generic(procs, ["--listen", "tcp://127.0.0.1:0", "--handle-tcp-probe", "--log-level", "debug"],
-                         systemd_agent(report), preexec_fn=signal_dispositions(SIGCHLD=signal.SIG_IGN))
-    port = bound_port(proc)
-    proc.wait_for("Polling")
+    proc, port, _ = start_relaying(procs, tmp_path, preexec_fn=signal_dispositions(SIGCHLD=signal.SIG_IGN))
     with connect(port) as c:
         assert answer_json(http_request(c))["via"] == "unknown@3"
     proc.wait_for(RELAYED)
